@@ -1,0 +1,82 @@
+"""The small interface that the one forward (forward.py) is written against.
+
+Two implementations: backend_cpu.NumpyBackend (the float32/float64 reference, the oracle) and
+backend_cuda.CudaBackend (CuPy RawKernels). Arrays are the backend's own (numpy.ndarray or
+cupy.ndarray); the forward never looks inside them.
+
+Token layout: sequences of a batch are packed one after another, no padding: activations are
+[N, ...] with N = total tokens, `Batch.cu_seqlens` marks where each sequence starts (the varlen
+layout of FlashAttention), so a padded position cannot leak into a real one by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .tensors import QTensor
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Where each packed sequence lies, host-side (int32). Backends copy what they need."""
+
+    cu_seqlens: np.ndarray  # [B+1], cu_seqlens[0] = 0, cu_seqlens[-1] = N (new tokens this call)
+    positions: np.ndarray  # [N] absolute position of each token (past_len + index in sequence)
+    past_lens: np.ndarray  # [B] tokens already in the KV cache per sequence (0 for a plain prefill)
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.cu_seqlens)
+
+    @staticmethod
+    def from_lengths(lengths: list[int] | np.ndarray, past_lens: np.ndarray | None = None) -> "Batch":
+        lengths = np.asarray(lengths, dtype=np.int64)
+        past = np.zeros(len(lengths), np.int64) if past_lens is None else np.asarray(past_lens, np.int64)
+        cu = np.zeros(len(lengths) + 1, np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        pos = np.concatenate([np.arange(p, p + n) for p, n in zip(past, lengths)]) if len(lengths) else np.zeros(0)
+        return Batch(cu, pos.astype(np.int32), past.astype(np.int32))
+
+
+class KVCache(Protocol):
+    """Per-layer key/value storage for decoding; created by Backend.new_cache."""
+
+
+class Backend(Protocol):
+    name: str
+
+    # --- weights (uploaded once, in their stored dtype) ---
+    def weight(self, t: QTensor) -> Any: ...  # a matrix [out, in], kept quantized
+    def vector(self, t: QTensor) -> Array: ...  # a small 1-D float32 tensor (norms, biases, rope_freqs)
+
+    # --- data movement ---
+    def asarray(self, x: np.ndarray) -> Array: ...
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    # --- the operations of the forward; all activations float32 unless said ---
+    def embed(self, w: Any, ids: Array) -> Array: ...  # [N] int32 -> [N, hidden], rows gathered from the stored dtype
+    def matmul(self, x: Array, w: Any) -> Array: ...  # [N, in] x W[out, in]^T -> [N, out]
+    def add(self, a: Array, b: Array) -> Array: ...  # elementwise, b broadcast (bias) allowed
+    def scale(self, x: Array, s: float) -> Array: ...
+    def rmsnorm(self, x: Array, w: Array, eps: float) -> Array: ...  # over the last dim (works on [N, heads, d] too)
+    def add_rmsnorm(self, h: Array, d: Array, w: Array, eps: float) -> tuple[Array, Array]: ...  # (h+d, rmsnorm(h+d))
+    def rope(self, x: Array, batch: Batch, theta: float, neox: bool, pos_scale: float,
+             freq_factors: Array | None) -> Array: ...  # x [N, heads, head_dim]
+    def attention(self, q: Array, k: Array, v: Array, batch: Batch, scale: float, window: int,
+                  cache: KVCache | None, layer: int) -> Array: ...
+    # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v are appended to it at
+    # `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
+    def glu(self, gate: Array, up: Array, act: str) -> Array: ...  # act(gate) * up, act in {"silu", "gelu_tanh"}
+    def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> KVCache: ...

@@ -1,0 +1,45 @@
+"""Run-time compilation of the `.cu` files beside this module with NVRTC through CuPy.
+
+Modules are compiled lazily, once per process and device architecture; CuPy caches the binaries
+on disk (~/.cupy/kernel_cache), so a second process pays only the load.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+SRC_DIR = Path(__file__).resolve().parent
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        from q4k_engine.errors import DeviceError
+
+        raise DeviceError("CuPy is not installed: pip install 'q4k-engine[cuda13]' (or [cuda12])") from e
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_id: int) -> str:
+    return f"sm_{_cupy().cuda.Device(device_id).compute_capability}"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, device_id: int, defines: tuple[tuple[str, str], ...]):
+    cp = _cupy()
+    code = (SRC_DIR / name).read_text()
+    opts = ["-std=c++17", f"--gpu-architecture={_arch(device_id)}", f"-I{SRC_DIR}"]
+    opts += [f"-D{k}={v}" for k, v in defines]
+    return cp.RawModule(code=code, options=tuple(opts), backend="nvrtc")
+
+
+def module(name: str, **defines: object):
+    """The compiled RawModule of kernels/<name> for the current device."""
+    cp = _cupy()
+    return _module(name, cp.cuda.Device().id, tuple(sorted((k, str(v)) for k, v in defines.items())))
+
+
+def kernel(module_name: str, func: str, **defines: object):
+    return module(module_name, **defines).get_function(func)

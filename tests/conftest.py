@@ -1,0 +1,38 @@
+"""Shared test plumbing: fresh seeds (printed), GPU detection for the `gpu` marker."""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device: all mean "skip the GPU tests"
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU (or CuPy) on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded fresh for every test; the seed is printed so a failure can be replayed.
+
+    Set Q4K_SEED to replay a specific run.
+    """
+    seed = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"[{request.node.name}] seed={seed}")
+    return np.random.default_rng(seed)
