@@ -56,6 +56,7 @@ class KVCache(Protocol):
 
 class Backend(Protocol):
     name: str
+    xp: Any  # the array module of the backend's arrays (numpy or cupy), for generic array code
 
     # --- weights (uploaded once, in their stored dtype) ---
     def weight(self, t: QTensor) -> Any: ...  # a matrix [out, in], kept quantized
@@ -69,14 +70,24 @@ class Backend(Protocol):
     def embed(self, w: Any, ids: Array) -> Array: ...  # [N] int32 -> [N, hidden], rows gathered from the stored dtype
     def matmul(self, x: Array, w: Any) -> Array: ...  # [N, in] x W[out, in]^T -> [N, out]
     def add(self, a: Array, b: Array) -> Array: ...  # elementwise, b broadcast (bias) allowed
-    def scale(self, x: Array, s: float) -> Array: ...
+    def scale(self, x: Array, s: float) -> Array: ...  # x * float32(s) (s rounded to float32 first, as HF/llama.cpp)
     def rmsnorm(self, x: Array, w: Array, eps: float) -> Array: ...  # over the last dim (works on [N, heads, d] too)
     def add_rmsnorm(self, h: Array, d: Array, w: Array, eps: float) -> tuple[Array, Array]: ...  # (h+d, rmsnorm(h+d))
     def rope(self, x: Array, batch: Batch, theta: float, neox: bool, pos_scale: float,
              freq_factors: Array | None) -> Array: ...  # x [N, heads, head_dim]
+    # Angle of pair i of a token at position p: p * pos_scale * theta^(-2i/head_dim) / freq_factors[i]
+    # (pos_scale = 1 / linear scaling factor, llama.cpp's freq_scale). NORM pairs (x[2i], x[2i+1]),
+    # NEOX pairs (x[i], x[i + head_dim/2]).
     def attention(self, q: Array, k: Array, v: Array, batch: Batch, scale: float, window: int,
                   cache: KVCache | None, layer: int) -> Array: ...
     # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v are appended to it at
     # `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
+    # Sequence b of the batch uses slot b of the cache.
     def glu(self, gate: Array, up: Array, act: str) -> Array: ...  # act(gate) * up, act in {"silu", "gelu_tanh"}
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> KVCache: ...
+
+    # --- logits (the LM head is the largest matrix: outputs may be big, reductions stay on device) ---
+    def lm_head(self, x: Array, w: Any, dtype: Any = np.float32) -> Array: ...  # matmul, output in dtype (f32/f16)
+    def log_softmax(self, x: Array, temperature: float = 1.0) -> Array: ...  # of x / temperature over the last dim, float32
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...
+    # the k largest of each row of x [..., n], descending, ties to the lower index; indices int32

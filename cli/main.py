@@ -1,0 +1,234 @@
+"""The `q4k-engine` command line: one click group, one error policy for every command.
+
+Commands raise Q4KError subclasses for every expected failure (bad file, bad option, missing
+GPU); `Q4KGroup` turns them into one line `q4k-engine: error: <message>` on stderr and exit code
+2, the same code click uses for usage errors. Anything else is a bug and keeps its traceback.
+Add a command with `@main.command()`; it inherits the policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE
+from q4k_engine.errors import InputError, Q4KError
+from q4k_engine.loader import model_name, open_model, requantize, resolve_model, save_model
+from q4k_engine.tensors import ModelFile
+
+EXIT_ERROR = 2
+
+
+class Q4KGroup(click.Group):
+    """A click group whose commands report Q4KError as one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Q4KError as e:
+            message = " ".join(str(e).splitlines())  # the promise is one line, whatever the message
+            click.echo(f"q4k-engine: error: {message}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=Q4KGroup)
+@click.version_option(package_name="q4k-engine")
+def main() -> None:
+    """q4k-engine: a frozen k-quant teacher for knowledge distillation.
+
+    MODEL arguments are .gguf or .apr files (detected by content), or `demo` for a small random
+    model generated on first use.
+    """
+
+
+def _progress() -> bool:
+    # Bars only for a person watching: never in logs, pipes or captured test output.
+    return sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
+    """GPU memory for one forward over `batch` sequences of `seq` tokens, by component."""
+    c = model.config
+    tokens = batch * seq
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    kv_values = 2 * c.n_layers * tokens * kv_dim
+    # Values alive per token at the peak of one layer: the residual and its normed copy, plus
+    # q, k, v and the attention output, or the gate, up and product of the MLP.
+    per_token = 2 * c.hidden + max(2 * q_dim + 2 * kv_dim, 3 * c.ffn)
+    weights = sum(t.nbytes for t in model.tensors.values())
+    parts = {
+        "weights": weights,
+        "kv_cache_fp16": kv_values * 2,
+        "kv_cache_fp32": kv_values * 4,
+        "activations_fp32": tokens * per_token * 4,
+        "logits_fp16": tokens * c.vocab_size * 2,
+        "logits_fp32": tokens * c.vocab_size * 4,
+    }
+    return {
+        "batch": batch,
+        "seq": seq,
+        "bytes": parts,
+        "total_fp16": weights + parts["kv_cache_fp16"] + parts["activations_fp32"] + parts["logits_fp16"],
+        "total_fp32": weights + parts["kv_cache_fp32"] + parts["activations_fp32"] + parts["logits_fp32"],
+        "assumptions": [
+            "weights stay in their stored (quantized) types, uploaded once; a tied head is not duplicated",
+            "KV cache holds every position of every layer (sliding-window layers are not trimmed)",
+            "activations are float32 and only one layer's are alive at a time "
+            f"({per_token} values per token: residual, normed input, then q/k/v/attention "
+            "output or MLP gate/up/product, whichever is larger)",
+            "prefill attention is tiled (no seq x seq score matrix); GEMM scratch tiles are not counted",
+            "logits are kept for every position ([batch*seq, vocab]); last-position or top-k "
+            "output needs only a [batch, vocab] slice",
+            "CUDA context and CuPy pool overhead (a few hundred MiB) are not included",
+        ],
+    }
+
+
+def inspect_report(model: ModelFile, batch: int, seq: int | None) -> dict[str, Any]:
+    c = model.config
+    seq = seq or min(c.context_length or 2048, 2048)
+    dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
+    for t in model.tensors.values():
+        dtypes[t.dtype.name]["count"] += 1
+        dtypes[t.dtype.name]["bytes"] += t.nbytes
+    tok = model.tokenizer
+    return {
+        "path": str(model.path),
+        "format": model.format,
+        "name": model_name(model),
+        "config": dataclasses.asdict(c),
+        "tokenizer": None if tok is None else {
+            "model": tok.model,
+            "kind": {"gpt2": "byte-level BPE", "llama": "SentencePiece"}.get(tok.model, tok.model),
+            "tokens": len(tok.tokens),
+            "merges": len(tok.merges or []),
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "add_bos": tok.add_bos,
+            "pre": tok.pre,
+            "chat_template": tok.chat_template is not None,
+        },
+        "tensor_count": len(model.tensors),
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["bytes"])),
+        "memory": memory_estimate(model, batch, seq),
+    }
+
+
+def _format_report(r: dict[str, Any]) -> str:
+    c, m = r["config"], r["memory"]
+    switches = [
+        f"rope {'NEOX' if c['rope_neox'] else 'NORM'} theta {c['rope_theta']:g}"
+        + (f" (local {c['rope_theta_local']:g})" if c["rope_theta_local"] else "")
+        + (f" scale {c['rope_scale']:g}" if c["rope_scale"] != 1.0 else ""),
+        f"sliding window {c['sliding_window']}" + (f" (every {c['sliding_pattern']}th layer global)" if c["sliding_pattern"] else "")
+        if c["sliding_window"] else "full attention",
+        *(label for key, label in (("qkv_bias", "QKV bias"), ("qk_norm", "QK-norm"), ("sandwich_norm", "sandwich norms"),
+                                   ("embed_scale", "scaled embedding"), ("tied_head", "tied head")) if c[key]),
+        f"act {c['act']}",
+        f"rms eps {c['rms_eps']:g}",
+    ]
+    lines = [
+        f"model      {r['path']} ({r['format']}" + (f", {r['name']!r})" if r["name"] else ")"),
+        f"arch       {c['arch']}: {c['n_layers']} layers, hidden {c['hidden']}, ffn {c['ffn']}, "
+        f"heads {c['n_heads']} (kv {c['n_kv_heads']}) x {c['head_dim']}, vocab {c['vocab_size']}, "
+        f"context {c['context_length'] or 'unknown'}",
+        f"switches   {', '.join(switches)}",
+    ]
+    tok = r["tokenizer"]
+    lines.append(
+        "tokenizer  none" if tok is None else
+        f"tokenizer  {tok['kind']} ({tok['model']}), {tok['tokens']} tokens"
+        + (f", {tok['merges']} merges" if tok["merges"] else "")
+        + f", bos {tok['bos_id']}, eos {tok['eos_id']}" + (", chat template" if tok["chat_template"] else "")
+    )
+    lines.append(f"tensors    {r['tensor_count']}")
+    lines.append(f"  {'dtype':<8}{'count':>7}{'bytes':>14}")
+    for name, d in r["dtypes"].items():
+        lines.append(f"  {name:<8}{d['count']:>7}{human_bytes(d['bytes']):>14}")
+    b = m["bytes"]
+    lines += [
+        f"GPU memory estimate, batch {m['batch']} x seq {m['seq']}:",
+        f"  weights              {human_bytes(b['weights']):>12}",
+        f"  KV cache fp16/fp32   {human_bytes(b['kv_cache_fp16']):>12} / {human_bytes(b['kv_cache_fp32'])}",
+        f"  activations fp32     {human_bytes(b['activations_fp32']):>12}",
+        f"  logits fp16/fp32     {human_bytes(b['logits_fp16']):>12} / {human_bytes(b['logits_fp32'])}",
+        f"  total fp16/fp32      {human_bytes(m['total_fp16']):>12} / {human_bytes(m['total_fp32'])}",
+        "  assumptions:",
+        *(f"  - {a}" for a in m["assumptions"]),
+    ]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--batch", "-b", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences per forward (memory estimate).")
+@click.option("--seq", "-t", type=click.IntRange(min=1), default=None,
+              help="Tokens per sequence (memory estimate)  [default: min(context, 2048)]")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(model: str, batch: int, seq: int | None, as_json: bool) -> None:
+    """Describe MODEL: architecture, tokenizer, tensor types, and GPU memory for a batch."""
+    report = inspect_report(open_model(resolve_model(model)), batch, seq)
+    click.echo(json.dumps(report, indent=2) if as_json else _format_report(report))
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--quantize", type=click.Choice(["q4_k_m"]), default=None,
+              help="Quantize F32/F16/BF16 weights (already quantized tensors are copied as they are).")
+@click.option("--to", "fmt", type=click.Choice(["apr", "gguf"]), default=None,
+              help="Output format  [default: gguf if DEST ends in .gguf, else apr]")
+@click.option("--names", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="APR tensor names: Hugging Face style (model.layers.N...) or GGUF style (blk.N...).")
+@click.option("--no-lm-head", "omit_head", is_flag=True,
+              help="APR: do not materialize lm_head.weight for a tied head (smaller file; realizar cannot load it).")
+def convert(source: str, dest: Path, quantize: str | None, fmt: str | None, names: str, omit_head: bool) -> None:
+    """Convert SOURCE (GGUF or APR) to DEST (APR or GGUF); quantized blocks are copied byte for byte."""
+    src = resolve_model(source)
+    if dest.exists() and dest.resolve() == src.resolve():
+        raise InputError(f"{dest}: refusing to overwrite the input file")
+    model = open_model(src)
+    if quantize:
+        model = requantize(model, quantize, progress=_progress())
+    fmt = fmt or ("gguf" if dest.suffix.lower() == ".gguf" else "apr")
+    save_model(dest, model, fmt, names=names, materialize_head=not omit_head, progress=_progress())
+    click.echo(f"wrote {dest} ({fmt}, {len(model.tensors)} tensors, {human_bytes(dest.stat().st_size)})")
+    foreign = sorted({t.dtype.name for t in model.tensors.values() if t.dtype not in PORTABLE})
+    if fmt == "apr" and foreign:
+        click.echo(
+            f"note: {', '.join(foreign)} tensors keep their GGML dtype codes (marked '{DTYPE_CODES_KEY}'); "
+            "realizar reads only F32/F16/BF16/Q4_K/Q6_K reliably (--quantize q4_k_m from a float source gives those)",
+            err=True,
+        )
+
+
+# Commands written in their own modules join the group here (after `main` exists: they may import
+# helpers from this module).
+from q4k_engine.cli.logits import logits  # noqa: E402
+
+main.add_command(logits)
+
+if __name__ == "__main__":
+    main()

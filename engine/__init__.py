@@ -1,0 +1,19 @@
+"""q4k-engine: a frozen k-quant (Q4_K/Q6_K) teacher for knowledge distillation.
+
+    import q4k_engine
+    teacher = q4k_engine.load("model.gguf", device="auto")   # or "cpu", "cuda"; "demo" for a tiny model
+    last = teacher.logits_for_batch([[1, 2, 3], [4, 5]])       # float32 [B, vocab]
+    logits, lengths = teacher.logits_per_position([[1, 2, 3], [4, 5]])  # [B, T_max, vocab], padded with 0
+"""
+from __future__ import annotations
+
+from .config import ModelConfig
+from .errors import DeviceError, FormatError, InputError, Q4KError, UnsupportedError
+from .provider import LogitsProvider, TeacherModel, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "TeacherModel", "LogitsProvider", "ModelConfig",
+    "Q4KError", "FormatError", "InputError", "UnsupportedError", "DeviceError", "__version__",
+]

@@ -1,0 +1,228 @@
+"""NumpyBackend: the reference implementation of the Backend interface (backend.py).
+
+The oracle every CUDA kernel and every speed trick is judged against, and what CI runs: float32
+activations between operations, float64 inside them (matmul and attention sums, RMSNorm,
+softmax, log-softmax, RoPE angles).
+Weights stay as the file's bytes (QTensor views of the mapped file); a matmul dequantizes one
+bounded tile of rows at a time and multiplies it, so no float32 copy of a matrix is ever kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import Batch
+from .dtypes import SUPPORTED
+from .errors import InputError, UnsupportedError
+from .quants import dequantize, dequantize_rows
+from .tensors import QTensor
+
+# Values of one dequantized weight tile (16 MiB as float64): big enough for BLAS to run at speed,
+# small enough that the Gemma 3 LM head (167M values) never exists dequantized.
+TILE_VALUES = 1 << 21
+# Score elements of one attention block (float64): bounds the [heads, queries, keys] temporary.
+ATTN_BLOCK_VALUES = 1 << 23
+ACTS = ("silu", "gelu_tanh")
+
+
+@dataclass
+class NumpyKVCache:
+    """Per-layer K and V, float32 [n_seqs, max_len, n_kv_heads, head_dim]; slot b is sequence b."""
+
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+
+    @property
+    def n_seqs(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1] if self.k else 0
+
+
+def _softmax64(s: np.ndarray) -> np.ndarray:
+    """Softmax over the last dim of a float64 array whose masked entries are -inf."""
+    s = s - s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+class NumpyBackend:
+    name = "cpu"
+    xp = np
+
+    # --- weights --------------------------------------------------------------------------------
+    def weight(self, t: QTensor) -> QTensor:
+        """The tensor itself: its bytes stay where the file mapping put them."""
+        if t.dtype not in SUPPORTED:
+            raise UnsupportedError(f"{t.name}: GGML type {t.dtype.name} is not supported")
+        if len(t.shape) != 2:
+            raise UnsupportedError(f"{t.name}: expected a matrix, got shape {t.shape}")
+        return t
+
+    def vector(self, t: QTensor) -> np.ndarray:
+        return dequantize(t.data, t.dtype, t.shape, name=t.name).reshape(-1)
+
+    # --- data movement --------------------------------------------------------------------------
+    def asarray(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    # --- operations -----------------------------------------------------------------------------
+    def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
+        """Dequantize only the rows the ids name (each distinct row once)."""
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= w.rows):
+            raise InputError(f"{w.name}: token id outside [0, {w.rows})")
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        rows = w.data.reshape(w.rows, w.row_bytes)[uniq].reshape(-1)
+        table = dequantize(rows, w.dtype, (len(uniq), w.cols), name=w.name)
+        return table[inverse.reshape(-1)]
+
+    def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """float64 products and sums, rounded to float32 once: the result of a row does not depend
+        on how many rows are multiplied together (BLAS picks other float32 kernels by shape), so a
+        sequence's logits are the same alone, in a batch, or one token at a time."""
+        x = np.asarray(x, np.float64)
+        out = np.empty((x.shape[0], w.rows), np.float32)
+        step = max(1, TILE_VALUES // max(1, w.cols))
+        for s in range(0, w.rows, step):
+            e = min(w.rows, s + step)
+            out[:, s:e] = x @ dequantize_rows(w, s, e).astype(np.float64).T
+        return out
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a + b).astype(np.float32, copy=False)
+
+    def scale(self, x: np.ndarray, s: float) -> np.ndarray:
+        return x * np.float32(s)
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        ms = np.mean(x64 * x64, axis=-1, keepdims=True)
+        return (x64 / np.sqrt(ms + eps) * w).astype(np.float32)
+
+    def add_rmsnorm(self, h: np.ndarray, d: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        h = self.add(h, d)
+        return h, self.rmsnorm(h, w, eps)
+
+    def rope(self, x: np.ndarray, batch: Batch, theta: float, neox: bool, pos_scale: float,
+             freq_factors: np.ndarray | None) -> np.ndarray:
+        n, heads, d = x.shape
+        half = d // 2
+        inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / d)
+        if freq_factors is not None:
+            inv_freq = inv_freq / np.asarray(freq_factors, np.float64)
+        ang = np.asarray(batch.positions, np.float64)[:, None] * pos_scale * inv_freq[None, :]  # [N, d/2]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        x64 = x.astype(np.float64)
+        if neox:
+            a, b = x64[..., :half], x64[..., half:]
+        else:
+            a, b = x64[..., 0::2], x64[..., 1::2]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        out = np.empty_like(x64)
+        if neox:
+            out[..., :half], out[..., half:] = ra, rb
+        else:
+            out[..., 0::2], out[..., 1::2] = ra, rb
+        return out.astype(np.float32)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, scale: float, window: int,
+                  cache: NumpyKVCache | None, layer: int) -> np.ndarray:
+        out = np.empty(q.shape, np.float32)
+        cu = np.asarray(batch.cu_seqlens, np.int64)
+        past = np.asarray(batch.past_lens, np.int64)
+        if cache is not None and batch.n_seqs > cache.n_seqs:
+            raise InputError(f"batch has {batch.n_seqs} sequences, the KV cache {cache.n_seqs}")
+        for b in range(batch.n_seqs):
+            s, e = int(cu[b]), int(cu[b + 1])
+            p0 = int(past[b])
+            if cache is None:
+                if p0:
+                    raise InputError(f"sequence {b}: past length {p0} without a KV cache")
+                keys, vals = k[s:e], v[s:e]
+            else:
+                if p0 + e - s > cache.max_len:
+                    raise InputError(f"sequence {b}: {p0 + e - s} tokens exceed the KV cache length {cache.max_len}")
+                ck, cv = cache.k[layer][b], cache.v[layer][b]
+                ck[p0:p0 + e - s], cv[p0:p0 + e - s] = k[s:e], v[s:e]
+                keys, vals = ck[:p0 + e - s], cv[:p0 + e - s]
+            out[s:e] = self._attend(q[s:e], keys, vals, p0, scale, window)
+        return out
+
+    @staticmethod
+    def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: float, window: int) -> np.ndarray:
+        """One sequence: queries at positions q_pos0..q_pos0+n-1, keys at 0..len(k)-1."""
+        n, hq, d = q.shape
+        t, hkv, _ = k.shape
+        g = hq // hkv  # GQA: query head h reads kv head h // g
+        # float64 throughout, for the same reason as matmul: no dependence on the number of queries.
+        kh = np.ascontiguousarray(k.transpose(1, 2, 0), np.float64)  # [Hkv, D, T]
+        vh = np.ascontiguousarray(v.transpose(1, 0, 2), np.float64)  # [Hkv, T, D]
+        kpos = np.arange(t)
+        out = np.empty((n, hq, d), np.float32)
+        block = max(1, ATTN_BLOCK_VALUES // max(1, hq * t))
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            qpos = q_pos0 + np.arange(s, e)
+            qh = q[s:e].astype(np.float64).reshape(e - s, hkv, g, d).transpose(1, 2, 0, 3)  # [Hkv, G, n, D]
+            scores = np.matmul(qh, kh[:, None]) * scale  # [Hkv, G, n, T]
+            allowed = kpos[None, :] <= qpos[:, None]
+            if window > 0:
+                allowed &= qpos[:, None] - kpos[None, :] < window
+            scores[..., ~allowed] = -np.inf
+            o = np.matmul(_softmax64(scores), vh[:, None])  # [Hkv, G, n, D]
+            out[s:e] = o.transpose(2, 0, 1, 3).reshape(e - s, hq, d)
+        return out
+
+    def glu(self, gate: np.ndarray, up: np.ndarray, act: str) -> np.ndarray:
+        g = gate.astype(np.float64)
+        if act == "silu":
+            a = g / (1.0 + np.exp(-g))
+        elif act == "gelu_tanh":
+            a = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
+        else:
+            raise UnsupportedError(f"activation {act!r} (known: {', '.join(ACTS)})")
+        return (a * up).astype(np.float32)
+
+    def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> NumpyKVCache:
+        shape = (n_seqs, max_len, n_kv_heads, head_dim)
+        return NumpyKVCache([np.zeros(shape, np.float32) for _ in range(n_layers)],
+                            [np.zeros(shape, np.float32) for _ in range(n_layers)])
+
+    # --- logits ---------------------------------------------------------------------------------
+    def lm_head(self, x: np.ndarray, w: QTensor, dtype=np.float32) -> np.ndarray:
+        return self.matmul(x, w).astype(dtype, copy=False)
+
+    def log_softmax(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        if not temperature > 0:
+            raise InputError(f"temperature must be > 0, got {temperature}")
+        z = x.astype(np.float64) / temperature
+        z -= z.max(axis=-1, keepdims=True)
+        z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        return z.astype(np.float32)
+
+    def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = x.shape[-1]
+        if not 1 <= k <= n:
+            raise InputError(f"top-k needs 1 <= k <= {n}, got k={k}")
+        rows = x.reshape(-1, n)
+        # argpartition finds the k-th value; sorting the candidates by (-value, index) gives the
+        # order with ties to the lower index, whatever argpartition chose among equal values.
+        part = np.argpartition(-rows, k - 1, axis=-1)[:, :k]
+        kth = np.take_along_axis(rows, part, axis=-1).min(axis=-1, keepdims=True)
+        idx = np.empty((rows.shape[0], k), np.int64)
+        for r in range(rows.shape[0]):
+            above = np.flatnonzero(rows[r] > kth[r])
+            ties = np.flatnonzero(rows[r] == kth[r])[:k - len(above)]
+            cand = np.concatenate([above, ties])
+            idx[r] = cand[np.lexsort((cand, -rows[r, cand]))]
+        vals = np.take_along_axis(rows, idx, axis=-1)
+        return vals.reshape(x.shape[:-1] + (k,)), idx.astype(np.int32).reshape(x.shape[:-1] + (k,))

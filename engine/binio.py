@@ -1,0 +1,126 @@
+"""Bounds-checked reading of memory-mapped model files, shared by the APR and GGUF readers.
+
+Every read goes through `Cursor`, which checks the bytes exist before touching them, so a corrupt
+or truncated file ends in a one-line FormatError naming the file, never in an out-of-bounds read
+or a stray struct/numpy exception.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import FormatError, InputError
+
+
+def map_file(path: Path) -> np.ndarray:
+    """The whole file as a read-only 1-D uint8 array backed by an mmap (no copy).
+
+    Views sliced from it keep the mapping alive; the file is never read eagerly.
+    """
+    with open_input(path) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise FormatError(f"{path}: empty file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=np.uint8)
+
+
+@contextmanager
+def open_input(path: Path) -> Iterator:
+    """`open(path, "rb")` whose failures to open are one-line InputErrors naming the file."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a model file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    with f:
+        yield f
+
+
+class Cursor:
+    """A read position in a byte buffer; every read is bounds-checked against `end`."""
+
+    def __init__(self, buf: np.ndarray, path: Path | str, pos: int = 0, end: int | None = None):
+        self.buf = buf
+        self.path = path
+        self.pos = pos
+        self.end = len(buf) if end is None else end
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.end:
+            raise FormatError(
+                f"{self.path}: truncated: {what} needs {n} bytes at offset {self.pos}, "
+                f"only {max(self.end - self.pos, 0)} remain"
+            )
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return values
+
+    def scalar(self, fmt: str, what: str):
+        return self.unpack(fmt, what)[0]
+
+    def raw(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        out = self.buf[self.pos : self.pos + n].tobytes()
+        self.pos += n
+        return out
+
+    def text(self, n: int, what: str) -> str:
+        data = self.raw(n, what)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{self.path}: {what} at offset {self.pos - n} is not valid UTF-8") from None
+
+    def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        """`count` little-endian items as a zero-copy view."""
+        dtype = np.dtype(dtype)
+        self.need(count * dtype.itemsize, what)
+        out = self.buf[self.pos : self.pos + count * dtype.itemsize].view(dtype)
+        self.pos += count * dtype.itemsize
+        return out
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A crash or an error never leaves a half-written file under the final name, and readers of
+    the old file keep a consistent view (the rename is atomic on POSIX).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: output directory {path.parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; model files are meant to be shared
+        os.replace(tmp, path)
+    except OSError as e:  # unwritable directory, full disk: the user's to fix, not a bug
+        raise InputError(f"{path}: cannot write: {e.strerror or e}") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A file-supplied name or value, safe for a one-line message: printable and short."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

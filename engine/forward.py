@@ -1,0 +1,160 @@
+"""The one transformer forward of q4k-engine, written against the Backend interface (backend.py).
+
+Every architecture of architectures.md is this pre-norm decoder plus the switches of its
+ModelConfig: RoPE pairing/theta/scaling per layer, QKV bias, per-head QK-norm, GQA, sliding
+window, SwiGLU or GeGLU, gemma3's sandwich norms and embedding scale, tied output head.
+
+Sequences are packed (backend.Batch); with a KV cache the new tokens of each sequence follow its
+`past_lens` cached ones, so a prefill followed by one-token steps gives the logits of one full
+forward. Row t of the logits predicts token t + 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import Array, Backend, Batch, KVCache
+from .config import ModelConfig
+from .errors import FormatError
+from .tensors import ModelFile, QTensor
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: Array
+    wq: Any
+    wk: Any
+    wv: Any
+    wo: Any
+    ffn_norm: Array
+    gate: Any
+    up: Any
+    down: Any
+    bq: Array | None = None
+    bk: Array | None = None
+    bv: Array | None = None
+    q_norm: Array | None = None
+    k_norm: Array | None = None
+    post_attn_norm: Array | None = None
+    post_ffw_norm: Array | None = None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A model's tensors on one backend, each uploaded once in its stored dtype."""
+
+    embed: Any
+    output: Any  # the embedding matrix itself when the head is tied
+    output_norm: Array
+    rope_freqs: Array | None
+    layers: tuple[LayerWeights, ...]
+
+
+def _check_shape(t: QTensor, shape: tuple[int, ...]) -> QTensor:
+    if tuple(t.shape) != shape:
+        raise FormatError(f"{t.name}: shape {tuple(t.shape)}, the config implies {shape}")
+    return t
+
+
+def upload(model: ModelFile, backend: Backend) -> Weights:
+    """Check every tensor the config needs against its expected shape and hand it to the backend."""
+    cfg, tensors = model.config, model.tensors
+
+    def get(name: str, shape: tuple[int, ...]) -> QTensor:
+        if name not in tensors:
+            raise FormatError(f"{model.path}: tensor {name} is missing")
+        return _check_shape(tensors[name], shape)
+
+    def mat(name: str, rows: int, cols: int) -> Any:
+        return backend.weight(get(name, (rows, cols)))
+
+    def vec(name: str, n: int) -> Array:
+        return backend.vector(get(name, (n,)))
+
+    h, d = cfg.hidden, cfg.head_dim
+    q_out, kv_out = cfg.n_heads * d, cfg.n_kv_heads * d
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        layers.append(LayerWeights(
+            attn_norm=vec(p + "attn_norm.weight", h),
+            wq=mat(p + "attn_q.weight", q_out, h),
+            wk=mat(p + "attn_k.weight", kv_out, h),
+            wv=mat(p + "attn_v.weight", kv_out, h),
+            wo=mat(p + "attn_output.weight", h, q_out),
+            ffn_norm=vec(p + "ffn_norm.weight", h),
+            gate=mat(p + "ffn_gate.weight", cfg.ffn, h),
+            up=mat(p + "ffn_up.weight", cfg.ffn, h),
+            down=mat(p + "ffn_down.weight", h, cfg.ffn),
+            bq=vec(p + "attn_q.bias", q_out) if cfg.qkv_bias else None,
+            bk=vec(p + "attn_k.bias", kv_out) if cfg.qkv_bias else None,
+            bv=vec(p + "attn_v.bias", kv_out) if cfg.qkv_bias else None,
+            q_norm=vec(p + "attn_q_norm.weight", d) if cfg.qk_norm else None,
+            k_norm=vec(p + "attn_k_norm.weight", d) if cfg.qk_norm else None,
+            post_attn_norm=vec(p + "post_attention_norm.weight", h) if cfg.sandwich_norm else None,
+            post_ffw_norm=vec(p + "post_ffw_norm.weight", h) if cfg.sandwich_norm else None,
+        ))
+    embed = mat("token_embd.weight", cfg.vocab_size, h)
+    # A file that stores output.weight uses it; one without it must declare the head tied.
+    output = embed if cfg.tied_head and "output.weight" not in tensors else mat("output.weight", cfg.vocab_size, h)
+    rope_freqs = vec("rope_freqs.weight", d // 2) if "rope_freqs.weight" in tensors else None
+    return Weights(embed, output, vec("output_norm.weight", h), rope_freqs, tuple(layers))
+
+
+def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, batch: Batch, i: int,
+                     rope_freqs: Array | None, cache: KVCache | None) -> Array:
+    n = batch.n_tokens
+    q, k, v = be.matmul(x, lw.wq), be.matmul(x, lw.wk), be.matmul(x, lw.wv)
+    if cfg.qkv_bias:
+        q, k, v = be.add(q, lw.bq), be.add(k, lw.bk), be.add(v, lw.bv)
+    q = q.reshape(n, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(n, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(n, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q, k = be.rmsnorm(q, lw.q_norm, cfg.rms_eps), be.rmsnorm(k, lw.k_norm, cfg.rms_eps)
+    # layer_rope_scale is the multiplier of positions (1 / the linear scaling factor), see loader.py
+    theta, pos_scale = cfg.layer_theta(i), cfg.layer_rope_scale(i)
+    q = be.rope(q, batch, theta, cfg.rope_neox, pos_scale, rope_freqs)
+    k = be.rope(k, batch, theta, cfg.rope_neox, pos_scale, rope_freqs)
+    a = be.attention(q, k, v, batch, cfg.scale, cfg.layer_window(i), cache, i)
+    a = be.matmul(a.reshape(n, cfg.n_heads * cfg.head_dim), lw.wo)
+    return be.rmsnorm(a, lw.post_attn_norm, cfg.rms_eps) if cfg.sandwich_norm else a
+
+
+def _mlp_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array) -> Array:
+    f = be.matmul(be.glu(be.matmul(x, lw.gate), be.matmul(x, lw.up), cfg.act), lw.down)
+    return be.rmsnorm(f, lw.post_ffw_norm, cfg.rms_eps) if cfg.sandwich_norm else f
+
+
+def last_rows(batch: Batch) -> np.ndarray:
+    """Packed row index of each sequence's last token."""
+    return np.asarray(batch.cu_seqlens[1:], np.int64) - 1
+
+
+def forward(cfg: ModelConfig, w: Weights, be: Backend, ids: np.ndarray, batch: Batch,
+            cache: KVCache | None = None, last_only: bool = False, dtype: Any = np.float32) -> Array:
+    """Logits of packed token ids [N] (int32, host): [N, vocab], or [B, vocab] with `last_only`
+    (the LM head then runs on the B last rows only), in `dtype` (float32 or float16).
+
+    With `cache` (from `be.new_cache`), sequence b's new tokens are appended after its
+    `batch.past_lens[b]` cached ones and attend to them.
+    """
+    ids = np.asarray(ids, np.int32)
+    if ids.shape != (batch.n_tokens,):
+        raise ValueError(f"{ids.shape[0]} ids for a batch of {batch.n_tokens} tokens")
+    h = be.embed(w.embed, be.asarray(ids))
+    if cfg.embed_scale:
+        h = be.scale(h, math.sqrt(cfg.hidden))
+    # Each residual add is fused with the norm that reads its result: the next block's input norm.
+    norms = [lw.attn_norm for lw in w.layers] + [w.output_norm]
+    x = be.rmsnorm(h, norms[0], cfg.rms_eps)
+    for i, lw in enumerate(w.layers):
+        a = _attention_block(cfg, lw, be, x, batch, i, w.rope_freqs, cache)
+        h, x = be.add_rmsnorm(h, a, lw.ffn_norm, cfg.rms_eps)
+        h, x = be.add_rmsnorm(h, _mlp_block(cfg, lw, be, x), norms[i + 1], cfg.rms_eps)
+    if last_only:
+        x = x[be.asarray(last_rows(batch))]
+    return be.lm_head(x, w.output, dtype)

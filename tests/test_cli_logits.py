@@ -1,0 +1,149 @@
+"""`q4k-engine logits`: printing, the three file formats, and bad input (one line, exit 2, no file)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import q4k_engine
+from q4k_engine.cli.main import main
+from q4k_engine.loader import save_model
+from q4k_engine.synthetic import synthetic_model
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return q4k_engine.load("demo", device="cpu")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["logits", "--device", "cpu", *args])
+
+
+def assert_one_line_error(result, *fragments: str):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("q4k-engine: error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_print_top_k_per_position(demo):
+    r = invoke("--model", "demo", "--text", "the cat sat", "--top-k", "3")
+    assert r.exit_code == 0, r.output
+    ids = demo.encode("the cat sat")
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"sequence 0 ({len(ids)} tokens)"
+    assert len(lines) == 1 + len(ids)
+    vals, idx = demo.topk_logprobs([ids], 3)
+    last = lines[-1]
+    assert f"{vals[0, -1, 0]:.3f}" in last and last.count(" -> ") == 1
+    assert json.dumps(demo.tokenizer.token_text(int(idx[0, -1, 0])), ensure_ascii=False) in last
+
+
+def test_print_last_position_for_several_sequences():
+    r = invoke("--model", "demo", "--tokens", "5,6,7", "--tokens", "8 9", "--positions", "last")
+    assert r.exit_code == 0, r.output
+    assert [ln.split()[0] for ln in r.stdout.splitlines()] == ["sequence", "2", "sequence", "1"]
+    assert len(r.stdout.splitlines()[1].split(" -> ")[1].split("  ")) == 5  # default top-5
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_out_file_padded_with_lengths(demo, tmp_path, suffix):
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"text": "hello there world"}) + "\n\n" + json.dumps({"input_ids": [3, 4]}) + "\n")
+    out = tmp_path / f"logits{suffix}"
+    r = invoke("--model", "demo", "--input", str(jsonl), "--out", str(out), "--dtype", "float16")
+    assert r.exit_code == 0, r.output
+    if suffix == ".npz":
+        data = dict(np.load(out))
+    else:
+        from safetensors.numpy import load_file
+
+        data = load_file(out)
+    seqs = [demo.encode("hello there world"), [3, 4]]
+    ref, lengths = demo.logits_per_position(seqs, dtype="float16")
+    assert data["logits"].dtype == np.float16 and np.array_equal(data["logits"], ref)
+    assert data["lengths"].tolist() == lengths.tolist() == [len(seqs[0]), 2]
+    assert data["input_ids"][1].tolist() == [3, 4] + [-1] * (len(seqs[0]) - 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", out.name]  # no temporary left
+
+
+def test_out_npy_last_positions(demo, tmp_path):
+    out = tmp_path / "last.npy"
+    r = invoke("--model", "demo", "--tokens", "1,2,3", "--tokens", "4", "--positions", "last", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(out), demo.logits_for_batch([[1, 2, 3], [4]]))
+
+
+def test_npy_refuses_ragged_all_positions(tmp_path):
+    out = tmp_path / "x.npy"
+    assert_one_line_error(invoke("--model", "demo", "--tokens", "1,2,3", "--tokens", "4", "--out", str(out)),
+                          ".npz or .safetensors")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--tokens", "1,2,x"], ["--tokens #0, position 2", "'x'"]),
+    (["--tokens", "1,2,100000"], ["sequence 0, position 2", "100000 is outside"]),
+    (["--tokens", "-3"], ["sequence 0, position 0", "-3"]),
+    (["--tokens", " , "], ["no token ids"]),
+    (["--tokens", "1", "--text", "hi"], ["exactly one input"]),
+    ([], ["exactly one input"]),
+])
+def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, args, fragments):
+    out = tmp_path / "out.npz"
+    assert_one_line_error(invoke("--model", "demo", *args, "--out", str(out)), *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ('{"text": "ok"}\nnot json\n', [":2:", "not JSON"]),
+    ('{"text": "ok"}\n{"input_ids": [1, "a"]}\n', ["sequence 1, position 1"]),
+    ('{"input_ids": 5}\n', [":1:", "input_ids"]),
+    ('{"text": "a", "input_ids": [1]}\n', [":1:", "exactly one"]),
+    ('{"text": 3}\n', ['"text" must be a string']),
+    ("\n\n", ["no sequences"]),
+])
+def test_bad_jsonl(tmp_path, content, fragments):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content)
+    out = tmp_path / "out.safetensors"
+    assert_one_line_error(invoke("--model", "demo", "--input", str(src), "--out", str(out)), *fragments)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_model_and_paths(tmp_path):
+    assert_one_line_error(invoke("--model", str(tmp_path / "nope.gguf"), "--tokens", "1"), "no such model")
+    assert_one_line_error(invoke("--model", "demo", "--tokens", "1", "--out", str(tmp_path / "x.csv")),
+                          "unknown output type")
+    assert_one_line_error(invoke("--model", "demo", "--tokens", "1", "--out", str(tmp_path / "no" / "x.npz")),
+                          "no such directory")
+    assert_one_line_error(invoke("--model", "demo", "--input", str(tmp_path / "missing.jsonl")), "no such input")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    assert_one_line_error(invoke("--model", str(junk), "--tokens", "1"), "junk.gguf")
+
+
+def test_text_without_tokenizer(tmp_path):
+    import dataclasses
+
+    path = save_model(tmp_path / "m.apr", dataclasses.replace(synthetic_model("llama"), tokenizer=None), "apr")
+    assert_one_line_error(invoke("--model", str(path), "--text", "hi"), "no tokenizer")
+    r = invoke("--model", str(path), "--tokens", "1,2", "--top-k", "2")
+    assert r.exit_code == 0 and "#" in r.stdout  # ids shown as #id without a tokenizer
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from q4k_engine.cli import logits as cmd
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cmd.np, "savez", boom)
+    out = tmp_path / "x.npz"
+    out.write_bytes(b"old")  # an existing file is replaced only by a complete new one
+    assert_one_line_error(invoke("--model", "demo", "--tokens", "1,2", "--out", str(out)), "cannot write", "disk full")
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]
