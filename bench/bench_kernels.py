@@ -1,0 +1,197 @@
+"""Kernel benchmarks at Qwen2-7B / Llama-3-8B shapes, as ratios to ceilings measured in the same run.
+
+GEMV (M = 1, 8): effective bandwidth (quantized weight + activation + output bytes / time) over the
+device-to-device copy bandwidth (bytes read + written); kernel time from CUDA-graph replays (no
+Python launch overhead), plus the time of a plain call from Python for reference. GEMM (M = 128, 512, 2048): TFLOP/s over
+dense fp16 cuBLAS (`cupy.matmul`) on the same shape. Times: CUDA events after warm-up, medians.
+Weights are rotated over enough copies to exceed the L2 cache, so GEMV times are DRAM times.
+
+    python bench/bench_kernels.py [--quick] [--out RESULTS_PART.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584),
+          (4096, 4096), (14336, 4096), (4096, 14336)]
+GEMV_M = (1, 8)
+GEMM_M = (128, 512, 2048)
+
+
+def time_ms(fn, min_sample_ms: float = 2.0, samples: int = 15) -> float:
+    """Median per-call time of fn() in ms: events around batches of calls long enough to time."""
+    import cupy as cp
+
+    for _ in range(3):
+        fn()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = max(cp.cuda.get_elapsed_time(start, end), 1e-3)
+    inner = max(1, int(min_sample_ms / once))
+    times = []
+    for _ in range(samples):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
+    return statistics.median(times)
+
+
+def graph_time_ms(fn, calls: int, samples: int = 15) -> float:
+    """Median per-call device time of fn() with launch overhead removed: `calls` calls captured
+    in one CUDA graph, the graph replayed and timed with events (fn must not allocate)."""
+    import cupy as cp
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()  # compile and load outside the capture
+        stream.begin_capture()
+        for _ in range(calls):
+            fn()
+        graph = stream.end_capture()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        graph.launch(stream)
+        times = []
+        for _ in range(samples):
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end) / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second."""
+    import cupy as cp
+
+    src = cp.random.randint(0, 255, 1 << 30, dtype=cp.uint8)
+    dst = cp.empty_like(src)
+    t = time_ms(lambda: cp.copyto(dst, src), min_sample_ms=20, samples=9)
+    return 2 * src.nbytes / (t * 1e-3)
+
+
+def random_qweight(dtype, rows: int, cols: int):
+    """A random GpuWeight made on the GPU (random quants, sane f16 scales)."""
+    import cupy as cp
+
+    from q4k_engine.dtypes import TYPE_INFO, GGMLType, tensor_bytes
+    from q4k_engine.kernels.matmul import prepare_weight
+
+    info = TYPE_INFO[dtype]
+    raw = cp.random.randint(0, 256, tensor_bytes(dtype, (rows, cols)), dtype=cp.uint8)
+    blocks = raw.reshape(-1, info.type_size)
+    offsets = {GGMLType.Q4_K: (0, 2), GGMLType.Q6_K: (208,)}[dtype]
+    for off in offsets:
+        scale = cp.random.uniform(1e-3, 2e-2, blocks.shape[0]).astype(cp.float16)
+        blocks[:, off:off + 2] = scale.view(cp.uint8).reshape(-1, 2)
+    return prepare_weight(dtype, (rows, cols), raw)
+
+
+def bench_gemv(dtype, copy_bw: float, l2_bytes: int, shapes) -> list[dict]:
+    import cupy as cp
+
+    from q4k_engine.kernels.matmul import matmul
+
+    rows_out = []
+    for out_f, in_f in shapes:
+        w0 = random_qweight(dtype, out_f, in_f)
+        copies = [w0] + [random_qweight(dtype, out_f, in_f) for _ in range(max(0, -(-3 * l2_bytes // w0.data.nbytes) - 1))]
+        res = {"type": dtype.name, "shape": f"{out_f}x{in_f}", "weight_MB": w0.data.nbytes / 1e6}
+        for m in GEMV_M:
+            x = cp.random.standard_normal((m, in_f), dtype=cp.float32)
+            y = cp.empty((m, out_f), cp.float32)
+            state = {"i": 0}
+
+            def call():
+                w = copies[state["i"] % len(copies)]
+                state["i"] += 1
+                matmul(x, w, out=y, path="gemv")
+
+            t = graph_time_ms(call, calls=max(20, len(copies)))
+            res[f"m{m}_host_us"] = time_ms(call) * 1e3  # one plain call from Python, launch included
+            nbytes = w0.data.nbytes + x.nbytes + y.nbytes
+            res[f"m{m}_us"] = t * 1e3
+            res[f"m{m}_frac"] = nbytes / (t * 1e-3) / copy_bw
+        res["m8_over_m1"] = res["m8_us"] / res["m1_us"]
+        rows_out.append(res)
+    return rows_out
+
+
+def bench_gemm(dtypes, shapes, ms) -> list[dict]:
+    import cupy as cp
+
+    from q4k_engine.kernels.matmul import matmul
+
+    rows_out = []
+    for out_f, in_f in shapes:
+        dense = cp.random.standard_normal((out_f, in_f), dtype=cp.float32).astype(cp.float16)
+        weights = {dt: random_qweight(dt, out_f, in_f) for dt in dtypes}
+        for m in ms:
+            x = cp.random.standard_normal((m, in_f), dtype=cp.float32)
+            x16 = x.astype(cp.float16)
+            y = cp.empty((m, out_f), cp.float32)
+            flop = 2.0 * m * out_f * in_f
+            t_dense = time_ms(lambda: cp.matmul(x16, dense.T))
+            res = {"shape": f"{out_f}x{in_f}", "M": m, "dense_TFLOPs": flop / t_dense / 1e9}
+            for dt, w in weights.items():
+                for path in ("mma", "cublas", None):
+                    t = time_ms(lambda: matmul(x, w, out=y, path=path))
+                    label = path or "auto"
+                    res[f"{dt.name}_{label}_frac"] = t_dense / t
+                    res[f"{dt.name}_{label}_TFLOPs"] = flop / t / 1e9
+            rows_out.append(res)
+    return rows_out
+
+
+def fmt_table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import cupy as cp
+
+    from q4k_engine.dtypes import GGMLType
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="two shapes only")
+    ap.add_argument("--out", help="also write the tables (markdown) to this file")
+    args = ap.parse_args()
+    shapes = SHAPES[:3] if args.quick else SHAPES
+
+    dev = cp.cuda.Device()
+    name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
+    l2 = dev.attributes["L2CacheSize"]
+    bw = copy_bandwidth()
+    head = (f"Kernels benchmark: {name}, {datetime.date.today().isoformat()}, "
+            f"copy bandwidth (read+write) {bw / 1e12:.2f} TB/s, L2 {l2 >> 20} MiB")
+    print(head, flush=True)
+    gemv = []
+    for dt in (GGMLType.Q4_K, GGMLType.Q6_K):
+        gemv += bench_gemv(dt, bw, l2, shapes)
+    t1 = fmt_table(gemv, ["type", "shape", "weight_MB", "m1_us", "m1_frac", "m8_us", "m8_frac", "m8_over_m1",
+                          "m1_host_us"])
+    print("\nGEMV (frac = effective bandwidth / copy bandwidth; us = graph-replayed kernel time)\n" + t1, flush=True)
+    gemm = bench_gemm((GGMLType.Q4_K, GGMLType.Q6_K), shapes, GEMM_M)
+    cols = ["shape", "M", "dense_TFLOPs"] + [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas", "auto")]
+    t2 = fmt_table(gemm, cols)
+    print("\nGEMM (frac = dense fp16 cuBLAS time / kernel time)\n" + t2, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"{head}\n\nGEMV\n\n{t1}\n\nGEMM\n\n{t2}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU check for the lent GPU machine: nothing from the network. Installs the carried gguf wheel and
+# the project (editable), then runs each stage below, logs to $OUT (or ./gpu-check-logs) and prints
+# a short table last. Add a stage = add one line to STAGES ("name|command").
+#   bash bench/gpu-check.sh            all stages
+#   bash bench/gpu-check.sh tests      stages whose name contains "tests"
+set -u
+cd "$(dirname "$0")/.."
+LOG="${OUT:-$PWD/gpu-check-logs}"
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1
+
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl \
+  >"$LOG/setup.log" 2>&1 || { echo "gguf wheel install failed (carry .whl)"; cat "$LOG/setup.log"; exit 2; }
+export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG/setup.log" 2>&1 \
+  || { echo "editable install failed"; cat "$LOG/setup.log"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG/setup.log" 2>&1
+
+STAGES=(
+  "kernel-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py"
+  "kernel-bench|python3 bench/bench_kernels.py --out $LOG/bench_kernels.md"
+  "backend-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_gpu.py tests/test_cuda_backend_gpu.py"
+  "ops-bench|python3 bench/bench_model.py ops"
+  "model-bench|python3 bench/bench_model.py model"
+)
+
+declare -a SUMMARY
+status=0
+for stage in "${STAGES[@]}"; do
+  name="${stage%%|*}"; cmd="${stage#*|}"
+  [[ -n "${1:-}" && "$name" != *"$1"* ]] && continue
+  echo "=== $name: $cmd"
+  start=$(date +%s)
+  set -o pipefail
+  bash -c "$cmd" 2>&1 | tee "$LOG/$name.log"
+  rc=$?
+  set +o pipefail
+  [[ $rc -ne 0 ]] && status=1
+  last=$(grep -E "passed|failed|error|TB/s" "$LOG/$name.log" | tail -1 | cut -c1-90)
+  SUMMARY+=("$(printf '%-16s rc=%-3s %5ss  %s' "$name" "$rc" "$(( $(date +%s) - start ))" "$last")")
+done
+
+echo
+echo "=== gpu-check summary: $(tail -1 "$LOG/setup.log")"
+printf '%s\n' "${SUMMARY[@]}"
+[[ -f "$LOG/bench_kernels.md" ]] && cat "$LOG/bench_kernels.md"
+exit $status
