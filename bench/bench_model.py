@@ -1,0 +1,335 @@
+"""Timings of kernels/ops.cu at Qwen2-7B shapes (prefill attention, decode attention, norms).
+
+    python bench/bench_ops.py        # prints a table; needs a CUDA GPU
+
+Attention's useful work is 4 * head_dim flops per visible (query, key, head) pair; figures are
+medians of CUDA-event timings after a warm-up.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b beside this file
+
+
+def median_ms(fn, reps: int = 10) -> float:
+    import cupy as cp
+
+    fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def bench_ops() -> None:
+    import cupy as cp
+
+    from q4k_engine.kernels import ops
+
+    rng = cp.random.default_rng(0)
+    hq, hkv, d = 28, 4, 128
+    rows = []
+    for lengths, window in (([2048], 0), ([512] * 4, 0), ([2048, 2048], 0), ([2048], 512)):
+        n = sum(lengths)
+        q = rng.standard_normal((n, hq, d), dtype=cp.float32)
+        k = rng.standard_normal((n, hkv, d), dtype=cp.float32)
+        v = rng.standard_normal((n, hkv, d), dtype=cp.float32)
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        lay = ops.SeqLayout.build(cu[:-1], lengths, np.zeros(len(lengths)), cu[:-1], lengths)
+        ms = median_ms(lambda: ops.attention(q, k, v, lay, d ** -0.5, window))
+        pairs = sum(min(t, window) * t if window else t * (t + 1) // 2 for t in lengths) * hq
+        rows.append((f"prefill attn {lengths[0]}x{len(lengths)} w={window}", ms, f"{4 * d * pairs / ms / 1e9:.1f} TFLOP/s"))
+    for ctx in (256, 2048):
+        k = rng.standard_normal((ctx + 1, hkv, d), dtype=cp.float32)
+        v = rng.standard_normal((ctx + 1, hkv, d), dtype=cp.float32)
+        q = rng.standard_normal((1, hq, d), dtype=cp.float32)
+        lay = ops.SeqLayout.build([0], [1], [ctx], [0], [ctx + 1])
+        ms = median_ms(lambda: ops.attention(q, k, v, lay, d ** -0.5, 0))
+        gbs = 2 * k.nbytes / ms / 1e6
+        rows.append((f"decode attn ctx={ctx}", ms, f"{gbs:.0f} GB/s of K+V"))
+    h = rng.standard_normal((2048, 3584), dtype=cp.float32)
+    r = rng.standard_normal((2048, 3584), dtype=cp.float32)
+    w = rng.standard_normal(3584, dtype=cp.float32)
+    ms = median_ms(lambda: ops.add_rmsnorm(h, r, w, 1e-6))
+    rows.append(("add_rmsnorm 2048x3584", ms, f"{4 * h.nbytes / ms / 1e6:.0f} GB/s"))
+    x = rng.standard_normal((2048, 28, 128), dtype=cp.float32)
+    pos = cp.arange(2048, dtype=cp.int32)
+    ms = median_ms(lambda: ops.rope(x, pos, 1e6, True))
+    rows.append(("rope 2048x28x128", ms, f"{2 * x.nbytes / ms / 1e6:.0f} GB/s"))
+    g = rng.standard_normal((2048, 18944), dtype=cp.float32)
+    ms = median_ms(lambda: ops.glu(g, g, "silu"))
+    rows.append(("glu 2048x18944", ms, f"{3 * g.nbytes / ms / 1e6:.0f} GB/s"))
+    lg = rng.standard_normal((512, 152064), dtype=cp.float32)
+    ms = median_ms(lambda: ops.topk(lg, 20))
+    rows.append(("topk k=20 512x152064", ms, ""))
+    ms = median_ms(lambda: ops.log_softmax(lg))
+    rows.append(("log_softmax 512x152064", ms, f"{2 * lg.nbytes / ms / 1e6:.0f} GB/s"))
+    print(f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
+    for name, ms, extra in rows:
+        print(f"{name:34s} {ms:9.3f} ms  {extra}")
+
+
+def wall_ms(fn, reps: int = 3) -> float:
+    """Median wall-clock ms of fn() with the device synchronized around it (whole forwards)."""
+    import time
+
+    import cupy as cp
+
+    fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        cp.cuda.Device().synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    import cupy as cp
+
+    a = cp.ones(1 << 30, cp.uint8)
+    b = cp.empty_like(a)
+    ms = median_ms(lambda: b.__setitem__(Ellipsis, a), reps=10)
+    return 2 * a.nbytes / (ms / 1e3)
+
+
+def dense_backend_class():
+    """The dense fp16 peer: the same forward with every matrix dequantized once to fp16."""
+    import cupy as cp
+
+    from q4k_engine.backend_cuda import CudaBackend
+    from q4k_engine.kernels import matmul as mm
+
+    class DenseF16Backend(CudaBackend):
+        name = "cuda-dense-f16"
+
+        def __init__(self):
+            super().__init__()
+            self.dense: dict[str, object] = {}  # by tensor name, for building the HF peer
+
+        def weight(self, t):
+            q = super().weight(t)
+            out = cp.empty((q.rows, q.kpad), cp.float16)
+            chunk = max(1, (256 << 20) // (q.kpad * 2))
+            for r0 in range(0, q.rows, chunk):
+                n = min(chunk, q.rows - r0)
+                mm.dequantize_rows_f16(q, r0, n, out[r0:r0 + n])
+            dense = out if q.kpad == q.cols else cp.ascontiguousarray(out[:, :q.cols])
+            self.dense[t.name] = dense
+            return dense
+
+        def vector(self, t):
+            v = super().vector(t)
+            self.dense[t.name] = v
+            return v
+
+        def embed(self, w, ids):
+            return w[cp.asarray(ids)].astype(cp.float32)
+
+        def matmul(self, x, w):
+            return cp.matmul(x.astype(cp.float16), w.T).astype(cp.float32)
+
+    return DenseF16Backend
+
+
+def build_hf_qwen2(cfg, dense: dict):
+    """Hugging Face Qwen2ForCausalLM in bf16 on the GPU holding the dense peer's weights
+    (built directly, no GGUF round trip; GGUF qwen2 rows are already in HF's NEOX order)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hc = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                     num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=32768,
+                     rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps, tie_word_embeddings=False,
+                     attn_implementation="sdpa")
+    if isinstance(getattr(hc, "rope_parameters", None), dict):
+        hc.rope_parameters["rope_theta"] = cfg.rope_theta
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Qwen2ForCausalLM(hc)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+             "model.norm.weight": "output_norm.weight"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                 "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for i in range(cfg.n_layers):
+        names.update({f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()})
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        missing = sorted(set(params) - set(names))
+        if missing:
+            raise RuntimeError(f"HF parameters without a source: {missing[:5]}")
+        for hf, ours in names.items():
+            params[hf].copy_(torch.from_dlpack(dense[ours]).reshape(params[hf].shape).to(torch.bfloat16))
+    return model.eval()
+
+
+def bench_model(path: str | None, decode_tokens: int = 64) -> None:
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    import cupy as cp
+
+    from q4k_engine.backend import Batch
+    from q4k_engine.backend_cuda import CudaBackend
+    from q4k_engine.forward import forward, upload
+    from q4k_engine.loader import open_model
+
+    import make_7b
+
+    gib = 2 ** 30
+    card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    if path is None:
+        path = str(Path(tempfile.gettempdir()) / "qwen2-7b-q4km-synthetic.apr")
+        if not Path(path).exists():
+            t0 = time.perf_counter()
+            make_7b.write_7b(Path(path))
+            print(f"make_7b: {time.perf_counter() - t0:.1f} s, {Path(path).stat().st_size / gib:.2f} GiB")
+    model = open_model(path)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    report: list[str] = [f"card: {card}; model: {path} ({cfg.n_layers} layers, hidden {cfg.hidden})"]
+
+    be = CudaBackend()
+    be.check_fits(list(model.tensors.values()))
+    w = upload(model, be)
+    report.append(str(be.upload))
+    weight_bytes = be.upload.total_bytes
+    streamed = weight_bytes - model.tensors["token_embd.weight"].nbytes * (w.output is not w.embed)
+
+    def run(engine_be, weights, lengths, last_only=False, dtype=np.float16):
+        batch = Batch.from_lengths(lengths)
+        ids = rng.integers(0, cfg.vocab_size, batch.n_tokens).astype(np.int32)
+        return forward(cfg, weights, engine_be, ids, batch, last_only=last_only, dtype=dtype)
+
+    # --- memory: one sequence of 2048 tokens ---
+    for last_only, target in ((False, 6.0), (True, 5.2)):
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+        be.reset_peak()
+        out = run(be, w, [2048], last_only=last_only)
+        cp.cuda.Device().synchronize()
+        m = be.memory_report()
+        report.append(f"memory 1x2048 {'last' if last_only else 'all-position'} fp16 logits {out.shape}: "
+                      f"peak held {m.pool_peak_held / 1e9:.2f} GB (arrays {m.pool_peak_used / 1e9:.2f} GB), "
+                      f"device used {m.device_used / 1e9:.2f} GB; target <= {target} GB")
+        del out
+
+    # --- prefill throughput, all-position fp16 logits ---
+    shapes = ([512], [512] * 4, [2048] * 2)
+    ours = {}
+    for lengths in shapes:
+        ms = wall_ms(lambda: run(be, w, lengths))
+        ours[len(lengths), lengths[0]] = sum(lengths) / ms * 1e3
+
+    # --- decode: greedy, batch 1, KV cache, prompt 128 ---
+    prompt = rng.integers(0, cfg.vocab_size, 128).astype(np.int32)
+
+    def decode() -> float:
+        cache = be.new_cache(cfg.n_layers, 1, 128 + decode_tokens + 1, cfg.n_kv_heads, cfg.head_dim)
+        logits = forward(cfg, w, be, prompt, Batch.from_lengths([128]), cache=cache, last_only=True)
+        tok = int(cp.argmax(logits[0]))
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for i in range(decode_tokens):
+            logits = forward(cfg, w, be, np.array([tok], np.int32), Batch.from_lengths([1], past_lens=[128 + i]),
+                             cache=cache, last_only=True)
+            tok = int(cp.argmax(logits[0]))  # the host needs the token: one sync per step, as in real use
+        return decode_tokens / (time.perf_counter() - t0)
+
+    decode()
+    dec_tps = decode()
+    bw = copy_bandwidth()
+    floor_tps = bw / streamed
+    del w, be
+    gc.collect()
+    cp.get_default_memory_pool().free_all_blocks()
+
+    # --- peer (a): dense fp16 forward ---
+    Dense = dense_backend_class()
+    dbe = Dense()
+    dw = upload(model, dbe)
+    dense = {}
+    for lengths in shapes:
+        ms = wall_ms(lambda: run(dbe, dw, lengths))
+        dense[len(lengths), lengths[0]] = sum(lengths) / ms * 1e3
+    check_ids = rng.integers(0, cfg.vocab_size, 256).astype(np.int32)
+    dense_logits = cp.asnumpy(forward(cfg, dw, dbe, check_ids, Batch.from_lengths([256]))).astype(np.float32)
+
+    # --- peer (b): Hugging Face transformers, bf16, built from the dense weights ---
+    hf = {}
+    hf_note = ""
+    try:
+        import torch
+
+        hfm = build_hf_qwen2(cfg, dbe.dense)
+        del dw, dbe
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+        with torch.inference_mode():
+            hf_logits = hfm(torch.from_numpy(check_ids[None].astype(np.int64)).cuda()).logits[0].float().cpu().numpy()
+            agree = float((hf_logits.argmax(-1) == dense_logits.argmax(-1)).mean())
+            hf_note = f"HF bf16 vs engine dense-f16 top-1 agreement on 256 tokens: {agree:.3f}"
+            for lengths in shapes:
+                ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (len(lengths), lengths[0]))).cuda()
+
+                def hf_run():
+                    hfm(ids).logits
+                    torch.cuda.synchronize()
+
+                ms = wall_ms(hf_run)
+                hf[len(lengths), lengths[0]] = sum(lengths) / ms * 1e3
+        del hfm
+    except Exception as e:  # a peer that cannot run is reported, not fatal
+        hf_note = f"HF peer failed: {type(e).__name__}: {e}"
+
+    report.append(hf_note)
+    report.append("prefill, all-position fp16 logits (tokens/s):")
+    report.append(f"  {'shape':10s} {'q4k-engine':>11s} {'dense fp16':>11s} {'ratio':>6s} {'HF bf16':>9s} {'ratio':>6s}")
+    for key in ours:
+        h = hf.get(key)
+        report.append(f"  {key[0]}x{key[1]:<8d} {ours[key]:11.0f} {dense[key]:11.0f} {ours[key] / dense[key]:6.2f} "
+                      f"{h if h else float('nan'):9.0f} {ours[key] / h if h else float('nan'):6.2f}")
+    report.append(f"decode batch 1 (prompt 128, {decode_tokens} new tokens): {dec_tps:.1f} tok/s; floor "
+                  f"{floor_tps:.1f} tok/s ({streamed / 1e9:.2f} GB of weights at {bw / 1e12:.2f} TB/s copy) "
+                  f"-> {dec_tps / floor_tps:.0%} of floor")
+    print("\n".join(report))
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="q4k-engine GPU benchmarks")
+    ap.add_argument("what", choices=("ops", "model"))
+    ap.add_argument("--model", default=None, help="model file (default: write the synthetic Qwen2-7B to /tmp)")
+    a = ap.parse_args()
+    if a.what == "ops":
+        bench_ops()
+    else:
+        bench_model(a.model)
+
+
+if __name__ == "__main__":
+    main()

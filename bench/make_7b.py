@@ -1,0 +1,126 @@
+"""Write a Qwen2-7B-shaped synthetic Q4_K_M model (APR) for the whole-model benchmarks, fast.
+
+No float weights are quantized: valid Q4_K / Q6_K super-blocks are drawn directly (random quant
+bytes and 6-bit scales, f16 super-scales chosen so that dequantized weights have std ~0.02 and
+mean ~0, like a trained 7B). Tensor types follow llama.cpp's Q4_K_M recipe for Qwen2-7B: Q4_K
+everywhere, Q6_K for the LM head and for attn_v / ffn_down on the "more bits" layers, F32 norms
+and QKV biases. About 4.4 GiB; a few tens of seconds.
+
+    python bench/make_7b.py /tmp/qwen2-7b-q4km.apr [--layers 28]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from q4k_engine.dtypes import GGMLType, TYPE_INFO, tensor_bytes
+from q4k_engine.tensors import QTensor
+
+QWEN2_7B = dict(n_layers=28, hidden=3584, ffn=18944, n_heads=28, n_kv_heads=4, vocab=152064,
+                rope_theta=1e6, rms_eps=1e-6, context=32768)
+WEIGHT_STD = 0.02
+
+# E[sc * q] and std(sc * q) for uniform 6-bit sc and 4-bit q: d = target std / that std, and dmin
+# cancels the mean so the dequantized weights centre on zero.
+_SC = np.arange(64.0)
+_Q4 = np.arange(16.0)
+_Q4K_MEAN = _SC.mean() * _Q4.mean()
+_Q4K_STD = np.sqrt((_SC ** 2).mean() * (_Q4 ** 2).mean() - _Q4K_MEAN ** 2)
+_Q6K_STD = np.sqrt((np.arange(-128.0, 128.0) ** 2).mean() * ((np.arange(64.0) - 32) ** 2).mean())
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def kquant_blocks(rng: np.random.Generator, dtype: GGMLType, n_blocks: int) -> np.ndarray:
+    """n_blocks random valid super-blocks of Q4_K or Q6_K as [n_blocks, type_size] uint8."""
+    size = TYPE_INFO[dtype].type_size
+    b = np.frombuffer(rng.bytes(n_blocks * size), np.uint8).reshape(n_blocks, size).copy()
+    jitter = rng.uniform(0.5, 1.5, n_blocks)
+    if dtype == GGMLType.Q4_K:  # d, dmin (f16) then 12 scale bytes (any bits are valid) and qs
+        d = WEIGHT_STD / _Q4K_STD * jitter
+        b[:, 0:2] = _f16_bytes(d)
+        b[:, 2:4] = _f16_bytes(d * _Q4K_MEAN / _SC.mean())
+    elif dtype == GGMLType.Q6_K:  # ql, qh, int8 scales (any bits valid), d (f16) last
+        b[:, 208:210] = _f16_bytes(WEIGHT_STD / _Q6K_STD * jitter)
+    else:
+        raise ValueError(f"no block generator for {dtype.name}")
+    return b
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits(): which layers Q4_K_M keeps attn_v / ffn_down in Q6_K."""
+    e = n_layers // 8
+    return layer < e or layer >= 7 * n_layers // 8 or (layer - e) % 3 == 2
+
+
+def qwen2_tensors(rng: np.random.Generator, n_layers: int, hidden: int, ffn: int, n_heads: int,
+                  n_kv_heads: int, vocab: int, **_) -> list[QTensor]:
+    head_dim = hidden // n_heads
+    kv = n_kv_heads * head_dim
+    out: list[QTensor] = []
+
+    def mat(name: str, dtype: GGMLType, rows: int, cols: int) -> None:
+        n_blocks = tensor_bytes(dtype, (rows, cols)) // TYPE_INFO[dtype].type_size
+        out.append(QTensor(name, dtype, (rows, cols), kquant_blocks(rng, dtype, n_blocks).reshape(-1)))
+
+    def vec(name: str, values: np.ndarray) -> None:
+        out.append(QTensor(name, GGMLType.F32, values.shape, values.astype(np.float32).view(np.uint8).reshape(-1)))
+
+    Q4, Q6 = GGMLType.Q4_K, GGMLType.Q6_K
+    mat("token_embd.weight", Q4, vocab, hidden)
+    mat("output.weight", Q6, vocab, hidden)
+    vec("output_norm.weight", rng.uniform(0.8, 1.2, hidden))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        more = _more_bits(i, n_layers)
+        vec(p + "attn_norm.weight", rng.uniform(0.8, 1.2, hidden))
+        vec(p + "ffn_norm.weight", rng.uniform(0.8, 1.2, hidden))
+        mat(p + "attn_q.weight", Q4, hidden, hidden)
+        mat(p + "attn_k.weight", Q4, kv, hidden)
+        mat(p + "attn_v.weight", Q6 if more else Q4, kv, hidden)
+        mat(p + "attn_output.weight", Q4, hidden, hidden)
+        vec(p + "attn_q.bias", rng.standard_normal(hidden) * 0.1)
+        vec(p + "attn_k.bias", rng.standard_normal(kv) * 0.1)
+        vec(p + "attn_v.bias", rng.standard_normal(kv) * 0.1)
+        mat(p + "ffn_gate.weight", Q4, ffn, hidden)
+        mat(p + "ffn_up.weight", Q4, ffn, hidden)
+        mat(p + "ffn_down.weight", Q6 if more else Q4, hidden, ffn)
+    return out
+
+
+def write_7b(path: Path, n_layers: int = QWEN2_7B["n_layers"], seed: int | None = None) -> Path:
+    """Write the model to `path` (APR v2) and return it."""
+    from q4k_engine import apr
+
+    cfg = dict(QWEN2_7B, n_layers=n_layers)
+    rng = np.random.default_rng(seed)
+    tensors = qwen2_tensors(rng, **cfg)
+    meta = {
+        "architecture": "qwen2", "model_type": "qwen2", "name": "synthetic-qwen2-7b-q4_k_m",
+        "hidden_size": cfg["hidden"], "num_layers": n_layers, "num_heads": cfg["n_heads"],
+        "num_kv_heads": cfg["n_kv_heads"], "vocab_size": cfg["vocab"], "intermediate_size": cfg["ffn"],
+        "max_position_embeddings": cfg["context"], "rope_theta": cfg["rope_theta"], "rope_type": 2,
+        "rms_norm_eps": cfg["rms_eps"],
+    }
+    apr.write_apr(path, meta, tensors)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--layers", type=int, default=QWEN2_7B["n_layers"])
+    ap.add_argument("--seed", type=int, default=None)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    write_7b(a.path, a.layers, a.seed)
+    print(f"wrote {a.path} ({a.path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

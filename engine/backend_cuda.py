@@ -1,0 +1,310 @@
+"""CudaBackend: the Backend interface (backend.py) on CuPy, weights kept quantized on the GPU.
+
+Matrices are uploaded once in their stored dtype through kernels/matmul.py (Q4_K stays Q4_K);
+the small fused operations are kernels/ops.cu. Activations are float32 CuPy arrays in the packed
+varlen layout of backend.Batch.
+
+Memory is measured, not believed: every CuPy allocation of the process goes through a
+high-water-mark wrapper around the default memory pool (CuPy's allocator is process-wide, so the
+wrapper is installed once and shared by every CudaBackend), and `memory_report()` adds the
+device's own used-memory figure (which includes the CUDA context and cuBLAS workspaces).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backend import Batch
+from .dtypes import GGMLType
+from .errors import DeviceError, InputError
+from .tensors import QTensor
+
+# Headroom kept free beyond the weights when checking that a model fits: activations of a few
+# thousand tokens, one LM-head chunk, cuBLAS workspace. Bench figures show what is really used.
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+LOGITS_CHUNK_TOKENS = 256
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise DeviceError("CuPy is not installed: pip install 'q4k-engine[cuda13]' (or [cuda12])") from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # the driver raises its own error types
+        raise DeviceError(f"no usable CUDA device: {e}") from e
+    if n == 0:
+        raise DeviceError("no CUDA device found")
+    return cupy
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class PeakPool:
+    """Wraps a CuPy MemoryPool's malloc and records the high-water marks of bytes in use (live
+    arrays) and bytes held (in use + cached free blocks: what the device actually gives up)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.peak_used = pool.used_bytes()
+        self.peak_held = pool.total_bytes()
+
+    def malloc(self, size: int):
+        mem = self.pool.malloc(size)
+        used, held = self.pool.used_bytes(), self.pool.total_bytes()
+        if used > self.peak_used:
+            self.peak_used = used
+        if held > self.peak_held:
+            self.peak_held = held
+        return mem
+
+    def reset(self) -> None:
+        self.peak_used = self.pool.used_bytes()
+        self.peak_held = self.pool.total_bytes()
+
+    @staticmethod
+    def install(cp) -> "PeakPool":
+        """The process's tracker: reuse the one already installed, else wrap the default pool."""
+        current = cp.cuda.get_allocator()
+        owner = getattr(current, "__self__", None)
+        if isinstance(owner, PeakPool):
+            return owner
+        tracker = PeakPool(cp.get_default_memory_pool())
+        cp.cuda.set_allocator(tracker.malloc)
+        return tracker
+
+
+@dataclass
+class UploadReport:
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    n_tensors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+    def add(self, dtype: GGMLType, nbytes: int, seconds: float) -> None:
+        name = GGMLType(dtype).name
+        self.bytes_by_dtype[name] = self.bytes_by_dtype.get(name, 0) + nbytes
+        self.n_tensors += 1
+        self.seconds += seconds
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(self.bytes_by_dtype.items(), key=lambda kv: -kv[1]))
+        rate = self.total_bytes / self.seconds / 1e9 if self.seconds else 0.0
+        return (f"uploaded {self.n_tensors} tensors, {_gib(self.total_bytes)} ({parts}) "
+                f"in {self.seconds:.2f} s ({rate:.1f} GB/s)")
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    pool_peak_used: int  # high-water mark of bytes in live CuPy arrays
+    pool_peak_held: int  # high-water mark of bytes the pool held (live + cached blocks)
+    pool_used: int
+    pool_held: int
+    device_used: int  # total - free as the driver sees it now (context, cuBLAS, other users)
+    device_total: int
+
+    def __str__(self) -> str:
+        return (f"peak {_gib(self.pool_peak_held)} held / {_gib(self.pool_peak_used)} in arrays; "
+                f"now {_gib(self.pool_held)} held; device used {_gib(self.device_used)} of "
+                f"{_gib(self.device_total)}")
+
+
+@dataclass
+class CudaKVCache:
+    """Per-layer K and V, float32 [n_seqs * max_len, n_kv_heads, head_dim]; slot b holds rows
+    b * max_len ... (b + 1) * max_len - 1."""
+
+    k: list[Any]
+    v: list[Any]
+    n_seqs: int
+    max_len: int
+
+
+@dataclass
+class _DeviceBatch:
+    """The device-side copies of one Batch, built once and shared by every layer of a forward."""
+
+    batch: Batch  # held so that the identity check in CudaBackend._device_batch stays sound
+    positions: Any
+    packed: Any  # ops.SeqLayout over the packed new k/v
+    cache: CudaKVCache | None = None  # the cache `cached` and `cache_rows` were built for
+    cached: Any | None = None  # ops.SeqLayout over the KV cache
+    cache_rows: Any | None = None  # [N] destination rows of the new tokens in the cache
+
+
+class CudaBackend:
+    """Backend on one CUDA device (CuPy)."""
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0):
+        cp = _cupy()
+        from q4k_engine.kernels import matmul, ops  # deferred: both import CuPy
+
+        self._cp, self._mm, self._ops = cp, matmul, ops
+        self.xp = cp
+        self.device = cp.cuda.Device(device)
+        self.device.use()
+        self.device_name = cp.cuda.runtime.getDeviceProperties(device)["name"].decode()
+        self.tracker = PeakPool.install(cp)
+        self.upload = UploadReport()
+        self._batch_dev: _DeviceBatch | None = None  # the last Batch seen (one forward's worth)
+
+    # --- memory -----------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Bytes a new allocation can get: the driver's free memory plus the pool's cached blocks."""
+        free, _ = self._cp.cuda.runtime.memGetInfo()
+        return int(free) + int(self.tracker.pool.free_bytes())
+
+    def check_fits(self, tensors: list[QTensor] | tuple[QTensor, ...], workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> None:
+        """Raise DeviceError before any upload when the weights plus a workspace cannot fit."""
+        need = sum(t.nbytes for t in tensors) + workspace_bytes
+        free = self.free_bytes()
+        if need > free:
+            raise DeviceError(f"model needs {_gib(need)} on {self.device_name} (weights "
+                              f"{_gib(need - workspace_bytes)} + workspace {_gib(workspace_bytes)}) "
+                              f"but only {_gib(free)} is free")
+
+    def memory_report(self) -> MemoryReport:
+        free, total = self._cp.cuda.runtime.memGetInfo()
+        pool = self.tracker.pool
+        return MemoryReport(self.tracker.peak_used, self.tracker.peak_held, pool.used_bytes(),
+                            pool.total_bytes(), int(total - free), int(total))
+
+    def reset_peak(self) -> None:
+        self.tracker.reset()
+
+    # --- weights ----------------------------------------------------------------------------
+    def weight(self, t: QTensor) -> Any:
+        free = self.free_bytes()
+        if t.nbytes > free:
+            raise DeviceError(f"{t.name}: needs {_gib(t.nbytes)} on {self.device_name}, only {_gib(free)} free")
+        t0 = time.perf_counter()
+        w = self._mm.upload_weight(t)
+        self._cp.cuda.get_current_stream().synchronize()
+        self.upload.add(t.dtype, t.nbytes, time.perf_counter() - t0)
+        return w
+
+    def vector(self, t: QTensor) -> Any:
+        from .quants import dequantize
+
+        host = dequantize(t.data, t.dtype, t.shape).astype(np.float32, copy=False).reshape(-1)
+        t0 = time.perf_counter()
+        dev = self._cp.asarray(host)
+        self.upload.add(t.dtype, t.nbytes, time.perf_counter() - t0)
+        return dev
+
+    # --- data movement ----------------------------------------------------------------------
+    def asarray(self, x: np.ndarray) -> Any:
+        return self._cp.asarray(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self._cp.asnumpy(x)
+
+    # --- operations -------------------------------------------------------------------------
+    def embed(self, w: Any, ids: Any) -> Any:
+        return self._mm.gather_rows(w, self._cp.ascontiguousarray(ids, dtype=self._cp.int32))
+
+    def matmul(self, x: Any, w: Any) -> Any:
+        return self._mm.matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), w)
+
+    def add(self, a: Any, b: Any) -> Any:
+        return a + b
+
+    def scale(self, x: Any, s: float) -> Any:
+        return x * np.float32(s)
+
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
+        return self._ops.rmsnorm(x, w, eps)
+
+    def add_rmsnorm(self, h: Any, d: Any, w: Any, eps: float) -> tuple[Any, Any]:
+        return self._ops.add_rmsnorm(h, d, w, eps)
+
+    def rope(self, x: Any, batch: Batch, theta: float, neox: bool, pos_scale: float,
+             freq_factors: Any | None) -> Any:
+        return self._ops.rope(x, self._device_batch(batch, None).positions, theta, neox, pos_scale, freq_factors)
+
+    def glu(self, gate: Any, up: Any, act: str) -> Any:
+        return self._ops.glu(gate, up, act)
+
+    def attention(self, q: Any, k: Any, v: Any, batch: Batch, scale: float, window: int,
+                  cache: CudaKVCache | None, layer: int) -> Any:
+        db = self._device_batch(batch, cache)
+        if cache is None:
+            return self._ops.attention(q, k, v, db.packed, scale, window)
+        ck, cv = cache.k[layer], cache.v[layer]
+        ck[db.cache_rows] = k
+        cv[db.cache_rows] = v
+        return self._ops.attention(q, ck, cv, db.cached, scale, window)
+
+    def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> CudaKVCache:
+        cp = self._cp
+        shape = (n_seqs * max_len, n_kv_heads, head_dim)
+        need = 2 * n_layers * int(np.prod(shape)) * 4
+        free = self.free_bytes()
+        if need > free:
+            raise DeviceError(f"KV cache of {n_seqs} x {max_len} tokens needs {_gib(need)}, only {_gib(free)} free")
+        return CudaKVCache([cp.zeros(shape, cp.float32) for _ in range(n_layers)],
+                           [cp.zeros(shape, cp.float32) for _ in range(n_layers)], n_seqs, max_len)
+
+    # --- logits -----------------------------------------------------------------------------
+    def lm_head(self, x: Any, w: Any, dtype=np.float32, chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> Any:
+        """x [N, hidden] (already normed) -> logits [N, vocab] in `dtype` (float32 or float16).
+
+        The output is allocated once; the head runs over chunks of tokens so that only one
+        float32 chunk of [chunk_tokens, vocab] exists besides it.
+        """
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float16):
+            raise InputError(f"logits dtype must be float32 or float16, got {dtype}")
+        n = x.shape[0]
+        if n <= chunk_tokens and dtype == np.float32:
+            return self.matmul(x, w)
+        out = None
+        for s in range(0, n, chunk_tokens):
+            part = self.matmul(x[s:s + chunk_tokens], w)
+            if out is None:
+                out = self._cp.empty((n, part.shape[1]), dtype)
+            out[s:s + part.shape[0]] = part
+            del part
+        return out
+
+    def log_softmax(self, x: Any, temperature: float = 1.0) -> Any:
+        return self._ops.log_softmax(x, temperature)
+
+    def topk(self, x: Any, k: int) -> tuple[Any, Any]:
+        return self._ops.topk(x, k)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _device_batch(self, batch: Batch, cache: CudaKVCache | None) -> _DeviceBatch:
+        """Upload a Batch's index arrays once per forward (every layer reuses them)."""
+        cp, ops = self._cp, self._ops
+        db = self._batch_dev
+        cu = np.asarray(batch.cu_seqlens, np.int64)
+        lengths = np.diff(cu)
+        n_seqs = len(lengths)
+        if db is None or db.batch is not batch:
+            packed = ops.SeqLayout.build(cu[:-1], lengths, np.zeros(n_seqs), cu[:-1], lengths)
+            db = _DeviceBatch(batch, cp.asarray(np.asarray(batch.positions, np.int32)), packed)
+            self._batch_dev = db
+        if cache is not None and db.cache is not cache:
+            past = np.asarray(batch.past_lens, np.int64)
+            if n_seqs > cache.n_seqs:
+                raise InputError(f"batch has {n_seqs} sequences, the KV cache {cache.n_seqs}")
+            total = past + lengths
+            if n_seqs and int(total.max()) > cache.max_len:
+                raise InputError(f"sequence of {int(total.max())} tokens exceeds the KV cache length {cache.max_len}")
+            slot0 = np.arange(n_seqs, dtype=np.int64) * cache.max_len
+            dest = np.concatenate([s + p + np.arange(n) for s, p, n in zip(slot0, past, lengths)])
+            db.cache, db.cached = cache, ops.SeqLayout.build(cu[:-1], lengths, past, slot0, total)
+            db.cache_rows = cp.asarray(dest.astype(np.int64))
+        return db

@@ -1,0 +1,210 @@
+"""kernels/ops.cu against float64 NumPy references, on fresh random inputs with poisoned outputs.
+
+Shapes are deliberately odd: T = 1, 7, 65, 300, several sequences of different lengths in one
+packed batch, windows smaller than T, head_dim 256 (gemma3) and a head_dim that is not a multiple
+of 4.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return pytest.importorskip("cupy")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from q4k_engine.kernels import ops
+
+    return ops
+
+
+def poisoned(cp, shape, dtype=np.float32):
+    return cp.full(shape, np.nan, dtype)
+
+
+def rel_err(got, ref) -> float:
+    got = np.asarray(got, np.float64)
+    assert np.isfinite(got).all(), "output has NaN/inf (an element was not written?)"
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# --- float64 references ------------------------------------------------------------------------
+def ref_rmsnorm(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def ref_rope(x, pos, theta, neox, pos_scale, factors):
+    x = x.astype(np.float64)
+    d = x.shape[-1]
+    inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    if factors is not None:
+        inv = inv / factors
+    ang = (pos.astype(np.float64) * pos_scale)[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    if neox:
+        x0, x1 = x[..., : d // 2], x[..., d // 2:]
+        return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], -1)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    y = np.empty_like(x)
+    y[..., 0::2], y[..., 1::2] = x0 * c - x1 * s, x0 * s + x1 * c
+    return y
+
+
+def ref_attention(q, k, v, q_pos, k_count, scale, window):
+    """One sequence: q [T, Hq, D] at key indices q_pos; keys 0..k_count-1 of k/v [>=k_count, Hkv, D]."""
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    out = np.empty(q.shape, np.float64)
+    kpos = np.arange(k_count)
+    vis = (kpos[None, :] <= q_pos[:, None])
+    if window > 0:
+        vis &= (q_pos[:, None] - kpos[None, :]) < window
+    for h in range(hq):
+        s = q[:, h].astype(np.float64) @ k[:k_count, h // g].astype(np.float64).T * scale
+        s = np.where(vis, s, -np.inf)
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        out[:, h] = p @ v[:k_count, h // g].astype(np.float64)
+    return out
+
+
+# --- tests -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 5), (7, 64), (65, 3584), (300, 896), (7, 4, 128), (65, 3, 256)])
+def test_rmsnorm(cp, ops, rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32) * 3
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    out = poisoned(cp, shape)
+    ops.rmsnorm(cp.asarray(x), cp.asarray(w), 1e-6, out=out)
+    assert rel_err(out.get(), ref_rmsnorm(x, w, 1e-6)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (65, 3584), (300, 640)])
+def test_add_rmsnorm(cp, ops, rng, shape):
+    h = rng.standard_normal(shape).astype(np.float32)
+    d = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    oh, oy = poisoned(cp, shape), poisoned(cp, shape)
+    ops.add_rmsnorm(cp.asarray(h), cp.asarray(d), cp.asarray(w), 1e-5, out_h=oh, out_y=oy)
+    s = h.astype(np.float64) + d
+    assert rel_err(oh.get(), s) < 1e-6
+    assert rel_err(oy.get(), ref_rmsnorm(s, w, 1e-5)) < 1e-5
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("n,heads,d,theta,pos_scale,factors", [
+    (1, 1, 64, 1e4, 1.0, False),
+    (65, 4, 128, 1e6, 1.0, False),
+    (300, 2, 256, 1e6, 0.125, False),
+    (7, 3, 6, 1e5, 1.0, True),
+    (65, 2, 128, 5e5, 1.0, True),
+])
+def test_rope(cp, ops, rng, neox, n, heads, d, theta, pos_scale, factors):
+    x = rng.standard_normal((n, heads, d)).astype(np.float32)
+    pos = np.sort(rng.integers(0, 40000, n)).astype(np.int32)
+    ff = rng.uniform(1.0, 8.0, d // 2).astype(np.float32) if factors else None
+    out = poisoned(cp, x.shape)
+    ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, pos_scale,
+             None if ff is None else cp.asarray(ff), out=out)
+    assert rel_err(out.get(), ref_rope(x, pos, theta, neox, pos_scale, ff)) < 2e-6
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_glu(cp, ops, rng, act):
+    n = int(rng.integers(1, 5000)) * 7
+    g = (rng.standard_normal(n) * 4).astype(np.float32)
+    u = rng.standard_normal(n).astype(np.float32)
+    out = poisoned(cp, (n,))
+    ops.glu(cp.asarray(g), cp.asarray(u), act, out=out)
+    g64 = g.astype(np.float64)
+    if act == "silu":
+        a = g64 / (1 + np.exp(-g64))
+    else:
+        a = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
+    assert rel_err(out.get(), a * u) < 1e-5
+
+
+ATT_CASES = [  # lengths of the packed sequences, Hq, Hkv, head_dim, window
+    ([1], 4, 4, 64, 0),
+    ([7], 4, 2, 128, 0),
+    ([65], 8, 2, 128, 0),
+    ([300], 4, 1, 256, 0),
+    ([300], 7, 1, 128, 64),
+    ([5, 300, 1, 65], 6, 2, 64, 0),
+    ([33, 7, 129], 4, 4, 40, 16),
+    ([65, 2], 2, 1, 256, 512),
+]
+
+
+@pytest.mark.parametrize("lengths,hq,hkv,d,window", ATT_CASES)
+def test_attention_prefill(cp, ops, rng, lengths, hq, hkv, d, window):
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(cu[-1])
+    q = rng.standard_normal((n, hq, d)).astype(np.float32)
+    k = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    scale = d ** -0.5 * 2  # sharper than default so the softmax is not near-uniform
+    zeros = np.zeros(len(lengths))
+    layout = ops.SeqLayout.build(cu[:-1], lengths, zeros, cu[:-1], lengths)
+    out = poisoned(cp, q.shape)
+    ops.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), layout, scale, window, out=out)
+    got = out.get()
+    for s, e in zip(cu[:-1], cu[1:]):
+        ref = ref_attention(q[s:e], k[s:e], v[s:e], np.arange(e - s), e - s, scale, window)
+        assert rel_err(got[s:e], ref) < 2e-5, f"sequence at {s}:{e}"
+
+
+@pytest.mark.parametrize("new_lens,past_lens,hq,hkv,d,window", [
+    ([1], [0], 4, 2, 64, 0),
+    ([1, 1, 1], [7, 300, 0], 8, 2, 128, 0),  # decode kernel
+    ([1, 1], [600, 65], 4, 1, 256, 256),  # decode with a window, more keys than one chunk
+    ([7, 65], [300, 1], 4, 2, 128, 0),  # chunked prefill onto a cache: tiled kernel
+    ([65], [200], 2, 2, 64, 100),
+])
+def test_attention_with_cache(cp, ops, rng, new_lens, past_lens, hq, hkv, d, window):
+    max_len = max(p + n for p, n in zip(past_lens, new_lens)) + 3
+    b = len(new_lens)
+    cache_k = rng.standard_normal((b * max_len, hkv, d)).astype(np.float32)
+    cache_v = rng.standard_normal((b * max_len, hkv, d)).astype(np.float32)
+    cu = np.concatenate([[0], np.cumsum(new_lens)])
+    q = rng.standard_normal((int(cu[-1]), hq, d)).astype(np.float32)
+    slot0 = np.arange(b) * max_len
+    total = np.asarray(past_lens) + np.asarray(new_lens)
+    layout = ops.SeqLayout.build(cu[:-1], new_lens, past_lens, slot0, total)
+    assert layout.decode == all(n == 1 for n in new_lens)
+    scale = d ** -0.5
+    out = poisoned(cp, q.shape)
+    ops.attention(cp.asarray(q), cp.asarray(cache_k), cp.asarray(cache_v), layout, scale, window, out=out)
+    got = out.get()
+    for i in range(b):
+        kk = cache_k[slot0[i]: slot0[i] + max_len]
+        vv = cache_v[slot0[i]: slot0[i] + max_len]
+        qpos = past_lens[i] + np.arange(new_lens[i])
+        ref = ref_attention(q[cu[i]:cu[i + 1]], kk, vv, qpos, total[i], scale, window)
+        assert rel_err(got[cu[i]:cu[i + 1]], ref) < 2e-5, f"sequence {i}"
+
+
+def test_log_softmax_and_topk(cp, ops, rng):
+    rows, vocab, k = 7, 50257, 20
+    x = (rng.standard_normal((rows, vocab)) * 5).astype(np.float32)
+    t = float(rng.uniform(0.5, 2.0))
+    ls = ops.log_softmax(cp.asarray(x), temperature=t).get()
+    z = x.astype(np.float64) / t
+    ref = z - z.max(1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(1, keepdims=True))
+    assert np.abs(ls - ref).max() < 1e-4
+    vals, idx = ops.topk(cp.asarray(x), k)
+    ref_idx = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx.get(), ref_idx)
+    np.testing.assert_array_equal(vals.get(), np.take_along_axis(x, ref_idx, 1))
+    # ties resolve to the lower index
+    y = np.zeros((1, 300), np.float32)
+    y[0, [17, 5, 250]] = 1.0
+    _, idx2 = ops.topk(cp.asarray(y), 4)
+    assert idx2.get().tolist() == [[5, 17, 250, 0]]
