@@ -6,9 +6,11 @@
 #   bash bench/gpu-check.sh tests      stages whose name contains "tests"
 set -u
 cd "$(dirname "$0")/.."
-LOG="${OUT:-$PWD/gpu-check-logs}"
+LOG="${OUT:-$PWD/gpu-check-logs}"  # the device tool returns at most 8 files: one log + bench tables
+STAGE_LOGS=$(mktemp -d)
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
+export Q4K_CACHE="${Q4K_CACHE:-/tmp/models}"  # where the real models are (tests/realmodels.py)
 
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl \
   >"$LOG/setup.log" 2>&1 || { echo "gguf wheel install failed (carry .whl)"; cat "$LOG/setup.log"; exit 2; }
@@ -23,6 +25,8 @@ STAGES=(
   "backend-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_gpu.py tests/test_cuda_backend_gpu.py"
   "ops-bench|python3 bench/bench_model.py ops"
   "model-bench|python3 bench/bench_model.py model"
+  "realmodel-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_realmodels_gpu.py"
+  "cli-cuda|bash bench/cli-cuda.sh"
 )
 
 declare -a SUMMARY
@@ -33,11 +37,12 @@ for stage in "${STAGES[@]}"; do
   echo "=== $name: $cmd"
   start=$(date +%s)
   set -o pipefail
-  bash -c "$cmd" 2>&1 | tee "$LOG/$name.log"
+  bash -c "$cmd" 2>&1 | tee "$STAGE_LOGS/$name.log"
   rc=$?
   set +o pipefail
   [[ $rc -ne 0 ]] && status=1
-  last=$(grep -E "passed|failed|error|TB/s" "$LOG/$name.log" | tail -1 | cut -c1-90)
+  { echo "=== $name (rc=$rc): $cmd"; cat "$STAGE_LOGS/$name.log"; } >>"$LOG/gpu-check.log"
+  last=$(grep -E "passed|failed|error|TB/s" "$STAGE_LOGS/$name.log" | tail -1 | cut -c1-90)
   SUMMARY+=("$(printf '%-16s rc=%-3s %5ss  %s' "$name" "$rc" "$(( $(date +%s) - start ))" "$last")")
 done
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 import click
 import numpy as np
@@ -116,6 +117,23 @@ def write_atomic(out: Path, arrays: dict[str, np.ndarray], metadata: dict[str, s
         raise
 
 
+def report_load(teacher: TeacherModel) -> None:
+    """On stderr: the model, the device and (GPU) what the upload moved, per stored dtype."""
+    be = teacher.backend
+    upload = getattr(be, "upload", None)
+    where = getattr(be, "device_name", be.name)
+    click.echo(f"{teacher!r} on {where}" + (f": {upload}" if upload is not None else ""), err=True)
+
+
+def report_run(teacher: TeacherModel, n_tokens: int, seconds: float) -> None:
+    """On stderr, after a successful run (an error stays the only line): the load report, tokens/s
+    of the run and (GPU) the engine's own peak-memory figures."""
+    report_load(teacher)
+    memory = getattr(teacher.backend, "memory_report", None)
+    line = f"{n_tokens} tokens in {seconds:.3f} s ({n_tokens / max(seconds, 1e-9):.0f} tokens/s)"
+    click.echo(line + (f"; memory: {memory()}" if memory else ""), err=True)
+
+
 def _token_text(teacher: TeacherModel, token_id: int) -> str:
     if teacher.model.tokenizer is None:
         return f"#{token_id}"
@@ -158,8 +176,10 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
     teacher = load(model_spec, device=device)
     seqs = _sequences(teacher, tokens, texts, input_path)
     clean = teacher.validate(seqs)  # every bad id is reported before any compute
+    t0 = time.perf_counter()
     if out is None:
         print_topk(teacher, seqs, positions, min(top_k, teacher.vocab_size))
+        report_run(teacher, sum(map(len, clean)), time.perf_counter() - t0)
         return
     lengths = np.array([len(s) for s in clean], np.int64)
     if positions == "all":
@@ -168,9 +188,11 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
         x, _ = teacher.logits_per_position(clean, output="numpy", dtype=dtype)
     else:
         x = teacher.logits_for_batch(clean, output="numpy", dtype=dtype)
+    seconds = time.perf_counter() - t0
     ids = np.full((len(clean), int(lengths.max())), -1, np.int64)
     for b, s in enumerate(clean):
         ids[b, :len(s)] = s
     meta = {"positions": positions, "model": str(teacher.model.path.name), "padding": "logits 0.0, input_ids -1"}
     write_atomic(out, {"logits": x, "lengths": lengths, "input_ids": ids}, meta)
+    report_run(teacher, int(lengths.sum()), seconds)
     click.echo(f"wrote {out}: logits {list(x.shape)} {x.dtype}, {len(clean)} sequence(s), positions={positions}")

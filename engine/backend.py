@@ -59,6 +59,7 @@ class Backend(Protocol):
     xp: Any  # the array module of the backend's arrays (numpy or cupy), for generic array code
 
     # --- weights (uploaded once, in their stored dtype) ---
+    def check_fits(self, tensors: list[QTensor]) -> None: ...  # DeviceError (need vs free) before any upload
     def weight(self, t: QTensor) -> Any: ...  # a matrix [out, in], kept quantized
     def vector(self, t: QTensor) -> Array: ...  # a small 1-D float32 tensor (norms, biases, rope_freqs)
 
@@ -83,7 +84,7 @@ class Backend(Protocol):
     # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v are appended to it at
     # `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
     # Sequence b of the batch uses slot b of the cache.
-    def glu(self, gate: Array, up: Array, act: str) -> Array: ...  # act(gate) * up, act in {"silu", "gelu_tanh"}
+    def glu(self, gate: Array, up: Array, act: str) -> Array: ...  # act(gate) * up, act in {"silu", "gelu_tanh"}; may overwrite gate
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> KVCache: ...
 
     # --- logits (the LM head is the largest matrix: outputs may be big, reductions stay on device) ---

@@ -56,6 +56,9 @@ class NumpyBackend:
     xp = np
 
     # --- weights --------------------------------------------------------------------------------
+    def check_fits(self, tensors: list[QTensor]) -> None:
+        """Nothing to check: matrices stay in the memory-mapped file, dequantized tile by tile."""
+
     def weight(self, t: QTensor) -> QTensor:
         """The tensor itself: its bytes stay where the file mapping put them."""
         if t.dtype not in SUPPORTED:

@@ -234,7 +234,10 @@ class CudaBackend:
         return self._ops.rope(x, self._device_batch(batch, None).positions, theta, neox, pos_scale, freq_factors)
 
     def glu(self, gate: Any, up: Any, act: str) -> Any:
-        return self._ops.glu(gate, up, act)
+        # In place over `gate` (the forward never reads it again): at 2048 tokens of a 7B model this
+        # saves one [tokens, ffn] float32 buffer (155 MB) from the peak.
+        gate = self._cp.ascontiguousarray(gate, dtype=self._cp.float32)
+        return self._ops.glu(gate, up, act, out=gate)
 
     def attention(self, q: Any, k: Any, v: Any, batch: Batch, scale: float, window: int,
                   cache: CudaKVCache | None, layer: int) -> Any:

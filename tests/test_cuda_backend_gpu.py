@@ -50,7 +50,7 @@ def test_attention_prefill_then_decode_through_cache(backend, rng):
             seq_q[b].append(q[s:e]), seq_k[b].append(k[s:e]), seq_v[b].append(v[s:e])
             kk, vv = np.concatenate(seq_k[b]), np.concatenate(seq_v[b])
             ref = ref_attention(q[s:e], kk, vv, past[b] + np.arange(e - s), len(kk), d ** -0.5, window)
-            assert rel_err(got[s:e], ref) < 2e-5
+            assert rel_err(got[s:e], ref) < 5e-3  # prefill may run on f16 tensor-core operands
         past = past + np.asarray(step_lengths)
     assert float(cp.abs(cache.k[0]).max()) == 0.0, "layer 0 of the cache was written by a layer-1 call"
 
@@ -64,12 +64,13 @@ def test_lm_head_chunked_fp16_and_dlpack(backend, rng, n_tokens):
     vocab, hidden = 5003, 96
     w = backend.weight(f32_tensor("output.weight", rng.standard_normal((vocab, hidden)) * 0.1))
     x = cp.asarray(rng.standard_normal((n_tokens, hidden)).astype(np.float32))
-    full = backend.matmul(x, w)
+    # float64 product of the same operands: the head may take a GEMV (fp32), a tensor-core GEMM or
+    # the dequantize + cuBLAS path (f16 operands) depending on the chunk, so 5e-3 is the f16 bound.
+    ref = x.get().astype(np.float64) @ backend.to_numpy(w.data).view(np.float32).reshape(vocab, hidden).T
     for dtype in (np.float32, np.float16):
         logits = backend.lm_head(x, w, dtype=dtype, chunk_tokens=128)
         assert logits.dtype == dtype and logits.shape == (n_tokens, vocab)
-        tol = 1e-6 if dtype == np.float32 else 1e-3
-        assert rel_err(logits.get(), full.get().astype(np.float64)) < tol
+        assert rel_err(logits.get(), ref) < 5e-3
         t = torch.from_dlpack(logits)
         assert t.data_ptr() == logits.data.ptr, "DLPack made a copy"
         assert t.is_cuda and tuple(t.shape) == logits.shape
@@ -180,4 +181,5 @@ def test_decode_with_cache_matches_full_forward(backend, synthetic_model, rng):
     assert half.dtype == np.float16
     assert np.abs(backend.to_numpy(half).astype(np.float32) - full).max() <= 2e-3 * np.abs(full).max() + 1e-3
     last = backend.to_numpy(forward(cfg, w, backend, np.concatenate(ids), Batch.from_lengths(lengths), last_only=True))
-    np.testing.assert_allclose(last, full[starts[1:] - 1], rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    # The last-only head runs on 2 rows (fp32 GEMV), the full one on many (f16 GEMM operands).
+    assert np.abs(last - full[starts[1:] - 1]).max() <= 2e-3 * np.abs(full).max()

@@ -1,0 +1,82 @@
+"""The whole teacher on the GPU against the NumPy reference on the two real models (Gemma 3 270M
+Q4_K_M, SmolLM2-135M), through the public API: parity of all-position logits, logits handed to
+torch through DLPack without a copy, top-k log-probs computed on the GPU, the upload report."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import q4k_engine
+from q4k_engine.dtypes import GGMLType
+
+from realmodels import gemma_path, smollm_path
+from test_cuda_backend_gpu import _kl_stats
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog, and then it runs into the forest to hide.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "In 1969, Apollo 11 landed on the Moon; 600 million people watched it live on television.",
+)
+
+
+@pytest.fixture(scope="module", params=["gemma", "smollm"])
+def teachers(request):
+    path = gemma_path() if request.param == "gemma" else smollm_path()
+    return q4k_engine.load(path, device="cpu"), q4k_engine.load(path, device="cuda")
+
+
+def test_cuda_matches_numpy_reference(teachers):
+    cpu, gpu = teachers
+    seqs = [cpu.encode(p) for p in PROMPTS]
+    assert min(map(len, seqs)) >= 12
+    ref, lengths = cpu.logits_per_position(seqs)
+    got, glengths = gpu.logits_per_position(seqs)
+    np.testing.assert_array_equal(lengths, glengths)
+    rows = [(ref[i, :n], got[i, :n]) for i, n in enumerate(lengths)]
+    top1, kl, dmax = _kl_stats(np.concatenate([r for r, _ in rows]), np.concatenate([g for _, g in rows]))
+    print(f"{gpu.config.arch} {cpu.model.path.name}: {int(sum(lengths))} positions, top-1 {top1:.4f}, "
+          f"mean KL {kl:.2e}, max |dlogit| {dmax:.2e}")
+    assert top1 == 1.0 and kl <= 1e-4
+    assert not got[0, lengths[0]:].any(), "padding rows must be 0.0"
+
+
+def test_logits_reach_torch_without_copy(teachers):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    cpu, gpu = teachers
+    seqs = [cpu.encode(p) for p in PROMPTS[:2]]
+    arr = gpu.logits_for_batch(seqs, output="dlpack", dtype="float16")
+    t = torch.from_dlpack(arr)
+    assert t.is_cuda and t.dtype == torch.float16 and t.data_ptr() == arr.data.ptr, "DLPack made a copy"
+    ref = cpu.logits_for_batch(seqs)
+    np.testing.assert_allclose(t.float().cpu().numpy(), ref, atol=2e-2 * np.abs(ref).max())
+    tt = gpu.logits_for_batch(seqs, output="torch")
+    assert tt.is_cuda and tt.dtype == torch.float32 and tuple(tt.shape) == ref.shape
+
+
+def test_topk_logprobs_on_gpu(teachers):
+    cpu, gpu = teachers
+    seqs = [cpu.encode(p) for p in PROMPTS]
+    vals, idx = gpu.topk_logprobs(seqs, 5, temperature=2.0, positions="last", output="cupy")
+    assert type(vals).__module__.startswith("cupy")  # reduced on the device
+    rvals, ridx = cpu.topk_logprobs(seqs, 5, temperature=2.0, positions="last")
+    np.testing.assert_array_equal(idx.get()[:, 0], ridx[:, 0])
+    np.testing.assert_allclose(vals.get(), rvals, atol=1e-2)
+
+
+def test_weights_stay_quantized(teachers):
+    _, gpu = teachers
+    up = gpu.backend.upload
+    print(up)
+    stored: dict[str, int] = {}
+    for t in gpu.model.tensors.values():
+        stored[GGMLType(t.dtype).name] = stored.get(GGMLType(t.dtype).name, 0) + t.nbytes
+    # Each stored dtype arrives with its own bytes (Q4_K stays Q4_K): nothing expanded to F32.
+    for name, nbytes in up.bytes_by_dtype.items():
+        assert nbytes <= stored[name], name
+    assert up.bytes_by_dtype.get("F32", 0) <= stored.get("F32", 0)
+    assert up.total_bytes <= sum(stored.values())
+    assert {GGMLType(t.dtype).name for t in gpu.model.tensors.values() if len(t.shape) == 2} <= set(up.bytes_by_dtype)
