@@ -25,6 +25,7 @@ STAGES=(
   "backend-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_gpu.py tests/test_cuda_backend_gpu.py"
   "ops-bench|python3 bench/bench_model.py ops"
   "model-bench|python3 bench/bench_model.py model"
+  "teacher-benchmark|Q4K_BENCH_MODEL=/tmp/qwen2-7b-q4km-synthetic.apr python3 -m pytest -q -p no:cacheprovider bench/test_bench_teacher.py --benchmark-only -k cuda --benchmark-columns=median,rounds --benchmark-json=$LOG/teacher-benchmark.json"
   "realmodel-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_realmodels_gpu.py"
   "cli-cuda|bash bench/cli-cuda.sh"
 )
