@@ -1,8 +1,11 @@
-// Small fused kernels of the forward (everything except the quantized matmuls), fp32 throughout.
+// Small fused kernels of the forward (everything except the quantized matmuls): fp32 in and out,
+// fp32 arithmetic except prefill attention's two products (f16 tensor-core operands, fp32 sums).
 //
 // Compiled by kernels/build.py (NVRTC). The attention kernels are specialised on HEAD_DIM (a -D
 // define) so that per-thread accumulators live in registers; everything else ignores it.
 // Each kernel has a NumPy twin in engine/backend_cpu.py (the oracle of tests/test_ops_gpu.py).
+
+#include <cuda_fp16.h>
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -116,146 +119,329 @@ __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up
 //   query t of the sequence sits at key index q_pos0[b] + t (0 for a prefill, past_len with a cache).
 // Key j is visible to query at index p iff j <= p and (window <= 0 or p - j < window).
 // GQA: query head h reads kv head h / (Hq/Hkv).
+//
+// Prefill runs on tensor cores (attn_flash): K and V are first converted to f16 into a packed
+// scratch (kv_to_half; rows kv_pack[b] .. kv_pack[b] + kv_len[b], head dim zero-padded to DH),
+// which halves the bytes every query block re-reads and lets tiles stream with cp.async.
 
-#define DP ((HEAD_DIM + 3) / 4 * 4)  // head dim padded to whole float4s (pad lanes hold zeros)
-#define LDS (DP + 4)                 // shared row stride: float4-aligned, rows shift by 4 banks
-#define BQ 32                         // query rows per tile (a row = one (token, head of the group))
-#define BK 32                         // keys per tile
-#define ATT_THREADS 128               // 4 threads per query row
-#define NCOL4 ((DP / 4 + 3) / 4)      // float4 output columns per thread
+#define DH ((HEAD_DIM + 15) / 16 * 16)  // head dim padded to whole k16 steps of mma (pad = zeros)
+#define SROW (DH + 8)                   // shared row stride in halfs: +16 B puts the 8 rows of an
+                                        // ldmatrix on 8 distinct 16-byte bank groups
+#ifndef FA_WARPS                        // ops.py sets FA_*; defaults for tools
+#define FA_WARPS 4
+#endif
+#ifndef FA_MT                           // 16-row slices per warp: each K/V fragment read from shared
+#define FA_MT 1                         // memory feeds FA_MT mma, at FA_MT x the accumulator registers
+#endif
+#ifndef FA_BK
+#define FA_BK 64
+#endif
+#ifndef FA_MINB                         // blocks per SM the registers must allow (__launch_bounds__)
+#define FA_MINB 1
+#endif
+#define FA_WROWS (16 * FA_MT)           // query rows per warp (16 = the m of m16n8k16)
+#define FA_BQ (FA_WROWS * FA_WARPS)     // query rows per block
+#define FA_THREADS (32 * FA_WARPS)
+#define Q_IN_REGS (DH * FA_MT <= 128)   // else Q fragments are re-read from shared memory
+#define CHUNKS (DH / 8)                 // 16-byte chunks (8 halfs) per padded row
 
-__device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ src, int first,
-                                          int n_valid, size_t row_stride, int col0) {
-    for (int e = threadIdx.x; e < BK * DP; e += ATT_THREADS) {
-        const int r = e / DP, d = e % DP;
-        float v = 0.f;
-        if (r < n_valid && d < HEAD_DIM) v = src[(size_t)(first + r) * row_stride + col0 + d];
-        dst[r * LDS + d] = v;
+// 8 consecutive values of a row (n_valid of them real, the rest zero) times mul, as 8 halfs.
+__device__ __forceinline__ uint4 pack8_half(const float* __restrict__ src, int n_valid, float mul) {
+    float x[8];
+#if HEAD_DIM % 4 == 0
+    if (n_valid >= 8) {
+        const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+        x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    } else
+#endif
+    {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = i < n_valid ? src[i] : 0.f;
+    }
+    uint4 r;
+    __half2* h = reinterpret_cast<__half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(x[2 * i] * mul, x[2 * i + 1] * mul);
+    return r;
+}
+
+// f32 k/v rows of every sequence -> packed f16 rows [sum kv_len, Hkv, DH]; grid (_, sequences).
+__global__ void kv_to_half(const float* __restrict__ k, const float* __restrict__ v, uint4* __restrict__ kh,
+                           uint4* __restrict__ vh, const int* __restrict__ kv_off, const int* __restrict__ kv_len,
+                           const int* __restrict__ kv_pack, int n_kv_heads) {
+    const int b = blockIdx.y;
+    const long long n = (long long)kv_len[b] * n_kv_heads * CHUNKS;
+    const long long src_row0 = (long long)kv_off[b] * n_kv_heads, dst_row0 = (long long)kv_pack[b] * n_kv_heads;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long rh = e / CHUNKS;  // (row, head) within the sequence
+        const int c = (int)(e % CHUNKS);
+        const size_t src = (size_t)(src_row0 + rh) * HEAD_DIM + 8 * c;
+        const size_t dst = (size_t)(dst_row0 + rh) * CHUNKS + c;
+        kh[dst] = pack8_half(k + src, HEAD_DIM - 8 * c, 1.f);
+        vh[dst] = pack8_half(v + src, HEAD_DIM - 8 * c, 1.f);
     }
 }
 
-// Tiled (flash-style) attention: one block per (tile of BQ query rows, kv head, sequence). The
-// query rows of a tile are the (token, group head) pairs sharing one kv head, so every K/V tile
-// loaded into shared memory serves all heads of the GQA group. Scores live only in registers and
-// a BQ x BK shared tile; softmax is online (running max m and sum l per row), in base 2.
-__global__ void __launch_bounds__(ATT_THREADS)
-attn_tiled(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-           float* __restrict__ out, const int* __restrict__ q_start, const int* __restrict__ q_len,
-           const int* __restrict__ q_pos0, const int* __restrict__ kv_off,
-           const int* __restrict__ kv_len, int n_heads, int n_kv_heads, int window,
-           float scale_log2) {
-    extern __shared__ float4 smem4[];
-    float* Qs = reinterpret_cast<float*>(smem4);  // BQ x LDS
-    float* KVs = Qs + BQ * LDS;                     // BK x LDS, holds K then V of a tile
-    float* Ps = KVs + BK * LDS;                     // BQ x (BK + 1) probabilities
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    // src-size 0 zero-fills: rows past the last key must hold zeros, not stale or NaN bits,
+    // because P (= 0 there) times V still enters the mma.
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
 
-    const int b = blockIdx.z, kvh = blockIdx.y;
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const __half* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const __half* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// c += a (16x16, row) * b (16x8, col); f16 operands, f32 accumulators.
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx(-inf) = +0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+// Rows first .. first + n_keys of one kv head of the f16 scratch -> a BK x SROW shared tile.
+__device__ __forceinline__ void load_kv_tile(__half* dst, const __half* __restrict__ base, int first, int n_keys,
+                                             size_t row_stride) {
+    for (int e = threadIdx.x; e < FA_BK * CHUNKS; e += FA_THREADS) {
+        const int r = e / CHUNKS, c = e % CHUNKS;
+        const bool ok = r < n_keys;
+        cp_async16(dst + r * SROW + 8 * c, base + (ok ? (size_t)(first + r) * row_stride + 8 * c : 0), ok);
+    }
+}
+
+// Flash attention on tensor cores: one block per (kv head, sequence, tile of FA_BQ query rows). The
+// query rows of a tile are the (token, group head) pairs sharing one kv head, so each K/V tile in
+// shared memory serves all heads of the GQA group. Each warp owns FA_WROWS rows: S = Q.K^T and O += P.V
+// are m16n8k16 mma with fp32 accumulators, the softmax is online in base 2 (q is pre-multiplied by
+// scale*log2(e) before its f16 rounding) and P is reused from the S accumulators as the A operand.
+// K/V tiles are double-buffered with cp.async. Scores never leave registers.
+__global__ void __launch_bounds__(FA_THREADS, FA_MINB)
+attn_flash(const float* __restrict__ q, const __half* __restrict__ kh, const __half* __restrict__ vh,
+           float* __restrict__ out, const int* __restrict__ q_start, const int* __restrict__ q_len,
+           const int* __restrict__ q_pos0, const int* __restrict__ kv_pack, const int* __restrict__ kv_len,
+           int n_heads, int n_kv_heads, int window, float scale_log2) {
+    extern __shared__ uint4 smem_u4[];
+    __half* Qs = reinterpret_cast<__half*>(smem_u4);  // FA_BQ x SROW
+    __half* Ks = Qs + FA_BQ * SROW;                    // 2 stages x FA_BK x SROW
+    __half* Vs = Ks + 2 * FA_BK * SROW;                // 2 stages x FA_BK x SROW
+
+    const int kvh = blockIdx.x, b = blockIdx.y;
     const int G = n_heads / n_kv_heads;
     const int n_rows = q_len[b] * G;
-    const int row0 = blockIdx.x * BQ;
+    const int row0 = (gridDim.z - 1 - blockIdx.z) * FA_BQ;  // the longest (latest) tiles start first
     if (row0 >= n_rows) return;
-    const int qs0 = q_start[b], pos0 = q_pos0[b], koff = kv_off[b], klen = kv_len[b];
-    const size_t q_stride = (size_t)n_heads * HEAD_DIM, kv_stride = (size_t)n_kv_heads * HEAD_DIM;
-    const int tid = threadIdx.x;
+    const int qs0 = q_start[b], pos0 = q_pos0[b], klen = kv_len[b];
+    const size_t q_stride = (size_t)n_heads * HEAD_DIM, kv_stride = (size_t)n_kv_heads * DH;
+    const __half* kbase = kh + (size_t)kv_pack[b] * kv_stride + (size_t)kvh * DH;
+    const __half* vbase = vh + (size_t)kv_pack[b] * kv_stride + (size_t)kvh * DH;
 
-    for (int e = tid; e < BQ * DP; e += ATT_THREADS) {
-        const int r = e / DP, d = e % DP, gr = row0 + r;
-        float val = 0.f;
-        if (gr < n_rows && d < HEAD_DIM)
-            val = q[(size_t)(qs0 + gr / G) * q_stride + (size_t)(kvh * G + gr % G) * HEAD_DIM + d];
-        Qs[r * LDS + d] = val;
-    }
-
-    const int last_row = min(row0 + BQ, n_rows) - 1;
+    const int last_row = min(row0 + FA_BQ, n_rows) - 1;
     const int p_min = pos0 + row0 / G, p_max = pos0 + last_row / G;
     const int k_begin = window > 0 ? max(0, p_min - window + 1) : 0;
     const int k_end = min(klen, p_max + 1);
+    const int n_tiles = k_end > k_begin ? (k_end - k_begin + FA_BK - 1) / FA_BK : 0;
 
-    const int r = tid >> 2, c = tid & 3;  // this thread's query row and column lane
-    const int my_row = row0 + r;
-    const bool row_valid = my_row < n_rows;
-    const int my_pos = pos0 + my_row / G;
+    if (n_tiles > 0) {  // the first tile's copy overlaps the Q load below
+        load_kv_tile(Ks, kbase, k_begin, min(FA_BK, k_end - k_begin), kv_stride);
+        load_kv_tile(Vs, vbase, k_begin, min(FA_BK, k_end - k_begin), kv_stride);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
 
-    float m = NEG_INF, l = 0.f;
-    float4 acc[NCOL4];
+    for (int e = threadIdx.x; e < FA_BQ * CHUNKS; e += FA_THREADS) {
+        const int r = e / CHUNKS, c = e % CHUNKS, gr = row0 + r;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (gr < n_rows)
+            val = pack8_half(q + (size_t)(qs0 + gr / G) * q_stride + (size_t)(kvh * G + gr % G) * HEAD_DIM + 8 * c,
+                             HEAD_DIM - 8 * c, scale_log2);
+        *reinterpret_cast<uint4*>(Qs + r * SROW + 8 * c) = val;
+    }
+    __syncthreads();
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const __half* q_warp = Qs + warp * FA_WROWS * SROW;
+#if Q_IN_REGS
+    unsigned qf[FA_MT][DH / 16][4];
 #pragma unroll
-    for (int j = 0; j < NCOL4; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int mt = 0; mt < FA_MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk)
+            ldsm_x4(qf[mt][kk], q_warp + (mt * 16 + (lane & 15)) * SROW + kk * 16 + (lane >> 4) * 8);
+#endif
+    // Positions of this thread's rows (g and g + 8 of each 16-row slice of the warp); rows past the
+    // end borrow the last row's position so that they see keys and stay finite (they are not stored).
+    int my_pos[FA_MT][2];
+#pragma unroll
+    for (int mt = 0; mt < FA_MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            my_pos[mt][i] = pos0 + min(row0 + warp * FA_WROWS + mt * 16 + g + 8 * i, n_rows - 1) / G;
 
-    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-        const int n_keys = min(BK, k_end - k0);
-        __syncthreads();  // Q written / previous tile's V no longer read
-        load_tile(KVs, k, koff + k0, n_keys, kv_stride, kvh * HEAD_DIM);
+    float o[FA_MT][DH / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < FA_MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < DH / 8; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    float m[FA_MT][2], l[FA_MT][2];  // l: this thread's columns only, summed over the quad at the end
+#pragma unroll
+    for (int mt = 0; mt < FA_MT; ++mt) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.f;
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int k0 = k_begin + it * FA_BK;
+        const int st = it & 1;
+        if (it + 1 < n_tiles) {
+            const int k1 = k0 + FA_BK;
+            load_kv_tile(Ks + (st ^ 1) * FA_BK * SROW, kbase, k1, min(FA_BK, k_end - k1), kv_stride);
+            load_kv_tile(Vs + (st ^ 1) * FA_BK * SROW, vbase, k1, min(FA_BK, k_end - k1), kv_stride);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
+        const __half* Kt = Ks + st * FA_BK * SROW;
+        const __half* Vt = Vs + st * FA_BK * SROW;
 
-        float s[BK / 4];
+        float s[FA_MT][FA_BK / 8][4];
 #pragma unroll
-        for (int i = 0; i < BK / 4; ++i) s[i] = 0.f;
-        for (int d4 = 0; d4 < DP / 4; ++d4) {
-            const float4 qv = *reinterpret_cast<const float4*>(&Qs[r * LDS + 4 * d4]);
+        for (int mt = 0; mt < FA_MT; ++mt)
 #pragma unroll
-            for (int i = 0; i < BK / 4; ++i) {
-                const float4 kv = *reinterpret_cast<const float4*>(&KVs[(c + 4 * i) * LDS + 4 * d4]);
-                s[i] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+            for (int j = 0; j < FA_BK / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) {
+#if Q_IN_REGS
+            const unsigned(&a)[FA_MT][DH / 16][4] = qf;
+#define QFRAG(mt) a[mt][kk]
+#else
+            unsigned a[FA_MT][4];
+#pragma unroll
+            for (int mt = 0; mt < FA_MT; ++mt)
+                ldsm_x4(a[mt], q_warp + (mt * 16 + (lane & 15)) * SROW + kk * 16 + (lane >> 4) * 8);
+#define QFRAG(mt) a[mt]
+#endif
+#pragma unroll
+            for (int nb = 0; nb < FA_BK / 16; ++nb) {
+                unsigned bf[4];  // one K fragment serves every 16-row slice of the warp
+                ldsm_x4(bf, Kt + (nb * 16 + (lane >> 4) * 8 + (lane & 7)) * SROW + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int mt = 0; mt < FA_MT; ++mt) {
+                    mma16816(s[mt][2 * nb], QFRAG(mt), bf[0], bf[1]);
+                    mma16816(s[mt][2 * nb + 1], QFRAG(mt), bf[2], bf[3]);
+                }
             }
+#undef QFRAG
         }
-        float t_max = NEG_INF;
-#pragma unroll
-        for (int i = 0; i < BK / 4; ++i) {
-            const int kp = k0 + c + 4 * i;
-            const bool ok = row_valid && kp < k_end && kp <= my_pos && (window <= 0 || my_pos - kp < window);
-            s[i] = ok ? s[i] * scale_log2 : NEG_INF;
-            t_max = fmaxf(t_max, s[i]);
-        }
-        t_max = fmaxf(t_max, __shfl_xor_sync(0xffffffffu, t_max, 1));
-        t_max = fmaxf(t_max, __shfl_xor_sync(0xffffffffu, t_max, 2));
-        const float m_new = fmaxf(m, t_max);
-        // A row with no visible key yet keeps m = -inf; guard so that exp2(-inf - -inf) never runs.
-        const bool any = m_new != NEG_INF;
-        const float alpha = any ? exp2f(m - m_new) : 1.f;
-        float p_sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < BK / 4; ++i) {
-            const float p = any ? exp2f(s[i] - m_new) : 0.f;
-            Ps[r * (BK + 1) + c + 4 * i] = p;
-            p_sum += p;
-        }
-        p_sum += __shfl_xor_sync(0xffffffffu, p_sum, 1);
-        p_sum += __shfl_xor_sync(0xffffffffu, p_sum, 2);
-        l = l * alpha + p_sum;
-        m = m_new;
 
-        __syncthreads();  // K no longer read; P complete
-        load_tile(KVs, v, koff + k0, n_keys, kv_stride, kvh * HEAD_DIM);
-        __syncthreads();
-
+        // Masking is needed only where some (row, key) pair of the tile is invisible.
+        const bool full = k0 + FA_BK <= k_end && k0 + FA_BK - 1 <= p_min && (window <= 0 || p_max - k0 < window);
 #pragma unroll
-        for (int j = 0; j < NCOL4; ++j) {
-            acc[j].x *= alpha; acc[j].y *= alpha; acc[j].z *= alpha; acc[j].w *= alpha;
-        }
-        for (int kk = 0; kk < n_keys; ++kk) {
-            const float p = Ps[r * (BK + 1) + kk];
+        for (int mt = 0; mt < FA_MT; ++mt) {
+            if (!full) {
 #pragma unroll
-            for (int j = 0; j < NCOL4; ++j) {
-                const int col4 = c + 4 * j;
-                if (col4 < DP / 4) {
-                    const float4 vv = *reinterpret_cast<const float4*>(&KVs[kk * LDS + 4 * col4]);
-                    acc[j].x += p * vv.x; acc[j].y += p * vv.y; acc[j].z += p * vv.z; acc[j].w += p * vv.w;
+                for (int j = 0; j < FA_BK / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int kp = k0 + 8 * j + 2 * t + (e & 1), p = my_pos[mt][e >> 1];
+                        if (!(kp < k_end && kp <= p && (window <= 0 || p - kp < window))) s[mt][j][e] = NEG_INF;
+                    }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float mx = NEG_INF;
+#pragma unroll
+                for (int j = 0; j < FA_BK / 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * i], s[mt][j][2 * i + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[mt][i], mx);
+                // A row with no visible key so far keeps m = -inf; subtracting 0 instead keeps
+                // exp2(-inf - m) = 0 rather than NaN.
+                const float m_use = m_new == NEG_INF ? 0.f : m_new;
+                const float alpha = fast_exp2(m[mt][i] - m_use);
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < FA_BK / 8; ++j) {
+                    s[mt][j][2 * i] = fast_exp2(s[mt][j][2 * i] - m_use);
+                    s[mt][j][2 * i + 1] = fast_exp2(s[mt][j][2 * i + 1] - m_use);
+                    sum += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
+                }
+                l[mt][i] = l[mt][i] * alpha + sum;
+                m[mt][i] = m_new;
+#pragma unroll
+                for (int j = 0; j < DH / 8; ++j) {
+                    o[mt][j][2 * i] *= alpha;
+                    o[mt][j][2 * i + 1] *= alpha;
                 }
             }
         }
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; ++kk) {
+            // The C fragments of two adjacent 8-key tiles are exactly the A fragment of one k16 step.
+            unsigned a[FA_MT][4];
+#pragma unroll
+            for (int mt = 0; mt < FA_MT; ++mt) {
+                a[mt][0] = pack_half2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack_half2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack_half2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_half2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int nd = 0; nd < DH / 16; ++nd) {
+                unsigned bf[4];
+                ldsm_x4_t(bf, Vt + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * SROW + nd * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mt = 0; mt < FA_MT; ++mt) {
+                    mma16816(o[mt][2 * nd], a[mt], bf[0], bf[1]);
+                    mma16816(o[mt][2 * nd + 1], a[mt], bf[2], bf[3]);
+                }
+            }
+        }
+        __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
+    asm volatile("cp.async.wait_group 0;\n" ::);  // nothing may be in flight when the block exits
 
-    if (!row_valid) return;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* o = out + (size_t)(qs0 + my_row / G) * q_stride + (size_t)(kvh * G + my_row % G) * HEAD_DIM;
 #pragma unroll
-    for (int j = 0; j < NCOL4; ++j) {
-        const int d = 4 * (c + 4 * j);
-        const float vals[4] = {acc[j].x, acc[j].y, acc[j].z, acc[j].w};
+    for (int mt = 0; mt < FA_MT; ++mt)
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-            if (d + u < HEAD_DIM) o[d + u] = vals[u] * inv;
-    }
+        for (int i = 0; i < 2; ++i) {
+            float li = l[mt][i];
+            li += __shfl_xor_sync(0xffffffffu, li, 1);
+            li += __shfl_xor_sync(0xffffffffu, li, 2);
+            const int gr = row0 + warp * FA_WROWS + mt * 16 + g + 8 * i;
+            if (gr >= n_rows) continue;
+            const float inv = li > 0.f ? 1.f / li : 0.f;
+            float* orow = out + (size_t)(qs0 + gr / G) * q_stride + (size_t)(kvh * G + gr % G) * HEAD_DIM;
+#pragma unroll
+            for (int j = 0; j < DH / 8; ++j) {
+                const int d = 8 * j + 2 * t;
+                const float x0 = o[mt][j][2 * i] * inv, x1 = o[mt][j][2 * i + 1] * inv;
+#if HEAD_DIM % 2 == 0
+                if (d < HEAD_DIM) *reinterpret_cast<float2*>(orow + d) = make_float2(x0, x1);
+#else
+                if (d < HEAD_DIM) orow[d] = x0;
+                if (d + 1 < HEAD_DIM) orow[d + 1] = x1;
+#endif
+            }
+        }
 }
 
 // Attention for few queries per sequence (decode): one block per (query token, query head).
@@ -263,6 +449,7 @@ attn_tiled(const float* __restrict__ q, const float* __restrict__ k, const float
 // (independent 16-byte loads, no per-key reduction), the block does an online softmax over the
 // chunk, then threads split (value column, key subset) for P.V.
 #define DEC_THREADS 256
+#define DP ((HEAD_DIM + 3) / 4 * 4)  // head dim padded to whole float4s (pad lanes hold zeros)
 
 __global__ void __launch_bounds__(DEC_THREADS)
 attn_decode(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from .build import _cupy, kernel
 
 ACTS = {"silu": 0, "gelu_tanh": 1}
 MAX_HEAD_DIM = 256
-_ATT_BQ, _ATT_BK, _ATT_THREADS, _DEC_THREADS = 32, 32, 128, 256  # must match ops.cu
+_DEC_THREADS = 256  # must match ops.cu
 _NULL = np.uint64(0)  # a null pointer argument (optional inputs of a kernel)
 
 
@@ -123,6 +124,9 @@ class SeqLayout:
     n_tokens: int
     decode: bool  # every sequence has exactly one query: use the per-query kernel
     tok_seq: object = None  # [N] sequence of each token (decode kernel only)
+    kv_pack: object = None  # first row of each sequence in prefill's packed f16 K/V (prefix sums of kv_len)
+    max_kv_len: int = 0
+    n_kv_rows: int = 0  # sum of kv_len: rows of the packed f16 K/V
 
     @staticmethod
     def build(q_start, q_len, q_pos0, kv_off, kv_len) -> "SeqLayout":
@@ -130,26 +134,35 @@ class SeqLayout:
         cp = _cupy()
         q_len = np.asarray(q_len, np.int64)
         q_start = np.asarray(q_start, np.int64)
+        kv_len = np.asarray(kv_len, np.int64)
         n_tokens = int(q_len.sum())
         decode = bool(len(q_len)) and bool(np.all(q_len == 1))
         dev = [cp.asarray(np.asarray(a, np.int32)) for a in (q_start, q_len, q_pos0, kv_off, kv_len)]
-        tok_seq = None
+        tok_seq = kv_pack = None
         if decode:
             seq_of = np.zeros(n_tokens, np.int32)
             for b, (s, n) in enumerate(zip(q_start, q_len)):
                 seq_of[s:s + n] = b
             tok_seq = cp.asarray(seq_of)
+        else:
+            kv_pack = cp.asarray(np.concatenate([[0], np.cumsum(kv_len)[:-1]]).astype(np.int32))
         return SeqLayout(*dev, max_q_len=int(q_len.max(initial=0)), n_tokens=n_tokens, decode=decode,
-                         tok_seq=tok_seq)
+                         tok_seq=tok_seq, kv_pack=kv_pack, max_kv_len=int(kv_len.max(initial=0)),
+                         n_kv_rows=int(kv_len.sum()))
+
+
+def _aligned16(x):
+    """x itself, or a copy when its data does not start on 16 bytes (the kernels load float4s)."""
+    return x if x.data.ptr % 16 == 0 else x.copy()
 
 
 def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=None):
     """Causal (optionally sliding-window) GQA attention; q [N, Hq, D], k/v [rows, Hkv, D].
 
     Rows of k/v per sequence are given by `layout` (packed new tokens, or a KV cache viewed as
-    [B * max_len, Hkv, D]). Never materialises a T x T score matrix.
+    [B * max_len, Hkv, D]). Never materialises a T x T score matrix. Decode (one query per
+    sequence) is fp32; prefill multiplies f16-rounded operands on tensor cores with fp32 sums.
     """
-    cp = _cupy()
     q, k, v = _f32(q), _f32(k), _f32(v)
     n, hq, d = q.shape
     hkv = k.shape[1]
@@ -162,24 +175,76 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
     y = _out(out, q.shape)
     if n == 0:
         return y
-    args = [q, k, v, y]
-    scal = (np.int32(hq), np.int32(hkv), np.int32(window), np.float32(scale / math.log(2.0)))
     if layout.decode:
         f = kernel("ops.cu", "attn_decode", HEAD_DIM=d)
-        f((n, hq), (_DEC_THREADS,),
-          (*args, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len, *scal))
+        f((n, hq), (_DEC_THREADS,), (q, k, v, y, layout.tok_seq, layout.q_start, layout.q_pos0,
+                                     layout.kv_off, layout.kv_len, *_attn_scalars(hq, hkv, scale, window)))
         return y
-    f = kernel("ops.cu", "attn_tiled", HEAD_DIM=d)
-    dp = -(-d // 4) * 4
-    smem = ((_ATT_BQ + _ATT_BK) * (dp + 4) + _ATT_BQ * (_ATT_BK + 1)) * 4
-    if smem > 48 * 1024 and f.max_dynamic_shared_size_bytes < smem:
-        f.max_dynamic_shared_size_bytes = smem  # opt-in above the 48 KiB default (head_dim 256)
-    n_seqs = len(layout.q_len)
-    grid = (-(-layout.max_q_len * (hq // hkv) // _ATT_BQ), hkv, n_seqs)
-    f(grid, (_ATT_THREADS,),
-      (*args, layout.q_start, layout.q_len, layout.q_pos0, layout.kv_off, layout.kv_len, *scal),
-      shared_mem=smem)
+    _flash_prefill(q, k, v, y, layout, scale, window, _flash_tiles(-(-d // 16) * 16))
     return y
+
+
+def _attn_scalars(hq: int, hkv: int, scale: float, window: int) -> tuple:
+    """The trailing scalar arguments of both attention kernels (the softmax runs in base 2)."""
+    return np.int32(hq), np.int32(hkv), np.int32(window), np.float32(scale / math.log(2.0))
+
+
+class FlashTiles(NamedTuple):
+    """Tiling of attn_flash (the FA_* defines of ops.cu)."""
+
+    warps: int  # warps per block
+    slices: int  # 16-row query slices per warp (FA_MT)
+    keys: int  # keys per K/V tile (FA_BK)
+    min_blocks: int = 1  # blocks per SM that __launch_bounds__ must leave registers for (FA_MINB)
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.slices * self.warps
+
+
+def _flash_tiles(dh: int) -> FlashTiles:
+    """The tiling for a head dim padded to 16 (chosen by bench/bench_attention.py --variants, H200).
+
+    Registers decide: a slice's O is 16 x dh fp32. Up to 128, two slices per warp let each K/V
+    fragment read from shared memory feed two mma (5-15% faster than one slice at head dim 128;
+    slower at 64, where one slice with 64-key tiles is best); above 128 one slice and 32-key tiles
+    keep two blocks per SM.
+    """
+    if dh <= 64:
+        return FlashTiles(4, 1, 64)
+    return FlashTiles(4, 2, 32) if dh <= 128 else FlashTiles(4, 1, 32)
+
+
+def _flash_prefill(q, k, v, y, layout: SeqLayout, scale: float, window: int, tiles: FlashTiles) -> None:
+    """Prefill attention into y (q, k, v, y checked by attention()) on tensor cores.
+
+    K/V rows visible to the layout are first converted to a packed f16 scratch (one cheap pass);
+    every query block then re-reads half the bytes, straight into shared memory.
+    """
+    cp = _cupy()
+    q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    dh = -(-d // 16) * 16
+    defines = dict(HEAD_DIM=d, FA_WARPS=tiles.warps, FA_MT=tiles.slices, FA_BK=tiles.keys,
+                   FA_MINB=tiles.min_blocks)
+    n_seqs = len(layout.q_len)
+    kh = cp.empty((layout.n_kv_rows, hkv, dh), cp.float16)
+    vh = cp.empty_like(kh)
+    if layout.n_kv_rows:
+        chunks = layout.max_kv_len * hkv * dh // 8
+        kernel("ops.cu", "kv_to_half", **defines)((min(-(-chunks // 256), 8192), n_seqs), (256,),
+                                                  (k, v, kh, vh, layout.kv_off, layout.kv_len, layout.kv_pack,
+                                                   np.int32(hkv)))
+    f = kernel("ops.cu", "attn_flash", **defines)
+    smem = (tiles.rows + 4 * tiles.keys) * (dh + 8) * 2  # Q tile + 2 stages of K and V tiles, f16
+    if smem > 48 * 1024 and f.max_dynamic_shared_size_bytes < smem:
+        f.max_dynamic_shared_size_bytes = smem  # opt-in above the 48 KiB default
+    row_tiles = -(-layout.max_q_len * (hq // hkv) // tiles.rows)
+    f((hkv, n_seqs, row_tiles), (32 * tiles.warps,),
+      (q, kh, vh, y, layout.q_start, layout.q_len, layout.q_pos0, layout.kv_pack, layout.kv_len,
+       *_attn_scalars(hq, hkv, scale, window)),
+      shared_mem=smem)
 
 
 def log_softmax(x, temperature: float = 1.0, out=None):
