@@ -4,6 +4,10 @@ Matrices are uploaded once in their stored dtype through kernels/matmul.py (Q4_K
 the small fused operations are kernels/ops.cu. Activations are float32 CuPy arrays in the packed
 varlen layout of backend.Batch.
 
+A decode step can be captured into a CUDA graph (`decode_inputs`, `use_decode_inputs`,
+`capture`): its per-step inputs live in static device buffers that the host rewrites in place
+before each replay, its intermediates in a memory pool owned by the graph.
+
 Memory is measured, not believed: every CuPy allocation of the process goes through a
 high-water-mark wrapper around the default memory pool (CuPy's allocator is process-wide, so the
 wrapper is installed once and shared by every CudaBackend), and `memory_report()` adds the
@@ -11,9 +15,10 @@ device's own used-memory figure (which includes the CUDA context and cuBLAS work
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,10 +140,52 @@ class _DeviceBatch:
 
     batch: Batch  # held so that the identity check in CudaBackend._device_batch stays sound
     positions: Any
-    packed: Any  # ops.SeqLayout over the packed new k/v
+    packed: Any  # ops.SeqLayout over the packed new k/v (None for DecodeInputs: a decode step has a cache)
     cache: CudaKVCache | None = None  # the cache `cached` and `cache_rows` were built for
     cached: Any | None = None  # ops.SeqLayout over the KV cache
     cache_rows: Any | None = None  # [N] destination rows of the new tokens in the cache
+
+
+@dataclass
+class DecodeInputs:
+    """The inputs of one decode step (one new token in every slot of a KV cache) at fixed device
+    addresses, as a CUDA graph of the step needs them.
+
+    `write` rewrites them in place before each step: one copy from pinned host memory, queued on
+    the current stream. `batch` is the host Batch to pass to forward(); it is kept equal to the
+    device values.
+    """
+
+    batch: Batch
+    rows: Any  # device int32 [4, B]: token ids, positions (= the layout's q_pos0), kv_len, cache rows
+    staging: np.ndarray  # pinned int32 [4, B], the source of the copy
+    slot0: np.ndarray  # [B] first cache row of each slot
+    device_batch: _DeviceBatch
+
+    @property
+    def ids(self) -> Any:
+        return self.rows[0]
+
+    def write(self, ids: np.ndarray, past: np.ndarray) -> None:
+        """Token ids [B] at positions `past` [B] (= tokens already in each slot)."""
+        s = self.staging
+        s[0], s[1], s[2], s[3] = ids, past, past + 1, self.slot0 + past
+        self.rows.set(s)
+        self.batch.positions[:] = past
+        self.batch.past_lens[:] = past
+
+
+@dataclass
+class CapturedGraph:
+    """A CUDA graph and the private memory pool of its intermediates: a block freed into the shared
+    pool after capture could be handed to other code while replays still write it, so the pool
+    lives exactly as long as the graph."""
+
+    graph: Any
+    pool: Any
+
+    def launch(self) -> None:
+        self.graph.launch()  # on the current stream, after whatever was queued there
 
 
 class CudaBackend:
@@ -286,6 +333,51 @@ class CudaBackend:
 
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:
         return self._ops.topk(x, k)
+
+    # --- CUDA graphs of a decode step -----------------------------------------------------------
+    def decode_inputs(self, cache: CudaKVCache) -> DecodeInputs:
+        """Static inputs of a decode step over every slot of `cache` (placeholder values until
+        `write`), already the current device batch."""
+        import cupyx
+
+        cp, b = self._cp, cache.n_seqs
+        slot0 = np.arange(b, dtype=np.int64) * cache.max_len
+        batch = Batch.from_lengths(np.ones(b, np.int64), past_lens=np.zeros(b, np.int64))
+        rows = cp.zeros((4, b), cp.int32)
+        # Built with kv_len = the cache length: anything sized from the layout's maximum on the host
+        # then covers every step; the per-step q_pos0 and kv_len are rows of the static buffer.
+        layout = self._ops.SeqLayout.build(np.arange(b), np.ones(b), np.zeros(b), slot0, np.full(b, cache.max_len))
+        layout = replace(layout, q_pos0=rows[1], kv_len=rows[2])
+        inputs = DecodeInputs(batch, rows, cupyx.empty_pinned((4, b), np.int32), slot0,
+                              _DeviceBatch(batch, rows[1], None, cache, layout, rows[3]))
+        self.use_decode_inputs(inputs)
+        return inputs
+
+    def use_decode_inputs(self, inputs: DecodeInputs) -> None:
+        """Make `inputs` the device copies of `inputs.batch` again (a forward over another batch
+        replaces the current one)."""
+        self._batch_dev = inputs.device_batch
+
+    def capture(self, fn: Callable[[], None]) -> CapturedGraph:
+        """Record fn() into a CUDA graph without running it. fn must have run once eagerly (kernels
+        compiled, handles created) and may read and write only device buffers that outlive the
+        graph; host-to-device copies cannot be captured. DeviceError when the capture fails."""
+        cp = self._cp
+        pool = cp.cuda.MemoryPool()
+        stream = cp.cuda.Stream(non_blocking=True)  # capture cannot run on the legacy default stream
+        try:
+            with cp.cuda.using_allocator(pool.malloc), stream:
+                stream.begin_capture()
+                try:
+                    fn()
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the capture is void; report fn's error
+                        stream.end_capture()
+                    raise
+                graph = stream.end_capture()
+        except Exception as e:  # CuPy and the CUDA runtime raise their own types
+            raise DeviceError(f"CUDA graph capture failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
+        return CapturedGraph(graph, pool)
 
     # --- helpers ----------------------------------------------------------------------------
     def _device_batch(self, batch: Batch, cache: CudaKVCache | None) -> _DeviceBatch:

@@ -136,16 +136,20 @@ def last_rows(batch: Batch) -> np.ndarray:
 
 def forward(cfg: ModelConfig, w: Weights, be: Backend, ids: np.ndarray, batch: Batch,
             cache: KVCache | None = None, last_only: bool = False, dtype: Any = np.float32) -> Array:
-    """Logits of packed token ids [N] (int32, host): [N, vocab], or [B, vocab] with `last_only`
-    (the LM head then runs on the B last rows only), in `dtype` (float32 or float16).
+    """Logits of packed token ids [N] (int32, on the host or already a backend array): [N, vocab],
+    or [B, vocab] with `last_only` (the LM head then runs on the B last rows only), in `dtype`
+    (float32 or float16).
 
     With `cache` (from `be.new_cache`), sequence b's new tokens are appended after its
     `batch.past_lens[b]` cached ones and attend to them.
     """
-    ids = np.asarray(ids, np.int32)
+    # Ids already on the backend are used in place: a decode step replayed as a CUDA graph reads
+    # them from a fixed device buffer, where a host copy could not be captured.
+    if not isinstance(ids, be.xp.ndarray):
+        ids = be.asarray(np.asarray(ids, np.int32))
     if ids.shape != (batch.n_tokens,):
         raise ValueError(f"{ids.shape[0]} ids for a batch of {batch.n_tokens} tokens")
-    h = be.embed(w.embed, be.asarray(ids))
+    h = be.embed(w.embed, ids)
     if cfg.embed_scale:
         h = be.scale(h, math.sqrt(cfg.hidden))
     # Each residual add is fused with the norm that reads its result: the next block's input norm.

@@ -32,6 +32,7 @@ from .backend import Backend, Batch
 from .backend_cpu import NumpyBackend
 from .errors import DeviceError, InputError, UnsupportedError
 from .forward import forward, upload
+from .generate import Generation, generate as greedy_generate
 from .loader import open_model, resolve_model
 from .tensors import ModelFile
 from .tokenizer import TextTokenizer, build_tokenizer
@@ -200,6 +201,17 @@ class TeacherModel:
         be = self.backend
         vals, idx = self._compute(self.validate(batch), last, lambda z: be.topk(be.log_softmax(z, t), int(k)))
         return self._emit(vals, output, dtype), self._emit_ints(idx.astype(be.xp.int64), output)
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self, batch: Sequence[Sequence[int]], max_new_tokens: int, *, ignore_eos: bool = False,
+                 use_graph: bool = True) -> Generation:
+        """Greedy continuation of each sequence with a KV cache (engine/generate.py): `.tokens` holds
+        the new ids of each, which stops after max_new_tokens or at the model's EOS token (unless
+        ignore_eos). On the cuda device decode steps replay a CUDA graph unless use_graph=False."""
+        spec = self.model.tokenizer
+        eos = None if ignore_eos or spec is None else spec.eos_id
+        return greedy_generate(self.config, self.weights, self.backend, self.validate(batch), max_new_tokens,
+                               eos_id=eos, use_graph=use_graph)
 
     # --- validation ------------------------------------------------------------------------------
     def validate(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
