@@ -2,11 +2,13 @@
 
 GEMV (M = 1, 8): effective bandwidth (quantized weight + activation + output bytes / time) over the
 device-to-device copy bandwidth (bytes read + written); kernel time from CUDA-graph replays (no
-Python launch overhead), plus the time of a plain call from Python for reference. GEMM (M = 128, 512, 2048): TFLOP/s over
-dense fp16 cuBLAS (`cupy.matmul`) on the same shape. Times: CUDA events after warm-up, medians.
-Weights are rotated over enough copies to exceed the L2 cache, so GEMV times are DRAM times.
+Python launch overhead), plus the time of a plain call from Python for reference. Dequantize: the
+f16 scratch writer of the cuBLAS path alone (quant bytes read + f16 bytes written over copy
+bandwidth). GEMM (M = 128, 512, 2048): TFLOP/s over dense fp16 cuBLAS (`cupy.matmul`) on the same
+shape, plain calls from Python. Times: CUDA events after warm-up, medians. Weights (and scratches)
+are rotated over enough copies to exceed the L2 cache, so GEMV and dequantize times are DRAM times.
 
-    python bench/bench_kernels.py [--quick] [--out RESULTS_PART.md]
+    python bench/bench_kernels.py [--quick] [--parts dequant,gemm,gemv] [--out RESULTS_PART.md]
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584
           (4096, 4096), (14336, 4096), (4096, 14336)]
 GEMV_M = (1, 8)
 GEMM_M = (128, 512, 2048)
+PARTS = ("dequant", "gemm", "gemv")  # in the order they run
 
 
 def time_ms(fn, min_sample_ms: float = 2.0, samples: int = 15) -> float:
@@ -125,6 +128,33 @@ def bench_gemv(dtype, copy_bw: float, l2_bytes: int, shapes) -> list[dict]:
     return rows_out
 
 
+def bench_dequant(dtype, copy_bw: float, l2_bytes: int, shapes) -> list[dict]:
+    """dequantize_rows_f16 of whole matrices into f16 scratches, rotated past the L2 cache."""
+    import cupy as cp
+
+    from q4k_engine.kernels.matmul import dequantize_rows_f16
+
+    rows_out = []
+    for out_f, in_f in shapes:
+        def make():
+            w = random_qweight(dtype, out_f, in_f)
+            return w, cp.empty((out_f, w.kpad), cp.float16)
+
+        pairs = [make() for _ in range(max(1, -(-3 * l2_bytes // (out_f * in_f * 2))))]
+        state = {"i": 0}
+
+        def call():
+            w, scratch = pairs[state["i"] % len(pairs)]
+            state["i"] += 1
+            dequantize_rows_f16(w, 0, w.rows, scratch)
+
+        t = graph_time_ms(call, calls=max(10, len(pairs)))
+        nbytes = pairs[0][0].data.nbytes + pairs[0][1].nbytes
+        rows_out.append({"type": dtype.name, "shape": f"{out_f}x{in_f}", "us": t * 1e3,
+                         "TB_s": nbytes / (t * 1e-3) / 1e12, "frac": nbytes / (t * 1e-3) / copy_bw})
+    return rows_out
+
+
 def bench_gemm(dtypes, shapes, ms) -> list[dict]:
     import cupy as cp
 
@@ -140,13 +170,14 @@ def bench_gemm(dtypes, shapes, ms) -> list[dict]:
             y = cp.empty((m, out_f), cp.float32)
             flop = 2.0 * m * out_f * in_f
             t_dense = time_ms(lambda: cp.matmul(x16, dense.T))
-            res = {"shape": f"{out_f}x{in_f}", "M": m, "dense_TFLOPs": flop / t_dense / 1e9}
+            res = {"shape": f"{out_f}x{in_f}", "M": m, "dense_TFLOPs": flop / t_dense / 1e9, "dense_us": t_dense * 1e3}
             for dt, w in weights.items():
                 for path in ("mma", "cublas", None):
                     t = time_ms(lambda: matmul(x, w, out=y, path=path))
                     label = path or "auto"
                     res[f"{dt.name}_{label}_frac"] = t_dense / t
                     res[f"{dt.name}_{label}_TFLOPs"] = flop / t / 1e9
+                    res[f"{dt.name}_{label}_us"] = t * 1e3
             rows_out.append(res)
     return rows_out
 
@@ -166,10 +197,13 @@ def main() -> None:
     from q4k_engine.dtypes import GGMLType
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="two shapes only")
-    ap.add_argument("--out", help="also write the tables (markdown) to this file")
+    ap.add_argument("--quick", action="store_true", help="three shapes only")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    ap.add_argument("--out", help="also write the tables (markdown) to this file, section by section")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     shapes = SHAPES[:3] if args.quick else SHAPES
+    types = (GGMLType.Q4_K, GGMLType.Q6_K)
 
     dev = cp.cuda.Device()
     name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
@@ -177,20 +211,30 @@ def main() -> None:
     bw = copy_bandwidth()
     head = (f"Kernels benchmark: {name}, {datetime.date.today().isoformat()}, "
             f"copy bandwidth (read+write) {bw / 1e12:.2f} TB/s, L2 {l2 >> 20} MiB")
+    sections = [head]
+
+    def emit(title: str, table: str) -> None:
+        print(f"\n{title}\n{table}", flush=True)
+        sections.append(f"{title}\n\n{table}")
+        if args.out:  # rewritten after every section: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                f.write("\n\n".join(sections) + "\n")
+
     print(head, flush=True)
-    gemv = []
-    for dt in (GGMLType.Q4_K, GGMLType.Q6_K):
-        gemv += bench_gemv(dt, bw, l2, shapes)
-    t1 = fmt_table(gemv, ["type", "shape", "weight_MB", "m1_us", "m1_frac", "m8_us", "m8_frac", "m8_over_m1",
-                          "m1_host_us"])
-    print("\nGEMV (frac = effective bandwidth / copy bandwidth; us = graph-replayed kernel time)\n" + t1, flush=True)
-    gemm = bench_gemm((GGMLType.Q4_K, GGMLType.Q6_K), shapes, GEMM_M)
-    cols = ["shape", "M", "dense_TFLOPs"] + [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas", "auto")]
-    t2 = fmt_table(gemm, cols)
-    print("\nGEMM (frac = dense fp16 cuBLAS time / kernel time)\n" + t2, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"{head}\n\nGEMV\n\n{t1}\n\nGEMM\n\n{t2}\n")
+    if "dequant" in parts:
+        deq = [r for dt in types for r in bench_dequant(dt, bw, l2, shapes)]
+        emit("Dequantize to f16 (bytes = quant read + f16 written; frac of copy bandwidth)",
+             fmt_table(deq, ["type", "shape", "us", "TB_s", "frac"]))
+    if "gemm" in parts:
+        gemm = bench_gemm(types, shapes, GEMM_M)
+        cols = ["shape", "M", "dense_TFLOPs", "dense_us", "Q4_K_cublas_us"]
+        cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas", "auto")]
+        emit("GEMM (frac = dense fp16 cuBLAS time / kernel time; us = plain calls from Python)", fmt_table(gemm, cols))
+    if "gemv" in parts:
+        gemv = [r for dt in types for r in bench_gemv(dt, bw, l2, shapes)]
+        emit("GEMV (frac = effective bandwidth / copy bandwidth; us = graph-replayed kernel time)",
+             fmt_table(gemv, ["type", "shape", "weight_MB", "m1_us", "m1_frac", "m8_us", "m8_frac", "m8_over_m1",
+                              "m1_host_us"]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # a short table last. Add a stage = add one line to STAGES ("name|command").
 #   bash bench/gpu-check.sh            all stages
 #   bash bench/gpu-check.sh tests      stages whose name contains "tests"
+#   bash bench/gpu-check.sh kernel decode   stages whose name contains any of the words
 set -u
 cd "$(dirname "$0")/.."
 LOG="${OUT:-$PWD/gpu-check-logs}"  # the device tool returns at most 8 files: one log + bench tables
@@ -24,17 +25,22 @@ STAGES=(
   "kernel-bench|python3 bench/bench_kernels.py --out $LOG/bench_kernels.md"
   "backend-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_gpu.py tests/test_cuda_backend_gpu.py"
   "ops-bench|python3 bench/bench_model.py ops"
+  "attention-bench|python3 bench/bench_attention.py --out $LOG/attn.md"
   "model-bench|python3 bench/bench_model.py model"
   "teacher-benchmark|Q4K_BENCH_MODEL=/tmp/qwen2-7b-q4km-synthetic.apr python3 -m pytest -q -p no:cacheprovider bench/test_bench_teacher.py --benchmark-only -k cuda --benchmark-columns=median,rounds --benchmark-json=$LOG/teacher-benchmark.json"
   "realmodel-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_realmodels_gpu.py"
   "cli-cuda|bash bench/cli-cuda.sh"
+  "decode|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py && python3 bench/bench_decode.py --out $LOG/decode.md"
 )
 
 declare -a SUMMARY
 status=0
 for stage in "${STAGES[@]}"; do
   name="${stage%%|*}"; cmd="${stage#*|}"
-  [[ -n "${1:-}" && "$name" != *"$1"* ]] && continue
+  if (( $# )); then
+    hit=0; for f in "$@"; do [[ "$name" == *"$f"* ]] && hit=1; done
+    (( hit )) || continue
+  fi
   echo "=== $name: $cmd"
   start=$(date +%s)
   set -o pipefail

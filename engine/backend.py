@@ -84,7 +84,9 @@ class Backend(Protocol):
     # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v are appended to it at
     # `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
     # Sequence b of the batch uses slot b of the cache.
-    def glu(self, gate: Array, up: Array, act: str) -> Array: ...  # act(gate) * up, act in {"silu", "gelu_tanh"}; may overwrite gate
+    def glu_matmul(self, x: Array, gate: Any, up: Any, act: str) -> Array: ...
+    # act(x . gate^T) * (x . up^T), act in {"silu", "gelu_tanh"}: the down projection's input. May be
+    # float16 where the backend's next matmul rounds its operand to f16 anyway (CUDA, many tokens).
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> KVCache: ...
 
     # --- logits (the LM head is the largest matrix: outputs may be big, reductions stay on device) ---

@@ -185,6 +185,9 @@ class NumpyBackend:
             out[s:e] = o.transpose(2, 0, 1, 3).reshape(e - s, hq, d)
         return out
 
+    def glu_matmul(self, x: np.ndarray, gate: QTensor, up: QTensor, act: str) -> np.ndarray:
+        return self.glu(self.matmul(x, gate), self.matmul(x, up), act)
+
     def glu(self, gate: np.ndarray, up: np.ndarray, act: str) -> np.ndarray:
         g = gate.astype(np.float64)
         if act == "silu":

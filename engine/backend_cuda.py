@@ -28,9 +28,8 @@ from .errors import DeviceError, InputError
 from .tensors import QTensor
 
 # Headroom kept free beyond the weights when checking that a model fits: activations of a few
-# thousand tokens, one LM-head chunk, cuBLAS workspace. Bench figures show what is really used.
+# thousand tokens, the f16 scratch of the matmuls, cuBLAS workspace. Bench figures show what is really used.
 DEFAULT_WORKSPACE_BYTES = 1 << 30
-LOGITS_CHUNK_TOKENS = 256
 
 
 def _cupy():
@@ -262,7 +261,10 @@ class CudaBackend:
         return self._mm.gather_rows(w, self._cp.ascontiguousarray(ids, dtype=self._cp.int32))
 
     def matmul(self, x: Any, w: Any) -> Any:
-        return self._mm.matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), w)
+        # float16 x is glu_matmul's output, taken as is by the cuBLAS path
+        if x.dtype != self._cp.float16:
+            x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
+        return self._mm.matmul(x, w)
 
     def add(self, a: Any, b: Any) -> Any:
         return a + b
@@ -280,11 +282,8 @@ class CudaBackend:
              freq_factors: Any | None) -> Any:
         return self._ops.rope(x, self._device_batch(batch, None).positions, theta, neox, pos_scale, freq_factors)
 
-    def glu(self, gate: Any, up: Any, act: str) -> Any:
-        # In place over `gate` (the forward never reads it again): at 2048 tokens of a 7B model this
-        # saves one [tokens, ffn] float32 buffer (155 MB) from the peak.
-        gate = self._cp.ascontiguousarray(gate, dtype=self._cp.float32)
-        return self._ops.glu(gate, up, act, out=gate)
+    def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
+        return self._mm.glu_matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), gate, up, act)
 
     def attention(self, q: Any, k: Any, v: Any, batch: Batch, scale: float, window: int,
                   cache: CudaKVCache | None, layer: int) -> Any:
@@ -307,26 +306,18 @@ class CudaBackend:
                            [cp.zeros(shape, cp.float32) for _ in range(n_layers)], n_seqs, max_len)
 
     # --- logits -----------------------------------------------------------------------------
-    def lm_head(self, x: Any, w: Any, dtype=np.float32, chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> Any:
+    def lm_head(self, x: Any, w: Any, dtype=np.float32) -> Any:
         """x [N, hidden] (already normed) -> logits [N, vocab] in `dtype` (float32 or float16).
 
-        The output is allocated once; the head runs over chunks of tokens so that only one
-        float32 chunk of [chunk_tokens, vocab] exists besides it.
+        One matmul straight into the output: cuBLAS writes float16 logits itself (fp32 sums), so
+        no float32 copy of [N, vocab] ever exists for float16 output (the GEMV path of N <= 8
+        writes float32 first; at that size it does not matter).
         """
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float16):
             raise InputError(f"logits dtype must be float32 or float16, got {dtype}")
-        n = x.shape[0]
-        if n <= chunk_tokens and dtype == np.float32:
-            return self.matmul(x, w)
-        out = None
-        for s in range(0, n, chunk_tokens):
-            part = self.matmul(x[s:s + chunk_tokens], w)
-            if out is None:
-                out = self._cp.empty((n, part.shape[1]), dtype)
-            out[s:s + part.shape[0]] = part
-            del part
-        return out
+        x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
+        return self._mm.matmul(x, w, out=self._cp.empty((x.shape[0], w.rows), dtype))
 
     def log_softmax(self, x: Any, temperature: float = 1.0) -> Any:
         return self._ops.log_softmax(x, temperature)

@@ -125,7 +125,7 @@ def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, 
 
 
 def _mlp_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array) -> Array:
-    f = be.matmul(be.glu(be.matmul(x, lw.gate), be.matmul(x, lw.up), cfg.act), lw.down)
+    f = be.matmul(be.glu_matmul(x, lw.gate, lw.up, cfg.act), lw.down)
     return be.rmsnorm(f, lw.post_ffw_norm, cfg.rms_eps) if cfg.sandwich_norm else f
 
 

@@ -1,24 +1,29 @@
 // Quantized matmul y[M, out] = x[M, in] . W^T for one GGML type (compile with -DQTYPE=<code>).
 //
-// - gemv_m<M> (M = 1..8): memory-bound; a block owns 16 rows of W, 8 lanes per row walk it in
-//   units of 32 values (one 16-byte quant load), dequantize in registers and accumulate in fp32 for
-//   all M tokens at once, so W is read once per call. x is fp32, read through L1; each loaded x
-//   value serves 4 rows from registers and 4 more lanes by broadcast.
+// - gemv_m<M> (M = 1..8): memory-bound; a block owns 4 * R rows of W (R = gemv_rows<M>), 8 lanes
+//   per row walk it in units of 32 values (one 16-byte quant load), dequantize in registers and
+//   accumulate in fp32 for all M tokens at once, so W is read once per call. x is fp32, read
+//   through L1; each loaded x value serves R rows from registers and 4 lanes by broadcast.
 // - gemm_mma: compute-bound; a 128 (out) x 128 (tokens) tile per block, W's 128 x 128 slice is
 //   dequantized into shared memory as f16, x converted to f16, and multiplied with
 //   mma.sync m16n8k16 (fp32 accumulation).
-// - dequant_f16: rows [r0, r0+n) of W as f16 into a scratch (the dequantize + cuBLAS peer path).
+// - prep_f16: rows [r0, r0+n) of W as f16 into a scratch and x as f16, in one launch (the
+//   dequantize + cuBLAS peer path); bandwidth-bound, one 16-byte store per thread.
 // - gather_f32: rows ids[i] of W as fp32 (embedding lookup straight from quantized rows).
-// x is [M, kpad] with kpad = blocks per row * block values (zero-padded by the caller).
+// gemv/gemm_mma read x as [M, kpad], kpad = blocks per row * block values (zero-padded by the
+// caller); prep_f16 reads the unpadded [M, cols] and writes the padded f16 copy itself.
 #include "quant_decode.cuh"
 
 #ifndef QTYPE
 #error "QTYPE (GGML type code) must be defined"
 #endif
-#ifndef GEMV_ROWS
-#define GEMV_ROWS 4  // rows per lane; a block covers 4 * GEMV_ROWS rows
-#endif
 #define GEMV_WARPS 8
+
+// Rows per lane of gemv_m<M> (kernels/matmul.py _gemv_rows mirrors it); a block covers 4 * R rows.
+// Measured on an H200 (bench/RESULTS.md): at M = 1 two rows per lane (fewer registers, more blocks
+// in flight) beat four; at M = 8 eight rows per lane (each x load serving 8 rows) beat four.
+// M = 2..7 keep the four of earlier measurements (2..7 were not measured with 2 or 8).
+template <int M> __device__ constexpr int gemv_rows() { return M == 1 ? 2 : M == 8 ? 8 : 4; }
 
 typedef Dec<QTYPE> D;
 
@@ -30,7 +35,7 @@ __device__ __forceinline__ void gemv_body(WDesc w, const float* __restrict__ x, 
     // 128 contiguous quant bytes); the 4 slots load the same x addresses (a broadcast) and each x
     // value in registers serves R rows. The 8 warps split the row's units (stride 64) and their
     // partial sums meet in shared memory: enough warps in flight even for 512-row matrices.
-    constexpr int R = GEMV_ROWS;
+    constexpr int R = gemv_rows<M>();
     const int lane = threadIdx.x & 31, j = lane & 7, rs = lane >> 3, warp = threadIdx.x >> 5;
     const int row0 = blockIdx.x * 4 * R + rs;
     __shared__ float red[GEMV_WARPS][M * R * 4];
@@ -99,51 +104,75 @@ __device__ __forceinline__ void gemv_body(WDesc w, const float* __restrict__ x, 
     }
 GEMV(1) GEMV(2) GEMV(3) GEMV(4) GEMV(5) GEMV(6) GEMV(7) GEMV(8)
 
-// One thread per (row, unit); writes the unit's 32 values.
-template <typename Out>
-__device__ __forceinline__ void store4(Out* p, float4 v, int k, int limit);
-template <>
-__device__ __forceinline__ void store4<__half>(__half* p, float4 v, int, int) {
+__device__ __forceinline__ void store4_f16(__half* p, float4 v) {
     __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
-    uint2 pk = make_uint2(*(u32*)&a, *(u32*)&b);
-    *(uint2*)p = pk;
-}
-template <>
-__device__ __forceinline__ void store4<float>(float* p, float4 v, int k, int limit) {
-    if (k + 0 < limit) p[0] = v.x;
-    if (k + 1 < limit) p[1] = v.y;
-    if (k + 2 < limit) p[2] = v.z;
-    if (k + 3 < limit) p[3] = v.w;
+    *(uint2*)p = make_uint2(*(u32*)&a, *(u32*)&b);
 }
 
-template <typename Out>
-__device__ __forceinline__ void dequant_body(WDesc w, const int* ids, int r0, int nrows, Out* out,
-                                             i64 ldo, int limit) {
-    const int units = w.nb * D::UNITS;
-    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (i64)nrows * units) return;
-    const int i = (int)(idx / units), u = (int)(idx % units);
-    const i64 row = ids ? (i64)ids[i] : (i64)(r0 + i);
-    D dec;
-    dec.load(w, row, u);
-    const int ka = D::kpos(u, 0), kb = D::kpos(u, 1);
-    Out* dst = out + (i64)i * ldo;
+__device__ __forceinline__ void store8_f16(__half* p, const float (&v)[8]) {
+    __half2 h[4];
 #pragma unroll
-    for (int g = 0; g < 8; g++) {
-        const int k = (g < 4 ? ka : kb) + 4 * (g & 3);
-        if (k < limit) store4<Out>(dst + k, dec.get4(g), k, limit);
+    for (int i = 0; i < 4; i++) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    *(uint4*)p = make_uint4(*(u32*)&h[0], *(u32*)&h[1], *(u32*)&h[2], *(u32*)&h[3]);
+}
+
+// Piece t (8 values) of rows ids[i] (or r0 + i): thread t -> row i, unit u, piece pc. The 32
+// lanes of a warp hold 8 consecutive units, i.e. 256 consecutive values of a row for the
+// k-quants, so every store instruction of a warp writes one contiguous 512-byte (f16) stretch.
+// Piece counts stay below 2^31 (kernels/matmul.py checks): 32-bit index math, no 64-bit division.
+__device__ __forceinline__ int dequant_piece(const WDesc& w, const int* ids, int r0, u32 t, u32 units,
+                                             float (&v)[8], u32& i) {
+    i = t / (4 * units);
+    const u32 rem = t - i * 4 * units;
+    const i64 row = ids ? (i64)ids[i] : (i64)r0 + i;
+    return Piece<QTYPE>::load8(w, row, (int)(rem >> 2), (int)(rem & 3), v);
+}
+
+// One launch prepares both cuBLAS operands: blocks [0, wblocks) write W's rows [r0, r0+nrows)
+// as f16 [nrows, kpad]; the rest convert x (fp32 [M, cols], row stride ldx) to f16 [M, kpad] with
+// a zero tail. 8 values per thread, one 16-byte store each.
+extern "C" __global__ void __launch_bounds__(256)
+    prep_f16(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, int r0, int nrows,
+             __half* wout, const float* __restrict__ x, int ldx, int M, __half* xout) {
+    const WDesc w{base, row_bytes, nblk, nb, cols};
+    const u32 units = nb * D::UNITS, kpad = nb * D::QK;
+    const u32 wpieces = (u32)nrows * units * 4, wblocks = (wpieces + 255) / 256;
+    float v[8];
+    if (blockIdx.x < wblocks) {
+        const u32 t = blockIdx.x * 256 + threadIdx.x;
+        if (t >= wpieces) return;
+        u32 i;
+        const int k = dequant_piece(w, nullptr, r0, t, units, v, i);
+        store8_f16(wout + (i64)i * kpad + k, v);
+        return;
     }
+    const u32 t = (blockIdx.x - wblocks) * 256 + threadIdx.x, per_row = kpad / 8;
+    if (t >= (u32)M * per_row) return;
+    const u32 m = t / per_row;
+    const int k = (int)(t - m * per_row) * 8;
+    const float* src = x + (i64)m * ldx;
+    if (k + 8 <= cols && ((ldx | cols) & 3) == 0 && ((size_t)x & 15) == 0) {
+        put8(v, __ldg((const float4*)(src + k)), __ldg((const float4*)(src + k + 4)));
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = k + e < cols ? __ldg(src + k + e) : 0.0f;
+    }
+    store8_f16(xout + (i64)m * kpad + k, v);
 }
 
-extern "C" __global__ void dequant_f16(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols,
-                                       int r0, int nrows, __half* out, i64 ldo) {
-    dequant_body<__half>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, r0, nrows, out, ldo,
-                         nb * D::QK);
-}
-
-extern "C" __global__ void gather_f32(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols,
-                                      const int* ids, int n, float* out) {
-    dequant_body<float>(WDesc{base, row_bytes, nblk, nb, cols}, ids, 0, n, out, cols, cols);
+extern "C" __global__ void __launch_bounds__(256)
+    gather_f32(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const int* ids, int n,
+               float* out) {
+    const WDesc w{base, row_bytes, nblk, nb, cols};
+    const u32 units = nb * D::UNITS, t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (u32)n * units * 4) return;
+    float v[8];
+    u32 i;
+    const int k = dequant_piece(w, ids, 0, t, units, v, i);
+    float* dst = out + (i64)i * cols + k;
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+        if (k + e < cols) dst[e] = v[e];
 }
 
 // ------------------------------------------------------------------------------------------
@@ -206,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(256)
                 const int ka = D::kpos(u, 0) - k0, kb = D::kpos(u, 1) - k0;
 #pragma unroll
                 for (int g = 0; g < 8; g++)
-                    store4<__half>(dst + (g < 4 ? ka : kb) + 4 * (g & 3), dec.get4(g), 0, 0);
+                    store4_f16(dst + (g < 4 ? ka : kb) + 4 * (g & 3), dec.get4(g));
             } else {
 #pragma unroll
                 for (int g = 0; g < 8; g++)
@@ -219,7 +248,7 @@ extern "C" __global__ void __launch_bounds__(256)
             const int task = tid + 256 * it, t = task >> 5, kq = (task & 31) * 4;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             if (t0 + t < M && k0 + kq < kpad) v = __ldg((const float4*)(x + (i64)(t0 + t) * ldx + k0 + kq));
-            store4<__half>(sX + t * LDS + kq, v, 0, 0);
+            store4_f16(sX + t * LDS + kq, v);
         }
         __syncthreads();
 #pragma unroll

@@ -95,19 +95,29 @@ __global__ void rope(const float* __restrict__ x, float* __restrict__ y, const i
 
 // ---------------------------------------------------------------------------------------------
 // act(gate) * up, act 0 = silu, 1 = gelu (tanh approximation).
+__device__ __forceinline__ float glu_act(float g, int act) {
+    if (act == 0) return g / (1.f + expf(-g));
+    const float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    return 0.5f * g * (1.f + tanhf(u));
+}
+
 __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up,
                     float* __restrict__ out, long long n, int act) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        float a;
-        if (act == 0) {
-            a = g / (1.f + expf(-g));
-        } else {
-            const float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-            a = 0.5f * g * (1.f + tanhf(u));
-        }
-        out[i] = a * up[i];
+        out[i] = glu_act(gate[i], act) * up[i];
+    }
+}
+
+// The same over a column block: gate/up fp32 [M, n] (contiguous) -> f16 out[m * ldo + j], j < n.
+// The chunked gated matmul of kernels/matmul.py writes each block of W's rows this way, so the
+// whole [M, ffn] product exists only once, as the f16 operand of the down projection.
+__global__ void glu_block_f16(const float* __restrict__ gate, const float* __restrict__ up,
+                              __half* __restrict__ out, long long ldo, int n, long long total, int act) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long m = i / n, j = i - m * n;
+        out[m * ldo + j] = __float2half_rn(glu_act(gate[i], act) * up[i]);
     }
 }
 

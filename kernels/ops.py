@@ -111,6 +111,21 @@ def glu(gate, up, act: str, out=None):
     return y
 
 
+def glu_block_f16(gate, up, act: str, out, col0: int) -> None:
+    """out[:, col0:col0+n] = f16(act(gate) * up) for fp32 gate/up [M, n] (C-contiguous) and out a
+    C-contiguous f16 [M, >= col0+n]: one column block of a gated product (kernels/matmul.py)."""
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTS)})")
+    m, n = gate.shape
+    if up.shape != gate.shape or out.shape[0] != m or col0 + n > out.shape[1] or out.dtype != np.float16:
+        raise ValueError(f"glu_block_f16: gate {gate.shape}, up {up.shape}, out {out.dtype}{out.shape}, col0 {col0}")
+    total = m * n
+    if total:
+        blocks = int(min(-(-total // 256), 65535 * 4))
+        kernel("ops.cu", "glu_block_f16")((blocks,), (256,), (gate, up, np.uint64(out.data.ptr + 2 * col0), np.int64(out.shape[1]),
+                                                            np.int32(n), np.int64(total), np.int32(ACTS[act])))
+
+
 @dataclass(frozen=True)
 class SeqLayout:
     """Per-sequence description of where queries and keys lie (device int32 arrays, see ops.cu)."""

@@ -9,6 +9,9 @@
 // A decoder is loaded with (weight, row, unit) and hands out values four at a time:
 // get4(g), g = 0..7, returns run g/4, values 4*(g%4) .. +3, already scaled. Call get4 with
 // compile-time g (unrolled loops): the raw words live in registers.
+//
+// Piece<T>::load8 decodes a quarter of a unit, 8 consecutive values (the dequantize kernels: one
+// 16-byte f16 store per thread); Q4_K and Q6_K read only the 8 quant bytes the piece needs.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -268,3 +271,57 @@ template <int T> struct DecFloat {
 template <> struct Dec<T_F32> : DecFloat<T_F32> {};
 template <> struct Dec<T_F16> : DecFloat<T_F16> {};
 template <> struct Dec<T_BF16> : DecFloat<T_BF16> {};
+
+
+// ---- Pieces: piece pc (0..3) of unit u = run pc/2, values 8*(pc%2) .. +7 of that run ----
+__device__ __forceinline__ void put8(float (&v)[8], float4 a, float4 b) {
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+// Any type: decode the whole unit, keep the piece (get4 needs compile-time g, hence the loop).
+template <int T> struct Piece {
+    // Returns the row position of v[0].
+    __device__ static int load8(const WDesc& w, i64 row, int u, int pc, float (&v)[8]) {
+        Dec<T> dec;
+        dec.load(w, row, u);
+#pragma unroll
+        for (int p = 0; p < 4; p++)
+            if (p == pc) put8(v, dec.get4(2 * p), dec.get4(2 * p + 1));
+        return Dec<T>::kpos(u, pc >> 1) + 8 * (pc & 1);
+    }
+};
+
+// Q4_K: the piece is 8 bytes of qs (low nibbles for run 0, high for run 1) and one scale/min pair.
+template <> struct Piece<T_Q4_K> {
+    __device__ static int load8(const WDesc& w, i64 row, int u, int pc, float (&v)[8]) {
+        const u8* blk = w.base + row * w.row_bytes + (i64)(u >> 3) * 144;
+        const int c = (u & 7) >> 1, h = u & 1, run = pc >> 1, half = pc & 1;
+        const uint4 hd = __ldg((const uint4*)blk);
+        const uint2 q = __ldg((const uint2*)(blk + 16 + 32 * c + 16 * h + 8 * half));
+        float sc, mn;
+        scale_min_k4(2 * c + run, hd.y, hd.z, hd.w, sc, mn);
+        const float d = h2f((u16)(hd.x & 0xFFFF)) * sc, m = h2f((u16)(hd.x >> 16)) * mn;
+        put8(v, affine4((q.x >> (4 * run)) & 0x0F0F0F0Fu, d, m),
+             affine4((q.y >> (4 * run)) & 0x0F0F0F0Fu, d, m));
+        return Dec<T_Q4_K>::kpos(u, run) + 8 * half;
+    }
+};
+
+// Q6_K planes: 8 bytes of ql, 8 of qh, one scale; value d*sc*(q - 32).
+template <> struct Piece<T_Q6_K> {
+    __device__ static int load8(const WDesc& w, i64 row, int u, int pc, float (&v)[8]) {
+        const i64 b = row * w.nb + (u >> 3);
+        const int h = (u >> 2) & 1, q0 = (u >> 1) & 1, run = pc >> 1, qq = q0 + 2 * run;
+        const int l = 16 * (u & 1) + 8 * (pc & 1);
+        const uint2 ql = __ldg((const uint2*)(w.base + b * 128 + 64 * h + 32 * q0 + l));
+        const uint2 qh = __ldg((const uint2*)(w.base + w.nblk * 128 + b * 64 + 32 * h + l));
+        const signed char sc = (signed char)__ldg(w.base + w.nblk * 192 + b * 16 + 8 * h + 2 * qq + (u & 1));
+        const float d = h2f(__ldg((const u16*)(w.base + w.nblk * 208 + b * 2))) * (float)sc;
+        auto six = [&](u32 lo, u32 hi) {
+            return ((lo >> (4 * run)) & 0x0F0F0F0Fu) | (((hi >> (2 * qq)) & 0x03030303u) << 4);
+        };
+        put8(v, affine4(six(ql.x, qh.x), d, 32.0f * d), affine4(six(ql.y, qh.y), d, 32.0f * d));
+        return Dec<T_Q6_K>::kpos(u, run) + 8 * (pc & 1);
+    }
+};

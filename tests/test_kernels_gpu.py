@@ -122,6 +122,97 @@ def test_gemm_cublas_chunks(rng, dtype, monkeypatch):
     check(run(x, w, "cublas"), x, w_ref, TOL_F16)
 
 
+@pytest.mark.parametrize("path", ["gemv", "cublas"])
+def test_matmul_f16_in_and_out(rng, path):
+    """f16 x (glu_matmul's output) and f16 y (the LM head's logits): values as the fp32 product of
+    the f16-rounded x, plus the f16 rounding of the output, on both paths; x with a padded tail."""
+    dtype = GGMLType.Q6_K
+    w, w_ref, x = setup(rng, dtype, 300, cols_for(dtype, True), 8 if path == "gemv" else 77)
+    x16 = x.astype(np.float16)
+    out = cp.full((x.shape[0], w.rows), np.nan, dtype=cp.float16)
+    y = mm.matmul(cp.asarray(x16), w, out=out, path=path)
+    assert y is out and y.dtype == np.float16
+    check(y, x16.astype(np.float32), w_ref, TOL_F16)
+
+
+def act_ref(g: np.ndarray, act: str) -> np.ndarray:
+    if act == "silu":
+        return g / (1 + np.exp(-g))
+    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 300])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
+def test_glu_matmul(rng, dtype, act, m, monkeypatch):
+    """act(x Wg^T) * (x Wu^T): fp32 at M <= 8; f16 from the cuBLAS path above, built in row blocks
+    (a scratch of 64 rows per weight forces 4, the last one ragged).
+
+    Bound: each product's error is at most tol * sum(|x||W|) (as in check()); through act(g) * u
+    (|act'| <= 1.1 for silu and gelu) that is tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the
+    f16 rounding of the output (2^-11 relative) on the cuBLAS path."""
+    rows, cols = 200, cols_for(dtype, True)
+    wg, g_ref, x = setup(rng, dtype, rows, cols, m)
+    wu, u_ref, _ = setup(rng, dtype, rows, cols, m)
+    # Random blocks give products in the thousands; scale x so that |gate|, |up| <= 8, as in a real
+    # MLP (f16 output overflows at 65504, the f16 operand of the down projection did so before too).
+    x64 = x.astype(np.float64)
+    x *= np.float32(8 / max(np.abs(x64 @ g_ref.T).max(), np.abs(x64 @ u_ref.T).max()))
+    monkeypatch.setattr(mm, "SCRATCH_BYTES", 2 * 64 * wg.kpad * 2)
+    y = mm.glu_matmul(cp.asarray(x), wg, wu, act)
+    f16 = m > mm.GEMV_MAX_M
+    assert y.shape == (m, rows) and y.dtype == (np.float16 if f16 else np.float32)
+    got = cp.asnumpy(y).astype(np.float64)
+    assert np.isfinite(got).all(), "non-finite output (unwritten or NaN)"
+    x64 = x.astype(np.float64)
+    g, u = x64 @ g_ref.T, x64 @ u_ref.T
+    a = act_ref(g, act)
+    ref = a * u
+    scale = 1.1 * (np.abs(x64) @ np.abs(g_ref).T) * np.abs(u) + np.abs(a) * (np.abs(x64) @ np.abs(u_ref).T)
+    rounding = 2.0 ** -11 * np.abs(ref) if f16 else 0.0
+    tol = TOL_F16 if f16 else TOL_FP32
+    err = float(((np.abs(got - ref) - rounding) / (scale + 1e-30)).max())
+    assert err <= tol, f"glu_matmul error {err:.3e} > {tol}"
+
+
+def test_glu_block_f16_writes_only_its_columns(rng):
+    ops = pytest.importorskip("q4k_engine.kernels.ops")
+    m, n, width, col0 = 37, 70, 300, 129
+    g = rng.standard_normal((m, n)).astype(np.float32) * 3
+    u = rng.standard_normal((m, n)).astype(np.float32)
+    out = cp.full((m, width), np.nan, dtype=cp.float16)
+    ops.glu_block_f16(cp.asarray(g), cp.asarray(u), "silu", out, col0)
+    got = cp.asnumpy(out).astype(np.float64)
+    ref = act_ref(g.astype(np.float64), "silu") * u
+    np.testing.assert_allclose(got[:, col0:col0 + n], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    assert np.isnan(got[:, :col0]).all() and np.isnan(got[:, col0 + n:]).all()
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
+def test_dequantize_rows_f16(rng, dtype):
+    """The cuBLAS path's scratch writer: rows [r0, r0+n) as f16, row stride kpad, nothing else written."""
+    rows, cols, r0, n = 70, cols_for(dtype, True), 13, 41
+    raw = random_weight(rng, dtype, rows, cols)
+    w = mm.prepare_weight(dtype, (rows, cols), cp.asarray(raw))
+    out = cp.full((n + 1, w.kpad), np.nan, dtype=cp.float16)
+    mm.dequantize_rows_f16(w, r0, n, out)
+    got = cp.asnumpy(out).astype(np.float32)
+    ref = dequantize_ref(raw, dtype, (rows, cols))[r0:r0 + n].astype(np.float16).astype(np.float32)
+    assert np.isfinite(got[:n]).all() and np.isnan(got[n]).all()
+    np.testing.assert_allclose(got[:n, :cols], ref, rtol=2e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_gemm_cublas_unaligned_x(rng):
+    """x contiguous but starting 4 bytes past an aligned address: the x -> f16 conversion must not
+    use 16-byte loads there (a misaligned load would fault)."""
+    w, w_ref, _ = setup(rng, GGMLType.F32, 40, 196, 1)
+    flat = rng.standard_normal(1 + 8 * 196).astype(np.float32)
+    x = cp.asarray(flat)[1:].reshape(8, 196)
+    assert x.data.ptr % 16 == 4 and x.flags.c_contiguous
+    out = cp.full((8, 40), np.nan, dtype=cp.float32)
+    check(mm.matmul(x, w, out=out, path="cublas"), flat[1:].reshape(8, 196), w_ref, TOL_F16)
+
+
 @pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
 def test_gather_rows(rng, dtype):
     rows, cols = 50, cols_for(dtype, True)
