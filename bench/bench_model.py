@@ -1,9 +1,10 @@
-"""Timings of kernels/ops.cu at Qwen2-7B shapes (prefill attention, decode attention, norms).
+"""GPU benchmarks of the whole teacher and of the small ops, at Qwen2-7B shapes (needs a CUDA GPU).
 
-    python bench/bench_ops.py        # prints a table; needs a CUDA GPU
+    python bench/bench_model.py ops      # decode attention, norms, RoPE, GLU, log-softmax, top-k
+    python bench/bench_model.py model    # the 7B: peak memory, prefill vs a dense fp16 forward and HF
 
-Attention's useful work is 4 * head_dim flops per visible (query, key, head) pair; figures are
-medians of CUDA-event timings after a warm-up.
+Prefill attention has its own benchmark against torch SDPA (bench/bench_attention.py); decode, with
+CUDA graphs, is bench/bench_decode.py. Op figures are medians of CUDA-event timings after a warm-up.
 """
 from __future__ import annotations
 
@@ -40,16 +41,6 @@ def bench_ops() -> None:
     rng = cp.random.default_rng(0)
     hq, hkv, d = 28, 4, 128
     rows = []
-    for lengths, window in (([2048], 0), ([512] * 4, 0), ([2048, 2048], 0), ([2048], 512)):
-        n = sum(lengths)
-        q = rng.standard_normal((n, hq, d), dtype=cp.float32)
-        k = rng.standard_normal((n, hkv, d), dtype=cp.float32)
-        v = rng.standard_normal((n, hkv, d), dtype=cp.float32)
-        cu = np.concatenate([[0], np.cumsum(lengths)])
-        lay = ops.SeqLayout.build(cu[:-1], lengths, np.zeros(len(lengths)), cu[:-1], lengths)
-        ms = median_ms(lambda: ops.attention(q, k, v, lay, d ** -0.5, window))
-        pairs = sum(min(t, window) * t if window else t * (t + 1) // 2 for t in lengths) * hq
-        rows.append((f"prefill attn {lengths[0]}x{len(lengths)} w={window}", ms, f"{4 * d * pairs / ms / 1e9:.1f} TFLOP/s"))
     for ctx in (256, 2048):
         k = rng.standard_normal((ctx + 1, hkv, d), dtype=cp.float32)
         v = rng.standard_normal((ctx + 1, hkv, d), dtype=cp.float32)

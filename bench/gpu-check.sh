@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>
 STAGES=(
   "kernel-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py"
   "kernel-bench|python3 bench/bench_kernels.py --out $LOG/bench_kernels.md"
-  "backend-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_gpu.py tests/test_cuda_backend_gpu.py"
+  "backend-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ops_gpu.py && python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_cuda_backend_gpu.py"
   "ops-bench|python3 bench/bench_model.py ops"
   "attention-bench|python3 bench/bench_attention.py --out $LOG/attn.md"
   "model-bench|python3 bench/bench_model.py model"
