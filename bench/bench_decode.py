@@ -18,24 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b, bench_model beside this file
-
-
-def default_model() -> Path:
-    import make_7b
-
-    path = Path(tempfile.gettempdir()) / "qwen2-7b-q4km-synthetic.apr"
-    if not path.exists():
-        t0 = time.perf_counter()
-        make_7b.write_7b(path)
-        print(f"make_7b: wrote {path} in {time.perf_counter() - t0:.1f} s")
-    return path
 
 
 def breakdown(teacher, b: int, ctx: int) -> tuple[float, float, int]:
@@ -84,7 +72,9 @@ def main() -> None:
     import q4k_engine
     from bench_model import copy_bandwidth
 
-    path = a.model or default_model()
+    import make_7b
+
+    path = make_7b.ensure_7b(a.model)
     t0 = time.perf_counter()
     teacher = q4k_engine.load(path, device="cuda")
     be = teacher.backend

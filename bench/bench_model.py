@@ -2,6 +2,7 @@
 
     python bench/bench_model.py ops      # decode attention, norms, RoPE, GLU, log-softmax, top-k
     python bench/bench_model.py model    # the 7B: peak memory, prefill vs a dense fp16 forward and HF
+    python bench/bench_model.py profile  # the 7B: GPU time per operation of one 4x512 forward
 
 Prefill attention has its own benchmark against torch SDPA (bench/bench_attention.py); decode, with
 CUDA graphs, is bench/bench_decode.py. Op figures are medians of CUDA-event timings after a warm-up.
@@ -9,7 +10,6 @@ CUDA graphs, is bench/bench_decode.py. Op figures are medians of CUDA-event timi
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +185,6 @@ def build_hf_qwen2(cfg, dense: dict):
 
 def bench_model(path: str | None) -> None:
     import gc
-    import tempfile
-    from pathlib import Path
 
     import cupy as cp
 
@@ -197,14 +195,8 @@ def bench_model(path: str | None) -> None:
 
     import make_7b
 
-    gib = 2 ** 30
     card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    if path is None:
-        path = str(Path(tempfile.gettempdir()) / "qwen2-7b-q4km-synthetic.apr")
-        if not Path(path).exists():
-            t0 = time.perf_counter()
-            make_7b.write_7b(Path(path))
-            print(f"make_7b: {time.perf_counter() - t0:.1f} s, {Path(path).stat().st_size / gib:.2f} GiB")
+    path = make_7b.ensure_7b(path)
     model = open_model(path)
     cfg = model.config
     rng = np.random.default_rng(0)
@@ -299,15 +291,101 @@ def bench_model(path: str | None) -> None:
     print("\n".join(report))
 
 
+class TimedBackend:
+    """A backend seen through CUDA events: every operation the forward calls is bracketed by two
+    events on the current stream, so one forward yields GPU time per operation (matmuls by weight
+    shape). The events add a few microseconds per call; the wall time is reported beside the sum."""
+
+    OPS = ("embed", "matmul", "glu_matmul", "add", "scale", "rmsnorm", "add_rmsnorm", "rope", "attention",
+           "lm_head")
+
+    def __init__(self, be):
+        self._be, self.calls = be, []
+
+    def __getattr__(self, name):
+        fn = getattr(self._be, name)
+        if name not in self.OPS:
+            return fn
+
+        def timed(*args, **kwargs):
+            import cupy as cp
+
+            label = name
+            if name in ("matmul", "glu_matmul", "lm_head"):
+                w = args[1]
+                label = f"{name} {w.rows}x{w.cols} {w.dtype.name} M={args[0].shape[0]}"
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self.calls.append((label, start, end))
+            return out
+
+        return timed
+
+    def table(self) -> list[tuple[str, int, float]]:
+        """(label, calls, total GPU ms), largest first."""
+        import cupy as cp
+
+        cp.cuda.Device().synchronize()
+        acc: dict[str, list] = {}
+        for label, start, end in self.calls:
+            a = acc.setdefault(label, [0, 0.0])
+            a[0] += 1
+            a[1] += cp.cuda.get_elapsed_time(start, end)
+        return sorted(((k, c, ms) for k, (c, ms) in acc.items()), key=lambda r: -r[2])
+
+
+def profile(path: str | None, lengths: list[int], decode: bool = False) -> None:
+    """GPU time per operation of one all-position fp16 forward of the 7B (after a warm-up), or with
+    `decode` of one decode step (batch len(lengths)) after prefilling `lengths` into a KV cache."""
+    from q4k_engine.backend import Batch
+    from q4k_engine.backend_cuda import CudaBackend
+    from q4k_engine.forward import forward, upload
+    from q4k_engine.loader import open_model
+
+    import make_7b
+
+    model = open_model(make_7b.ensure_7b(path))
+    cfg = model.config
+    be = CudaBackend()
+    w = upload(model, be)
+    rng = np.random.default_rng(0)
+    batch = Batch.from_lengths(lengths)
+    ids = rng.integers(0, cfg.vocab_size, batch.n_tokens).astype(np.int32)
+    cache = None
+    if decode:
+        cache = be.new_cache(cfg.n_layers, len(lengths), max(lengths) + 1, cfg.n_kv_heads, cfg.head_dim)
+        forward(cfg, w, be, ids, batch, cache=cache, last_only=True)
+        batch = Batch.from_lengths(np.ones(len(lengths), np.int64), past_lens=lengths)
+        ids = rng.integers(0, cfg.vocab_size, len(lengths)).astype(np.int32)
+    # a decode step re-run writes the same cache rows again: harmless for timing
+    ms = wall_ms(lambda: forward(cfg, w, be, ids, batch, cache=cache, dtype=np.float16))
+    tb = TimedBackend(be)
+    forward(cfg, w, tb, ids, batch, cache=cache, dtype=np.float16)
+    rows = tb.table()
+    total = sum(r[2] for r in rows)
+    what = f"decode step of {len(lengths)} after {lengths[0]}" if decode else f"{len(lengths)}x{lengths[0]} forward"
+    print(f"profile, {what}, on {be.device_name}: wall {ms:.2f} ms (eager); sum of op GPU times "
+          f"{total:.2f} ms (events included)")
+    print("| op | calls | GPU ms | share |\n|---|---|---|---|")
+    for label, calls, t in rows:
+        print(f"| {label} | {calls} | {t:.3f} | {t / total:.1%} |")
+
+
 def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="q4k-engine GPU benchmarks")
-    ap.add_argument("what", choices=("ops", "model"))
+    ap.add_argument("what", choices=("ops", "model", "profile"))
+    ap.add_argument("--lengths", default="512,512,512,512", help="profile: sequence lengths")
+    ap.add_argument("--decode", action="store_true", help="profile: one decode step after the lengths")
     ap.add_argument("--model", default=None, help="model file (default: write the synthetic Qwen2-7B to /tmp)")
     a = ap.parse_args()
     if a.what == "ops":
         bench_ops()
+    elif a.what == "profile":
+        profile(a.model, [int(t) for t in a.lengths.split(",")], a.decode)
     else:
         bench_model(a.model)
 

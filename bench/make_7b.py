@@ -11,6 +11,7 @@ and QKV biases. About 4.4 GiB; a few tens of seconds.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def write_7b(path: Path, n_layers: int = QWEN2_7B["n_layers"], seed: int | None 
         "rms_norm_eps": cfg["rms_eps"],
     }
     apr.write_apr(path, meta, tensors)
+    return path
+
+
+DEFAULT_PATH = Path(tempfile.gettempdir()) / "qwen2-7b-q4km-synthetic.apr"
+
+
+def ensure_7b(path: str | Path | None = None) -> Path:
+    """`path`, or the default file in the temp dir, written first (with its timing printed) if missing:
+    the benchmarks' shared model."""
+    path = Path(path) if path else DEFAULT_PATH
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_7b(path)
+        print(f"make_7b: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
     return path
 
 

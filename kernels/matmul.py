@@ -29,7 +29,7 @@ GEMM_SMEM_BYTES = (128 + 128) * (128 + 8) * 2
 # from 9 tokens on for every measured shape (bench/RESULTS.md "Kernels", H200), since the fused
 # kernel's time is flat up to its 128-token tile and 1.1-7x the peer's there. path="mma" stays
 # selectable (tests, benchmarks).
-# Cap of the cuBLAS path's f16 scratch (and of glu_matmul's fp32 product blocks). 64 MB keeps the
+# Cap of the cuBLAS path's f16 scratch (and of glu_matmul's product blocks). 64 MB keeps the
 # chunks large enough for cuBLAS (a 7B MLP weight in 3 chunks, its LM head in 17) while a 7B
 # teacher's peak stays near its weights (bench/RESULTS.md, "Model").
 SCRATCH_BYTES = 64 << 20
@@ -264,29 +264,29 @@ def _gemm_cublas(x, w: GpuWeight, y) -> None:
 
 
 def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
-    """act(x . Wg^T) * (x . Wu^T) as f16 [M, rows], a block of rows of both weights at a time: only
-    one block's fp32 products [M, chunk] exist, never the two whole [M, rows] ones."""
+    """act(x . Wg^T) * (x . Wu^T) as f16 [M, rows], a block of rows of both weights at a time.
+
+    Per block, gate rows and up rows are dequantized into one f16 scratch [2n, kpad] and multiplied
+    by one GemmEx into f16 products [M, 2n] (fp32 sums), which glu_pair_f16 turns into the output's
+    columns. Only one block's products exist, never the two whole [M, rows] ones.
+    """
     cp = _cupy()
     from . import ops
 
     m, kpad = x.shape[0], wg.kpad
-    # Half the scratch for each weight's chunk; each fp32 product block within SCRATCH_BYTES / 2.
-    chunk = min(_chunk_rows(wg, SCRATCH_BYTES // 2, m, SCRATCH_BYTES // 2), _chunk_rows(wu, SCRATCH_BYTES // 2))
-    g16 = cp.empty((chunk, kpad), dtype=cp.float16)
-    u16 = cp.empty((chunk, wu.kpad), dtype=cp.float16)
-    g32 = cp.empty(m * chunk, dtype=cp.float32)
-    u32 = cp.empty(m * chunk, dtype=cp.float32)
+    # A block: 2n scratch rows within SCRATCH_BYTES, products (2n x M f16 = 4M bytes a row) too.
+    chunk = _chunk_rows(wg, SCRATCH_BYTES // 2, m, SCRATCH_BYTES)
+    scratch = cp.empty((2 * chunk, kpad), dtype=cp.float16)
+    prod = cp.empty(m * 2 * chunk, dtype=cp.float16)
     out = cp.empty((m, wg.rows), dtype=cp.float16)
-    xg = cp.empty((m, kpad), dtype=cp.float16)
-    xu = xg if wu.kpad == kpad else cp.empty((m, wu.kpad), dtype=cp.float16)
+    x16 = cp.empty((m, kpad), dtype=cp.float16)
     with _cublas_host_scalars() as handle:
         for r0 in range(0, wg.rows, chunk):
             n = min(chunk, wg.rows - r0)
-            _prep_f16(wg, r0, n, g16, x if r0 == 0 else None, xg)
-            _prep_f16(wu, r0, n, u16, x if r0 == 0 and xu is not xg else None, xu)
-            _gemm_block(handle, g16, n, xg, m, kpad, g32.data.ptr, np.float32, n)
-            _gemm_block(handle, u16, n, xu, m, wu.kpad, u32.data.ptr, np.float32, n)
-            ops.glu_block_f16(g32[: m * n].reshape(m, n), u32[: m * n].reshape(m, n), act, out, r0)
+            _prep_f16(wg, r0, n, scratch, x if r0 == 0 else None, x16)
+            _prep_f16(wu, r0, n, scratch[n:])
+            _gemm_block(handle, scratch, 2 * n, x16, m, kpad, prod.data.ptr, np.float16, 2 * n)
+            ops.glu_pair_f16(prod[: m * 2 * n].reshape(m, 2 * n), act, out, r0)
     return out
 
 
@@ -342,8 +342,9 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
 
     On the cuBLAS path (M > GEMV_MAX_M by default) the result is float16 [M, rows]: the f16
     operand the down projection's cuBLAS path would round it to anyway, built a block of rows at
-    a time (a 7B MLP at 2048 tokens then holds 78 MB, not the 310 MB of two fp32 products).
-    Otherwise it is float32, from two matmuls and an in-place glu.
+    a time (a 7B MLP at 2048 tokens then holds 78 MB, not the 310 MB of two fp32 products); gate
+    and up products are rounded to f16 before the activation. Otherwise (or when the two weights'
+    padded row lengths differ) it is float32, from two matmuls and an in-place glu.
     """
     from . import ops
 
@@ -353,7 +354,7 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
     path = path or _default_path(x.shape[0])
-    if path == "cublas" and x.shape[0]:
+    if path == "cublas" and x.shape[0] and wg.kpad == wu.kpad:
         return _glu_cublas(x, wg, wu, act)
     gate = matmul(x, wg, path=path)
     return ops.glu(gate, matmul(x, wu, path=path), act, out=gate)

@@ -109,15 +109,16 @@ __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up
     }
 }
 
-// The same over a column block: gate/up fp32 [M, n] (contiguous) -> f16 out[m * ldo + j], j < n.
-// The chunked gated matmul of kernels/matmul.py writes each block of W's rows this way, so the
-// whole [M, ffn] product exists only once, as the f16 operand of the down projection.
-__global__ void glu_block_f16(const float* __restrict__ gate, const float* __restrict__ up,
-                              __half* __restrict__ out, long long ldo, int n, long long total, int act) {
+// The same for one block of a gated MLP (kernels/matmul.py _glu_cublas): prod f16 [M, 2n] holds the
+// gate products in columns [0, n) and the up products in [n, 2n); act(gate) * up goes to columns
+// [0, n) of out (f16, row stride ldo, already offset to the block's first column).
+__global__ void glu_pair_f16(const __half* __restrict__ prod, int n, long long total,
+                             __half* __restrict__ out, long long ldo, int act) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const long long m = i / n, j = i - m * n;
-        out[m * ldo + j] = __float2half_rn(glu_act(gate[i], act) * up[i]);
+        const __half* row = prod + m * 2 * n;
+        out[m * ldo + j] = __float2half_rn(glu_act(__half2float(row[j]), act) * __half2float(row[n + j]));
     }
 }
 

@@ -111,19 +111,23 @@ def glu(gate, up, act: str, out=None):
     return y
 
 
-def glu_block_f16(gate, up, act: str, out, col0: int) -> None:
-    """out[:, col0:col0+n] = f16(act(gate) * up) for fp32 gate/up [M, n] (C-contiguous) and out a
-    C-contiguous f16 [M, >= col0+n]: one column block of a gated product (kernels/matmul.py)."""
+def glu_pair_f16(prod, act: str, out, col0: int) -> None:
+    """out[:, col0:col0+n] = f16(act(gate) * up) where prod is C-contiguous f16 [M, 2n] holding gate
+    in columns [0, n) and up in [n, 2n), and out a C-contiguous f16 [M, >= col0+n]: one block of
+    a gated MLP's product (kernels/matmul.py)."""
     if act not in ACTS:
         raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTS)})")
-    m, n = gate.shape
-    if up.shape != gate.shape or out.shape[0] != m or col0 + n > out.shape[1] or out.dtype != np.float16:
-        raise ValueError(f"glu_block_f16: gate {gate.shape}, up {up.shape}, out {out.dtype}{out.shape}, col0 {col0}")
+    m, n2 = prod.shape
+    n = n2 // 2
+    if (prod.dtype != np.float16 or n2 % 2 or not prod.flags.c_contiguous or out.dtype != np.float16
+            or out.shape[0] != m or col0 + n > out.shape[1] or not out.flags.c_contiguous):
+        raise ValueError(f"glu_pair_f16: prod {prod.dtype}{prod.shape}, out {out.dtype}{out.shape}, col0 {col0}")
     total = m * n
     if total:
         blocks = int(min(-(-total // 256), 65535 * 4))
-        kernel("ops.cu", "glu_block_f16")((blocks,), (256,), (gate, up, np.uint64(out.data.ptr + 2 * col0), np.int64(out.shape[1]),
-                                                            np.int32(n), np.int64(total), np.int32(ACTS[act])))
+        kernel("ops.cu", "glu_pair_f16")((blocks,), (256,), (prod, np.int32(n), np.int64(total),
+                                                           np.uint64(out.data.ptr + 2 * col0),
+                                                           np.int64(out.shape[1]), np.int32(ACTS[act])))
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def act_ref(g: np.ndarray, act: str) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_glu_matmul(rng, dtype, act, m, monkeypatch):
     """act(x Wg^T) * (x Wu^T): fp32 at M <= 8; f16 from the cuBLAS path above, built in row blocks
-    (a scratch of 64 rows per weight forces 4, the last one ragged).
+    (a scratch of 64 rows per weight forces 4, the last one ragged; f16 products).
 
     Bound: each product's error is at most tol * sum(|x||W|) (as in check()); through act(g) * u
     (|act'| <= 1.1 for silu and gelu) that is tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the
@@ -175,15 +175,31 @@ def test_glu_matmul(rng, dtype, act, m, monkeypatch):
     assert err <= tol, f"glu_matmul error {err:.3e} > {tol}"
 
 
-def test_glu_block_f16_writes_only_its_columns(rng):
+def test_glu_matmul_mixed_types(rng):
+    """Gate and up of different types whose padded row lengths differ (F16: 32-value units, Q4_K:
+    256): the cuBLAS path cannot share one scratch, so two matmuls and a float32 glu."""
+    rows, cols, m = 96, cols_for(GGMLType.Q4_K, True), 17
+    wg, g_ref, x = setup(rng, GGMLType.F16, rows, cols, m)
+    wu, u_ref, _ = setup(rng, GGMLType.Q4_K, rows, cols, m)
+    assert wg.kpad != wu.kpad
+    y = mm.glu_matmul(cp.asarray(x), wg, wu, "silu")
+    assert y.dtype == np.float32 and y.shape == (m, rows)
+    x64 = x.astype(np.float64)
+    ref = act_ref(x64 @ g_ref.T, "silu") * (x64 @ u_ref.T)
+    got = cp.asnumpy(y).astype(np.float64)
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_glu_pair_f16_writes_only_its_columns(rng):
     ops = pytest.importorskip("q4k_engine.kernels.ops")
     m, n, width, col0 = 37, 70, 300, 129
-    g = rng.standard_normal((m, n)).astype(np.float32) * 3
-    u = rng.standard_normal((m, n)).astype(np.float32)
+    g = (rng.standard_normal((m, n)) * 3).astype(np.float16)
+    u = rng.standard_normal((m, n)).astype(np.float16)
     out = cp.full((m, width), np.nan, dtype=cp.float16)
-    ops.glu_block_f16(cp.asarray(g), cp.asarray(u), "silu", out, col0)
+    ops.glu_pair_f16(cp.asarray(np.concatenate([g, u], axis=1)), "silu", out, col0)
     got = cp.asnumpy(out).astype(np.float64)
-    ref = act_ref(g.astype(np.float64), "silu") * u
+    ref = act_ref(g.astype(np.float64), "silu") * u.astype(np.float64)
     np.testing.assert_allclose(got[:, col0:col0 + n], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     assert np.isnan(got[:, :col0]).all() and np.isnan(got[:, col0 + n:]).all()
 
