@@ -27,6 +27,7 @@ STAGES=(
   "ops-bench|python3 bench/bench_model.py ops"
   "attention-bench|python3 bench/bench_attention.py --out $LOG/attn.md"
   "model-bench|python3 bench/bench_model.py model"
+  "model-profile|set -o pipefail; python3 bench/bench_model.py profile | tee $LOG/profile.md"
   "teacher-benchmark|Q4K_BENCH_MODEL=/tmp/qwen2-7b-q4km-synthetic.apr python3 -m pytest -q -p no:cacheprovider bench/test_bench_teacher.py --benchmark-only -k cuda --benchmark-columns=median,rounds --benchmark-json=$LOG/teacher-benchmark.json"
   "realmodel-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_realmodels_gpu.py"
   "cli-cuda|bash bench/cli-cuda.sh"

@@ -260,3 +260,30 @@ def test_bad_inputs(rng):
         mm.matmul(cp.asarray(x), w, out=cp.empty((2, 15), cp.float32))
     with pytest.raises(InputError):
         mm.prepare_weight(GGMLType.Q4_K, (16, 256), cp.zeros(10, cp.uint8))
+
+
+@pytest.mark.parametrize("model", ["gemma", "smollm"])
+def test_real_tensors(rng, model):
+    """Every 2-D weight type of the two real models, on the model's own bytes (up to 1024 rows of its
+    first tensor of that type): GEMV at M = 1 and 8, the cuBLAS path at M = 17, and row gather."""
+    import realmodels
+    from q4k_engine.loader import open_model
+
+    mf = open_model(realmodels.gemma_path() if model == "gemma" else realmodels.smollm_path())
+    seen = set()
+    for t in mf.tensors.values():
+        if len(t.shape) != 2 or t.dtype in seen:
+            continue
+        seen.add(t.dtype)
+        rows = min(t.rows, 1024)
+        raw = np.ascontiguousarray(t.data[: rows * t.row_bytes])
+        w = mm.prepare_weight(t.dtype, (rows, t.cols), cp.asarray(raw))
+        w_ref = dequantize_ref(raw, t.dtype, (rows, t.cols)).astype(np.float64)
+        print(f"{model} {t.name} {t.dtype.name} {rows}x{t.cols}")
+        for m, path, tol in ((1, "gemv", TOL_FP32), (8, "gemv", TOL_FP32), (17, "cublas", TOL_F16)):
+            x = rng.standard_normal((m, t.cols)).astype(np.float32)
+            check(run(x, w, path), x, w_ref, tol)
+        ids = rng.integers(0, rows, 9).astype(np.int32)
+        np.testing.assert_allclose(cp.asnumpy(mm.gather_rows(w, cp.asarray(ids))), w_ref[ids], rtol=1e-6, atol=1e-6)
+    assert len(seen) >= 2, f"{model}: expected several weight types, saw {sorted(x.name for x in seen)}"
+
