@@ -4,6 +4,8 @@
 //   per row walk it in units of 32 values (one 16-byte quant load), dequantize in registers and
 //   accumulate in fp32 for all M tokens at once, so W is read once per call. x is fp32, read
 //   through L1; each loaded x value serves R rows from registers and 4 lanes by broadcast.
+// - gemv1_r<R> (Q4_K, Q6_K, M = 1 only): x staged in shared memory, the affine factored per scale
+//   group, one PRMT + one FFMA per weight (see below).
 // - gemm_mma: compute-bound; a 128 (out) x 128 (tokens) tile per block, W's 128 x 128 slice is
 //   dequantized into shared memory as f16, x converted to f16, and multiplied with
 //   mma.sync m16n8k16 (fp32 accumulation).
@@ -103,6 +105,256 @@ __device__ __forceinline__ void gemv_body(WDesc w, const float* __restrict__ x, 
         gemv_body<M>(WDesc{base, row_bytes, nblk, nb, cols}, x, ldx, y, ldy, out);                \
     }
 GEMV(1) GEMV(2) GEMV(3) GEMV(4) GEMV(5) GEMV(6) GEMV(7) GEMV(8)
+
+#if QTYPE == T_Q4_K || QTYPE == T_Q6_K
+// ---- gemv1_*: M = 1 for the k-quants (kernels/matmul.py _gemv1), few instructions per weight ----
+// x (fp32) is staged once per block in shared memory, its float4s XOR-swizzled so that the LDS.128
+// of a quarter-warp hit 8 distinct bank groups, with the sum of x over every scale group. A warp
+// owns 2R rows per tile (T tiles): lane = (row slot rs, super-block slot s, half e); the 16 lanes of
+// a slot walk the row 8 super-blocks per step, each lane reading 128 values of one super-block
+// (Q4_K: chunks e and e+2 of 32 qs bytes, so each lane decodes one lo-case and one hi-case
+// scale pair without branches; Q6_K: half h = e, 64 ql + 32 qh bytes) for R rows, each x float4
+// serving R rows from registers. The first step's weights are requested before x is staged, and
+// with PF (gemv1_r1) the next step's before the current one is computed.
+// Per weight one PRMT and one FFMA, all fp32:
+// - the affine is factored per scale group: sum (D q - M) x = D sum(q x) - M sum(x) (Q4_K: 32
+//   values, M = dmin * min; Q6_K: 16 values, M = 32 D), sum(x) from shared memory;
+// - q enters the FFMA exactly as the fp32 subnormal q * 2^-149 (the PRMT'd byte itself) against x
+//   staged as x * 2^75 (exact), so sum(q x) arrives scaled by 2^-74 and D carries 2^74 (Q4_K high
+//   nibbles are read as 16 q: 2^70). That FFMA is inline PTX without .ftz: CuPy compiles with
+//   -ftz=true, which flushes q to 0 in compiler-emitted FP32 instructions. Limits: |x| < 2^53
+//   (x * 2^75 stays finite); products |q x| < 2^-52 lose relative precision (absolute error < 2^-75).
+// Measured on an H200 against gemv_m1 (same run): Q4_K 1.15-1.7x faster, Q6_K 1.0-1.45x, except
+// Q6_K rows of more than 4096 values in short matrices, left to gemv_m1 (matmul.py _use_gemv1).
+#define G1_WARPS 8
+
+__device__ __forceinline__ float fma_dn(float a, float b, float c) {  // fma keeping subnormals
+    float d;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+    return d;
+}
+
+__device__ __forceinline__ float qmul(u32 w, int i, float xv, float acc) {  // acc + (byte i) 2^-149 x
+    return fma_dn(__uint_as_float(__byte_perm(w, 0u, 0x4440u | (u32)i)), xv, acc);
+}
+
+__device__ __forceinline__ int g1_swz(int k) {  // float4 k of x -> its slot in shared memory
+#if QTYPE == T_Q4_K
+    return k ^ (((k >> 4) & 1) | ((k >> 5) & 6));
+#else
+    return k ^ ((k >> 5) & 7);
+#endif
+}
+
+template <int R>
+struct G1Buf {  // one step's weight bytes of R rows for one lane
+#if QTYPE == T_Q4_K
+    uint4 hd[R], q[R][4];
+#else
+    uint4 ql[R][4], qh[R][2];
+    uint2 sc[R];
+    u16 d[R];
+#endif
+    __device__ __forceinline__ void load(const WDesc& w, int rb, int out, int sb, int e) {
+        if (sb >= w.nb) return;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+#if QTYPE == T_Q4_K
+            const u8* blk = w.base + (i64)min(rb + r, out - 1) * w.row_bytes + (i64)sb * 144;
+            hd[r] = __ldg((const uint4*)blk);
+            q[r][0] = __ldg((const uint4*)(blk + 16 + 32 * e));
+            q[r][1] = __ldg((const uint4*)(blk + 32 + 32 * e));
+            q[r][2] = __ldg((const uint4*)(blk + 80 + 32 * e));
+            q[r][3] = __ldg((const uint4*)(blk + 96 + 32 * e));
+#else  // planes ql[nblk][128] | qh[nblk][64] | scales[nblk][16] | d[nblk]
+            const i64 b = (i64)min(rb + r, out - 1) * w.nb + sb;
+#pragma unroll
+            for (int k = 0; k < 4; k++) ql[r][k] = __ldg((const uint4*)(w.base + b * 128 + 64 * e + 16 * k));
+#pragma unroll
+            for (int k = 0; k < 2; k++)
+                qh[r][k] = __ldg((const uint4*)(w.base + w.nblk * 128 + b * 64 + 32 * e + 16 * k));
+            sc[r] = __ldg((const uint2*)(w.base + w.nblk * 192 + b * 16 + 8 * e));
+            d[r] = __ldg((const u16*)(w.base + w.nblk * 208 + b * 2));
+#endif
+        }
+    }
+};
+
+template <int R>
+__device__ __forceinline__ void g1_step(const G1Buf<R>& B, const float4* __restrict__ sx,
+                                        const float* __restrict__ sX, int sb, int e, int v, float (&acc)[R]) {
+#if QTYPE == T_Q4_K
+    const float2 X0 = ((const float2*)sX)[4 * sb + e], X1 = ((const float2*)sX)[4 * sb + e + 2];
+    // Scales/mins of sub-blocks 2e, 2e+1 (chunk e, lo case) and 4+2e, 5+2e (chunk e+2, hi case).
+    float D[R][4], Mn[R][4];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const u32 sh = 16 * e;
+        const u32 A = B.hd[r].y >> sh, Bm = B.hd[r].z >> sh, C = B.hd[r].w >> sh;
+        const u32 sc0 = A & 0x3F3Fu, mn0 = Bm & 0x3F3Fu;
+        const u32 sc1 = (C & 0x0F0Fu) | ((A >> 2) & 0x3030u);
+        const u32 mn1 = ((C >> 4) & 0x0F0Fu) | ((Bm >> 2) & 0x3030u);
+        const float d = h2f((u16)(B.hd[r].x & 0xFFFF)) * 0x1p74f, dh = d * 0x1p-4f;
+        const float dm = h2f((u16)(B.hd[r].x >> 16));
+        D[r][0] = d * byte_f(sc0, 0);  Mn[r][0] = dm * byte_f(mn0, 0);
+        D[r][1] = dh * byte_f(sc0, 1); Mn[r][1] = dm * byte_f(mn0, 1);
+        D[r][2] = d * byte_f(sc1, 0);  Mn[r][2] = dm * byte_f(mn1, 0);
+        D[r][3] = dh * byte_f(sc1, 1); Mn[r][3] = dm * byte_f(mn1, 1);
+    }
+    const float4* xp = sx + 64 * sb + 16 * e;
+#pragma unroll
+    for (int cc = 0; cc < 2; cc++) {  // chunk e + 2cc: 32 qs bytes; lo nibbles = values 0..31
+        float slo[R][2], shi[R][2];
+#pragma unroll
+        for (int r = 0; r < R; r++) slo[r][0] = slo[r][1] = shi[r][0] = shi[r][1] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float4 xl = xp[32 * cc + (i ^ v)], xh = xp[32 * cc + 8 + (i ^ v)];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const u32 wd = word4(B.q[r][2 * cc + (i >> 2)], i & 3);
+                const u32 lo = wd & 0x0F0F0F0Fu, hi = wd & 0xF0F0F0F0u;
+                float a = slo[r][i & 1], b = shi[r][i & 1];
+                a = qmul(lo, 0, xl.x, a);
+                a = qmul(lo, 1, xl.y, a);
+                a = qmul(lo, 2, xl.z, a);
+                a = qmul(lo, 3, xl.w, a);
+                b = qmul(hi, 0, xh.x, b);
+                b = qmul(hi, 1, xh.y, b);
+                b = qmul(hi, 2, xh.z, b);
+                b = qmul(hi, 3, xh.w, b);
+                slo[r][i & 1] = a;
+                shi[r][i & 1] = b;
+            }
+        }
+        const float2 X = cc ? X1 : X0;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float a = acc[r];
+            a = fmaf(D[r][2 * cc], slo[r][0] + slo[r][1], a);
+            a = fmaf(-Mn[r][2 * cc], X.x, a);
+            a = fmaf(D[r][2 * cc + 1], shi[r][0] + shi[r][1], a);
+            a = fmaf(-Mn[r][2 * cc + 1], X.y, a);
+            acc[r] = a;
+        }
+    }
+#else
+    // Sums of x over the 16-value groups 2q + lh of half e (one scale each).
+    const float4 Xa = ((const float4*)sX)[4 * sb + 2 * e], Xb = ((const float4*)sX)[4 * sb + 2 * e + 1];
+    const float X[8] = {Xa.x, Xa.y, Xa.z, Xa.w, Xb.x, Xb.y, Xb.z, Xb.w};
+    const float4* xp = sx + 64 * sb + 32 * e;
+#pragma unroll
+    for (int lh = 0; lh < 2; lh++) {
+        float S[R][4];
+#pragma unroll
+        for (int r = 0; r < R; r++) S[r][0] = S[r][1] = S[r][2] = S[r][3] = 0.0f;
+#pragma unroll
+        for (int ii = 0; ii < 4; ii++) {
+            const int i = 4 * lh + ii;  // values l = 4i .. 4i+3 of each quarter
+#pragma unroll
+            for (int qq = 0; qq < 4; qq++) {
+                const float4 xq = xp[8 * qq + (i ^ v)];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const u32 h = word4(B.qh[r][lh], ii), a = word4(B.ql[r][lh + 2 * (qq & 1)], ii);
+                    // quarter qq: nibble qq/2 of ql | bits 2qq, 2qq+1 of qh, as 6-bit bytes
+                    const u32 lo = qq < 2 ? a & 0x0F0F0F0Fu : (a >> 4) & 0x0F0F0F0Fu;
+                    const u32 hb = (qq == 0 ? h << 4 : qq == 1 ? h << 2 : qq == 2 ? h : h >> 2) & 0x30303030u;
+                    const u32 vq = lo | hb;
+                    float t = S[r][qq];
+                    t = qmul(vq, 0, xq.x, t);
+                    t = qmul(vq, 1, xq.y, t);
+                    t = qmul(vq, 2, xq.z, t);
+                    t = qmul(vq, 3, xq.w, t);
+                    S[r][qq] = t;
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float dd = h2f(B.d[r]);
+#pragma unroll
+            for (int qq = 0; qq < 4; qq++) {  // scale 2qq + lh: byte 2(qq&1) + lh of sc.x (qq < 2) / sc.y
+                const u32 word = qq < 2 ? B.sc[r].x : B.sc[r].y;
+                const float dsc = dd * (float)(int)(signed char)(u8)(word >> (8 * (2 * (qq & 1) + lh)));
+                float a = acc[r];
+                a = fmaf(dsc * 0x1p74f, S[r][qq], a);
+                a = fmaf(dsc * -32.0f, X[2 * qq + lh], a);
+                acc[r] = a;
+            }
+        }
+    }
+#endif
+}
+
+template <int R, bool PF>
+__device__ __forceinline__ void gemv1_body(WDesc w, const float* __restrict__ x, float* __restrict__ y,
+                                           int out, int T) {
+    extern __shared__ float4 sx[];
+    const int nb = w.nb, n4 = nb * 64;
+    float* sX = (float*)(sx + n4);  // sum of each scale group of x (Q4_K: 32 values, Q6_K: 16)
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int e = lane & 1, s = (lane >> 1) & 7, rs = lane >> 4;
+    const int v = e | ((s & 3) << 1);  // the swizzle of every float4 this lane reads
+    const int S = (nb + 7) >> 3;       // steps per tile
+    int tile = (blockIdx.x * G1_WARPS + warp) * T, step = 0;
+    const int tile_end = tile + T;
+    G1Buf<R> cur, nxt;
+    cur.load(w, tile * 2 * R + rs * R, out, s, e);  // in flight while x is staged
+
+    for (int i = tid; i < n4; i += blockDim.x) {  // n4 is a multiple of 64: whole warps iterate
+        float4 a = __ldg((const float4*)x + i);
+        float t = (a.x + a.y) + (a.z + a.w);
+        t += __shfl_xor_sync(0xFFFFFFFFu, t, 1);
+        t += __shfl_xor_sync(0xFFFFFFFFu, t, 2);
+#if QTYPE == T_Q4_K
+        t += __shfl_xor_sync(0xFFFFFFFFu, t, 4);
+        if ((i & 7) == 0) sX[i >> 3] = t;
+#else
+        if ((i & 3) == 0) sX[i >> 2] = t;
+#endif
+        a.x *= 0x1p75f; a.y *= 0x1p75f; a.z *= 0x1p75f; a.w *= 0x1p75f;
+        sx[g1_swz(i)] = a;
+    }
+    __syncthreads();
+
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    while (tile < tile_end && tile * 2 * R < out) {  // warp-uniform
+        const int rb = tile * 2 * R + rs * R, sb = 8 * step + s;
+        const bool last = step == S - 1;
+        const int ntile = last ? tile + 1 : tile, nstep = last ? 0 : step + 1;
+        if (PF && ntile < tile_end) nxt.load(w, ntile * 2 * R + rs * R, out, 8 * nstep + s, e);
+        if (sb < nb) g1_step<R>(cur, sx, sX, sb, e, v, acc);
+        if (last) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float a = acc[r];
+                a += __shfl_xor_sync(0xFFFFFFFFu, a, 1);
+                a += __shfl_xor_sync(0xFFFFFFFFu, a, 2);
+                a += __shfl_xor_sync(0xFFFFFFFFu, a, 4);
+                a += __shfl_xor_sync(0xFFFFFFFFu, a, 8);
+                if ((lane & 15) == 0 && rb + r < out) y[rb + r] = a;
+                acc[r] = 0.0f;
+            }
+        }
+        tile = ntile;
+        step = nstep;
+        if (PF) cur = nxt;
+        else if (tile < tile_end) cur.load(w, tile * 2 * R + rs * R, out, 8 * step + s, e);
+    }
+}
+
+// R = 1 prefetches a step ahead; R = 2 (twice the registers per step) does not.
+#define GEMV1(R, PF)                                                                              \
+    extern "C" __global__ void __launch_bounds__(G1_WARPS * 32, 2)                                \
+        gemv1_r##R(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const float* x,     \
+                   float* y, int out, int T) {                                                    \
+        gemv1_body<R, PF>(WDesc{base, row_bytes, nblk, nb, cols}, x, y, out, T);                  \
+    }
+GEMV1(1, true) GEMV1(2, false)
+#endif
 
 __device__ __forceinline__ void store4_f16(__half* p, float4 v) {
     __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);

@@ -152,8 +152,74 @@ def _gemv_rows(m: int) -> int:
     return 2 if m == 1 else 8 if m == 8 else 4
 
 
+# gemv1_r<R> (M = 1, Q4_K / Q6_K): x staged in shared memory, so the row length is bounded.
+_GEMV1_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K)
+_GEMV1_MAX_SMEM = 160 << 10
+_GEMV1_WARPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return int(_cupy().cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+def _gemv1_smem(w: GpuWeight) -> int:
+    """x as fp32 [kpad] plus one fp32 sum per scale group (Q4_K: 32 values, Q6_K: 16)."""
+    return w.kpad * 4 + w.kpad // (32 if w.dtype == GGMLType.Q4_K else 16) * 4
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv1_config(rows: int, device: int) -> tuple[int, int, int]:
+    """(R, T, grid) for `rows` rows: R rows per lane (a warp owns 2R rows), T row tiles per warp,
+    grid blocks of 8 warps, 2 of which are resident per SM (a "wave" = 2 * SMs blocks).
+    Measured on an H200 (bench/bench_kernels.py and variants): two rows per lane once the rows fill
+    a wave with them (each x value serves both; 18944 rows: +10%, 3584 rows: -8%); two tiles per
+    warp when that brings 1-2 waves down to one (14336 rows: +10%; 18944 rows, 2.2 waves: -10%);
+    waves/4 tiles per warp from 8 waves on (x staged once per block for more rows; LM head +17%)."""
+    sms = _sm_count(device)
+    r = 2 if rows >= 2 * 2 * _GEMV1_WARPS * 2 * sms else 1
+    tiles = -(-rows // (2 * r))
+    waves = tiles / (_GEMV1_WARPS * 2 * sms)
+    t = 2 if 1 < waves <= 2 else max(1, int(waves) // 4)
+    return r, t, -(-tiles // (_GEMV1_WARPS * t))
+
+
+def _use_gemv1(w: GpuWeight, device: int) -> bool:
+    """gemv1 for Q4_K always; for Q6_K except long rows (> 4096 values) in matrices too short for 2
+    rows per lane, where the generic gemv_m1 measured as fast or faster (H200, 3584x18944: 0.45 vs
+    0.43 of copy bandwidth; 4096x14336: 0.49 vs 0.50)."""
+    if w.dtype not in _GEMV1_TYPES or _gemv1_smem(w) > _GEMV1_MAX_SMEM:
+        return False
+    return w.dtype == GGMLType.Q4_K or w.kpad <= 4096 or _gemv1_config(w.rows, device)[0] == 2
+
+
+_GEMV1_SET_SMEM: dict = {}
+
+
+def _gemv1(xp, w: GpuWeight, y, dev: int, r: int | None = None, t: int | None = None) -> None:
+    """M = 1 on the k-quant kernel gemv1_r<R> (row 0 of xp [.., kpad] fp32 into row 0 of y [.., rows] fp32).
+    r, t override the configuration (benchmarks)."""
+    r0, t0, grid = _gemv1_config(w.rows, dev)
+    if r is None and t is None:
+        r, t = r0, t0
+    else:
+        r, t = r or r0, t or t0
+        grid = -(-w.rows // (2 * r * _GEMV1_WARPS * t))
+    kern = _function(w.dtype, f"gemv1_r{r}", dev)
+    smem = _gemv1_smem(w)
+    if smem > 48 << 10 and _GEMV1_SET_SMEM.get((w.dtype, r, dev), 0) < smem:
+        kern.max_dynamic_shared_size_bytes = smem
+        _GEMV1_SET_SMEM[(w.dtype, r, dev)] = smem
+    kern((grid,), (32 * _GEMV1_WARPS,), (*w.kernel_args(), xp, y, np.int32(w.rows), np.int32(t)), shared_mem=smem)
+
+
 def _gemv(xp, w: GpuWeight, y, m0: int, m: int) -> None:
     """Tokens [m0, m0+m) (m <= 8) of xp into the same rows of y."""
+    if m == 1:
+        dev = _cupy().cuda.runtime.getDevice()
+        if _use_gemv1(w, dev):
+            _gemv1(xp[m0:] if m0 else xp, w, y[m0:] if m0 else y, dev)
+            return
     kern = _kernel(w, f"gemv_m{m}")
     grid = (-(-w.rows // (4 * _gemv_rows(m))),)
     x, out = (xp[m0:], y[m0:]) if m0 else (xp, y)

@@ -98,6 +98,19 @@ def test_gemv(rng, dtype, m, padded):
     check(run(x, w, "gemv"), x, w_ref, TOL_FP32)
 
 
+@pytest.mark.parametrize("rows,cols", [(3000, 2304), (5000, 2304), (9000, 2304), (70001, 256)])
+@pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_gemv_m1_launch_configs(rng, dtype, rows, cols):
+    """The M = 1 k-quant kernel at each of its launch configurations (matmul.py _gemv1_config: one
+    or two rows per lane, one or more row tiles per warp, a ragged last tile; 9 super-blocks a row
+    = one full step of 8 and a partial one)."""
+    dev = cp.cuda.runtime.getDevice()
+    w, w_ref, x = setup(rng, dtype, rows, cols, 1)
+    assert mm._use_gemv1(w, dev)
+    print(f"{dtype.name} {rows}x{cols}: (R, T, grid) = {mm._gemv1_config(rows, dev)}")
+    check(run(x, w, "gemv"), x, w_ref, TOL_FP32)
+
+
 @pytest.mark.parametrize("m", [1, 9, 17, 300])
 @pytest.mark.parametrize("path", ["mma", "cublas"])
 @pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
