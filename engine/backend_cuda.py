@@ -291,8 +291,7 @@ class CudaBackend:
         if cache is None:
             return self._ops.attention(q, k, v, db.packed, scale, window)
         ck, cv = cache.k[layer], cache.v[layer]
-        ck[db.cache_rows] = k
-        cv[db.cache_rows] = v
+        self._ops.kv_write(k, v, ck, cv, db.cache_rows)
         return self._ops.attention(q, ck, cv, db.cached, scale, window)
 
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> CudaKVCache:
@@ -392,5 +391,5 @@ class CudaBackend:
             slot0 = np.arange(n_seqs, dtype=np.int64) * cache.max_len
             dest = np.concatenate([s + p + np.arange(n) for s, p, n in zip(slot0, past, lengths)])
             db.cache, db.cached = cache, ops.SeqLayout.build(cu[:-1], lengths, past, slot0, total)
-            db.cache_rows = cp.asarray(dest.astype(np.int64))
+            db.cache_rows = cp.asarray(dest.astype(np.int32))
         return db

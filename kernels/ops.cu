@@ -68,28 +68,47 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE on x [N, H, D]: one block per token, threads over (head, pair). The angle is computed in
-// double: positions up to ~1e5 times frequencies near 1 need more than fp32's 24 bits.
+// RoPE on x [N, H, D]: one block per token. The angle is computed in double (positions up to ~1e5
+// times frequencies near 1 need more than fp32's 24 bits), once per (token, pair) and group of heads:
+// thread e takes pair i = e % half for heads g, g + G, ... (g = e / half, G = threads / half), so the
+// double-precision pow and sincos are not repeated for every head.
 // neox: pairs (i, i + D/2); else pairs (2i, 2i+1). freq_i = theta^(-2i/D) / factors[i].
 __global__ void rope(const float* __restrict__ x, float* __restrict__ y, const int* __restrict__ pos,
                      const float* __restrict__ factors, int n_heads, int dim, double theta,
                      double pos_scale, int neox) {
     const int tok = blockIdx.x;
     const int half = dim / 2;
+    const int groups = max(1, min(n_heads, (int)blockDim.x / half));
     const double p = (double)pos[tok] * pos_scale;
     const size_t base = (size_t)tok * n_heads * dim;
-    for (int e = threadIdx.x; e < n_heads * half; e += blockDim.x) {
-        const int h = e / half, i = e % half;
+    for (int e = threadIdx.x; e < groups * half; e += blockDim.x) {
+        const int g = e / half, i = e % half;
         double inv_freq = pow(theta, -2.0 * i / dim);
         if (factors) inv_freq /= (double)factors[i];
         double s, c;
         sincos(p * inv_freq, &s, &c);
         const int i0 = neox ? i : 2 * i;
         const int i1 = neox ? i + half : 2 * i + 1;
-        const size_t o = base + (size_t)h * dim;
-        const float x0 = x[o + i0], x1 = x[o + i1];
-        y[o + i0] = (float)(x0 * c - x1 * s);
-        y[o + i1] = (float)(x0 * s + x1 * c);
+        for (int h = g; h < n_heads; h += groups) {
+            const size_t o = base + (size_t)h * dim;
+            const float x0 = x[o + i0], x1 = x[o + i1];
+            y[o + i0] = (float)(x0 * c - x1 * s);
+            y[o + i1] = (float)(x0 * s + x1 * c);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The new tokens' K and V into their KV-cache rows, one launch for both: row t of k/v [N, width]
+// goes to row rows[t] of ck/cv [cache rows, width].
+__global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ ck,
+                         float* __restrict__ cv, const int* __restrict__ rows, long long total, int width) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / width, j = i - t * width;
+        const long long dst = (long long)rows[t] * width + j;
+        ck[dst] = k[i];
+        cv[dst] = v[i];
     }
 }
 

@@ -96,6 +96,22 @@ def rope(x, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_fa
     return y
 
 
+def kv_write(k, v, ck, cv, rows) -> None:
+    """ck[rows[t]] = k[t] and cv[rows[t]] = v[t] (k, v [N, Hkv, D]; ck, cv C-contiguous float32
+    [cache rows, Hkv, D]; rows int32 [N]): a decode step's cache write in one launch."""
+    cp = _cupy()
+    k, v = _f32(k), _f32(v)
+    rows = cp.ascontiguousarray(rows, dtype=cp.int32)
+    if (k.shape != v.shape or ck.shape != cv.shape or ck.shape[1:] != k.shape[1:] or rows.shape != k.shape[:1]
+            or ck.dtype != np.float32 or cv.dtype != np.float32 or not (ck.flags.c_contiguous and cv.flags.c_contiguous)):
+        raise ValueError(f"kv_write: k {k.shape}, v {v.shape}, cache {ck.dtype}{ck.shape}/{cv.shape}, rows {rows.shape}")
+    total = k.size
+    if total:
+        width = total // k.shape[0]
+        blocks = int(min(-(-total // 256), 65535 * 4))
+        kernel("ops.cu", "kv_write")((blocks,), (256,), (k, v, ck, cv, rows, np.int64(total), np.int32(width)))
+
+
 def glu(gate, up, act: str, out=None):
     """act(gate) * up elementwise; act in {"silu", "gelu_tanh"}."""
     if act not in ACTS:

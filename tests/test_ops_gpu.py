@@ -104,6 +104,8 @@ def test_add_rmsnorm(cp, ops, rng, shape):
     (300, 2, 256, 1e6, 0.125, False),
     (7, 3, 6, 1e5, 1.0, True),
     (65, 2, 128, 5e5, 1.0, True),
+    (33, 28, 128, 1e6, 1.0, False),  # 4 head groups of 7 per block
+    (9, 7, 96, 1e4, 1.0, True),  # 5 groups over 7 heads: uneven
 ])
 def test_rope(cp, ops, rng, neox, n, heads, d, theta, pos_scale, factors):
     x = rng.standard_normal((n, heads, d)).astype(np.float32)
@@ -113,6 +115,21 @@ def test_rope(cp, ops, rng, neox, n, heads, d, theta, pos_scale, factors):
     ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, pos_scale,
              None if ff is None else cp.asarray(ff), out=out)
     assert rel_err(out.get(), ref_rope(x, pos, theta, neox, pos_scale, ff)) < 2e-6
+
+
+def test_kv_write(cp, ops, rng):
+    """New K/V rows land in their cache rows; every other row keeps what it had."""
+    n, hkv, d, cache_rows = int(rng.integers(1, 40)), 4, 72, 300
+    k = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    rows = rng.choice(cache_rows, n, replace=False)
+    ck, cv = poisoned(cp, (cache_rows, hkv, d)), poisoned(cp, (cache_rows, hkv, d))
+    ops.kv_write(cp.asarray(k), cp.asarray(v), ck, cv, cp.asarray(rows))
+    got_k, got_v = ck.get(), cv.get()
+    np.testing.assert_array_equal(got_k[rows], k)
+    np.testing.assert_array_equal(got_v[rows], v)
+    rest = np.setdiff1d(np.arange(cache_rows), rows)
+    assert np.isnan(got_k[rest]).all() and np.isnan(got_v[rest]).all()
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
