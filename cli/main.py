@@ -18,6 +18,7 @@ import click
 
 from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE
 from q4k_engine.errors import InputError, Q4KError
+from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model, requantize, resolve_model, save_model
 from q4k_engine.tensors import ModelFile
 
@@ -69,15 +70,18 @@ def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
     tokens = batch * seq
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     kv_values = 2 * c.n_layers * tokens * kv_dim
-    # Values alive per token at the peak of one layer: the residual and its normed copy, plus
-    # q, k, v and the attention output, or the gate, up and product of the MLP.
-    per_token = 2 * c.hidden + max(2 * q_dim + 2 * kv_dim, 3 * c.ffn)
+    # fp32 values alive per token at the peak of one layer: the residual and its normed copy, plus
+    # q, k, v and the attention output, or the MLP's f16 act(gate) * up (half a value per ffn unit:
+    # kernels/matmul.py glu_matmul builds it a block of rows at a time).
+    per_token = 2 * c.hidden + max(2 * q_dim + 2 * kv_dim, -(-c.ffn // 2))
+    # The matmuls' f16 dequantize scratch and glu_matmul's block of products, each at most this.
+    workspace = 2 * SCRATCH_BYTES
     weights = sum(t.nbytes for t in model.tensors.values())
     parts = {
         "weights": weights,
         "kv_cache_fp16": kv_values * 2,
         "kv_cache_fp32": kv_values * 4,
-        "activations_fp32": tokens * per_token * 4,
+        "activations_fp32": tokens * per_token * 4 + workspace,
         "logits_fp16": tokens * c.vocab_size * 2,
         "logits_fp32": tokens * c.vocab_size * 4,
     }
@@ -92,8 +96,9 @@ def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
             "KV cache holds every position of every layer (sliding-window layers are not trimmed)",
             "activations are float32 and only one layer's are alive at a time "
             f"({per_token} values per token: residual, normed input, then q/k/v/attention "
-            "output or MLP gate/up/product, whichever is larger)",
-            "prefill attention is tiled (no seq x seq score matrix); GEMM scratch tiles are not counted",
+            "output or the MLP's f16 product, whichever is larger), plus the matmuls' workspace "
+            f"({workspace >> 20} MiB: f16 dequantize scratch and one block of MLP products)",
+            "prefill attention is tiled (no seq x seq score matrix)",
             "logits are kept for every position ([batch*seq, vocab]); last-position or top-k "
             "output needs only a [batch, vocab] slice",
             "CUDA context and CuPy pool overhead (a few hundred MiB) are not included",
