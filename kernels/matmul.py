@@ -269,10 +269,13 @@ def _chunk_rows(w: GpuWeight, scratch_bytes: int, m: int = 0, out_bytes: int = 0
 
 @contextlib.contextmanager
 def _cublas_host_scalars():
-    """The cuBLAS handle with alpha/beta read from host memory (restored afterwards)."""
+    """The cuBLAS handle on the current stream (CuPy's handle keeps whichever stream its last user
+    set), with alpha/beta read from host memory (pointer mode restored afterwards)."""
     from cupy.cuda import cublas
 
-    handle = _cupy().cuda.device.get_cublas_handle()
+    cp = _cupy()
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:

@@ -127,12 +127,28 @@ def test_dispatch(rng, dtype, m):
     check(run(x, w, None), x, w_ref, TOL_FP32 if m <= mm.GEMV_MAX_M else TOL_F16)
 
 
+@pytest.mark.parametrize("rows,m", [(300, 40), (1000, 300)])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
-def test_gemm_cublas_chunks(rng, dtype, monkeypatch):
-    """The peer path with a scratch smaller than W: several row chunks, a ragged last one."""
-    w, w_ref, x = setup(rng, dtype, 300, 512, 40)
+def test_gemm_cublas_chunks(rng, dtype, rows, m, monkeypatch):
+    """The peer path with a scratch smaller than W: several row chunks (3 or 8), a ragged last one."""
+    w, w_ref, x = setup(rng, dtype, rows, 512, m)
     monkeypatch.setattr(mm, "SCRATCH_BYTES", 512 * 2 * 128)
     check(run(x, w, "cublas"), x, w_ref, TOL_F16)
+
+
+def test_cublas_path_runs_on_the_current_stream(rng):
+    """CuPy's cuBLAS handle keeps the stream its last user set: the path must put it on the caller's."""
+    from cupy.cuda import cublas
+
+    w, w_ref, x = setup(rng, GGMLType.Q4_K, 300, 512, 40)
+    handle = cp.cuda.device.get_cublas_handle()
+    stream = cp.cuda.Stream(non_blocking=True)
+    cublas.setStream(handle, 0)
+    with stream:
+        y = mm.matmul(cp.asarray(x), w, path="cublas")
+        assert cublas.getStream(handle) == stream.ptr
+    stream.synchronize()
+    check(y, x, w_ref, TOL_F16)
 
 
 @pytest.mark.parametrize("path", ["gemv", "cublas"])
