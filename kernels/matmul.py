@@ -193,23 +193,13 @@ def _use_gemv1(w: GpuWeight, device: int) -> bool:
     return w.dtype == GGMLType.Q4_K or w.kpad <= 4096 or _gemv1_config(w.rows, device)[0] == 2
 
 
-_GEMV1_SET_SMEM: dict = {}
-
-
-def _gemv1(xp, w: GpuWeight, y, dev: int, r: int | None = None, t: int | None = None) -> None:
-    """M = 1 on the k-quant kernel gemv1_r<R> (row 0 of xp [.., kpad] fp32 into row 0 of y [.., rows] fp32).
-    r, t override the configuration (benchmarks)."""
-    r0, t0, grid = _gemv1_config(w.rows, dev)
-    if r is None and t is None:
-        r, t = r0, t0
-    else:
-        r, t = r or r0, t or t0
-        grid = -(-w.rows // (2 * r * _GEMV1_WARPS * t))
+def _gemv1(xp, w: GpuWeight, y, dev: int) -> None:
+    """M = 1 on the k-quant kernel gemv1_r<R> (row 0 of xp [.., kpad] fp32 into row 0 of y [.., rows] fp32)."""
+    r, t, grid = _gemv1_config(w.rows, dev)
     kern = _function(w.dtype, f"gemv1_r{r}", dev)
     smem = _gemv1_smem(w)
-    if smem > 48 << 10 and _GEMV1_SET_SMEM.get((w.dtype, r, dev), 0) < smem:
-        kern.max_dynamic_shared_size_bytes = smem
-        _GEMV1_SET_SMEM[(w.dtype, r, dev)] = smem
+    if smem > 48 << 10 and kern.max_dynamic_shared_size_bytes < smem:
+        kern.max_dynamic_shared_size_bytes = smem  # opt-in above the 48 KiB default (long rows)
     kern((grid,), (32 * _GEMV1_WARPS,), (*w.kernel_args(), xp, y, np.int32(w.rows), np.int32(t)), shared_mem=smem)
 
 

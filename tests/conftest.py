@@ -27,12 +27,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def fresh_seed(label: str) -> int:
+    """A fresh random seed (or Q4K_SEED, to replay a run), printed with `label` so that a failure
+    can be replayed."""
+    seed = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"[{label}] seed={seed}")
+    return seed
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
-    """A generator seeded fresh for every test; the seed is printed so a failure can be replayed.
+    """A generator seeded fresh for every test (seed printed; Q4K_SEED replays a run)."""
+    return np.random.default_rng(fresh_seed(request.node.name))
 
-    Set Q4K_SEED to replay a specific run.
-    """
-    seed = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"[{request.node.name}] seed={seed}")
-    return np.random.default_rng(seed)
+
+@pytest.fixture(scope="module")
+def module_seed(request) -> int:
+    """One fresh seed for a test module's shared models (printed; Q4K_SEED replays a run)."""
+    return fresh_seed(f"{request.module.__name__} models")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import gguf
 import numpy as np
@@ -108,13 +107,6 @@ def reference_logits(model: ModelFile, ids: list[int]) -> np.ndarray:
 # fixtures
 
 
-@pytest.fixture(scope="module")
-def seed() -> int:
-    s = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"[test_forward models] seed={s}")
-    return s
-
-
 def _f32_tensor(name: str, values: np.ndarray) -> QTensor:
     values = np.ascontiguousarray(values, np.float32)
     return QTensor(name, GGMLType.F32, values.shape, values.view(np.uint8).reshape(-1))
@@ -132,8 +124,8 @@ def with_switches(model: ModelFile, rng: np.random.Generator) -> ModelFile:
 
 
 @pytest.fixture(scope="module")
-def models(seed) -> dict[str, ModelFile]:
-    rng = np.random.default_rng(seed)
+def models(module_seed) -> dict[str, ModelFile]:
+    rng = np.random.default_rng(module_seed)
     return {a: with_switches(synthetic_model(a, seed=int(rng.integers(2**31))), rng) for a in ARCHS}
 
 

@@ -7,7 +7,6 @@ near-tied top logits, so a token is accepted when its logit is within float nois
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -28,16 +27,9 @@ ARCHS = ("llama", "mistral", "qwen2", "gemma3")
 
 
 @pytest.fixture(scope="module")
-def seed() -> int:
-    s = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"[test_generate models] seed={s}")
-    return s
-
-
-@pytest.fixture(scope="module")
-def loaded(seed):
+def loaded(module_seed):
     """arch -> (model, backend, uploaded weights)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(module_seed)
     out = {}
     for arch in ARCHS:
         model = synthetic_model(arch, seed=int(rng.integers(2**31)))

@@ -3,8 +3,6 @@ tokens of eager steps, both are greedy under the NumPy reference's full forwards
 that fails falls back to eager steps with a note instead of a wrong answer."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from q4k_engine.forward import upload
 from q4k_engine.generate import generate
 from q4k_engine.synthetic import synthetic_model
 
+from conftest import fresh_seed
 from test_generate import assert_greedy
 
 pytestmark = pytest.mark.gpu
@@ -30,9 +29,7 @@ def cuda():
 
 @pytest.fixture(scope="module", params=ARCHS)
 def setup(request, cuda):
-    seed = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"[{request.param} model] seed={seed}")
-    model = synthetic_model(request.param, seed=seed)
+    model = synthetic_model(request.param, seed=fresh_seed(f"{request.param} model"))
     cpu = NumpyBackend()
     return model, cuda, upload(model, cuda), cpu, upload(model, cpu)
 

@@ -9,8 +9,6 @@ bench/parity_hf.py prints the table.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -33,15 +31,8 @@ PROMPTS = (
 
 
 @pytest.fixture(scope="module")
-def seed() -> int:
-    s = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"[test_parity_hf] seed={s}")
-    return s
-
-
-@pytest.fixture(scope="module")
-def synthetic_files(tmp_path_factory, seed) -> dict[str, tuple]:
-    rng = np.random.default_rng(seed)
+def synthetic_files(tmp_path_factory, module_seed) -> dict[str, tuple]:
+    rng = np.random.default_rng(module_seed)
     folder = tmp_path_factory.mktemp("synthetic")
     out = {}
     for arch in ARCHS:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -16,15 +15,8 @@ from conftest import gpu_available
 
 
 @pytest.fixture(scope="module")
-def model_seed() -> int:
-    s = int(os.environ.get("Q4K_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"[test_provider models] seed={s}")
-    return s
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, model_seed):
-    path = write_synthetic(tmp_path_factory.mktemp("m") / "qwen2.gguf", "qwen2", "gguf", seed=model_seed)
+def teacher(tmp_path_factory, module_seed):
+    path = write_synthetic(tmp_path_factory.mktemp("m") / "qwen2.gguf", "qwen2", "gguf", seed=module_seed)
     return q4k_engine.load(path, device="cpu")
 
 
@@ -174,8 +166,8 @@ def test_text_roundtrip_and_bos(teacher):
     assert teacher.logits_for_batch([ids]).shape == (1, teacher.vocab_size)
 
 
-def test_model_without_tokenizer(tmp_path, model_seed):
-    model = dataclasses.replace(synthetic_model("llama", seed=model_seed), tokenizer=None)
+def test_model_without_tokenizer(tmp_path, module_seed):
+    model = dataclasses.replace(synthetic_model("llama", seed=module_seed), tokenizer=None)
     path = save_model(tmp_path / "notok.apr", model, "apr")
     t = q4k_engine.load(path, device="cpu")
     assert t.logits_for_batch([[1, 2, 3]]).shape == (1, t.vocab_size)
