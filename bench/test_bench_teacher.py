@@ -16,24 +16,16 @@ import numpy as np
 import pytest
 
 import q4k_engine
+from q4k_engine.gpu import probe
 
 MODEL = os.environ.get("Q4K_BENCH_MODEL", "demo")
 SHAPES = [(1, 512), (4, 512), (2, 2048)]
 
 
-def _gpu() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy or no driver
-        return False
-
-
 @pytest.fixture(scope="module", params=["cpu", "cuda"])
 def teacher(request):
-    if request.param == "cuda" and not _gpu():
-        pytest.skip("no CUDA GPU")
+    if request.param == "cuda" and not probe().usable:
+        pytest.skip(f"no CUDA GPU: {probe().reason}")
     if request.param == "cpu" and MODEL != "demo":
         pytest.skip("the NumPy reference is the oracle, not a fast path: benchmark it on the demo model only")
     return q4k_engine.load(MODEL, device=request.param, output="dlpack", dtype="float16")

@@ -8,17 +8,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from q4k_engine.gpu import cupy as _cupy  # DeviceError naming why, when CUDA cannot be used
+
 SRC_DIR = Path(__file__).resolve().parent
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        from q4k_engine.errors import DeviceError
-
-        raise DeviceError("CuPy is not installed: pip install 'q4k-engine[cuda13]' (or [cuda12])") from e
-    return cupy
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,27 +1,19 @@
-"""Shared test plumbing: fresh seeds (printed), GPU detection for the `gpu` marker."""
+"""Shared test plumbing: fresh seeds (printed), the `gpu` marker skipped when q4k_engine.gpu.probe() says no."""
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 import pytest
 
-
-@functools.lru_cache(maxsize=None)
-def gpu_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, no device: all mean "skip the GPU tests"
-        return False
+from q4k_engine.gpu import probe
 
 
 def pytest_collection_modifyitems(config, items):
-    if gpu_available():
+    cuda = probe()
+    if cuda.usable:
         return
-    skip = pytest.mark.skip(reason="no CUDA GPU (or CuPy) on this machine")
+    skip = pytest.mark.skip(reason=f"no CUDA GPU: {cuda.reason}")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

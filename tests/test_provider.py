@@ -11,7 +11,7 @@ from q4k_engine import DeviceError, InputError, UnsupportedError
 from q4k_engine.loader import save_model
 from q4k_engine.synthetic import synthetic_model, write_synthetic
 
-from conftest import gpu_available
+from q4k_engine.gpu import probe
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_output_kinds_and_dtypes(teacher, rng):
     assert default16.logits_for_batch(batch).dtype == torch.float16
 
 
-@pytest.mark.skipif(gpu_available(), reason="checks the error raised without a GPU")
+@pytest.mark.skipif(probe().usable, reason="checks the error raised without a GPU")
 def test_cuda_without_gpu_is_a_device_error(teacher):
     with pytest.raises(DeviceError):
         q4k_engine.load(teacher.model.path, device="cuda")
