@@ -15,13 +15,12 @@ failed run never leaves a partial or stale file under the final name):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 import click
 import numpy as np
 
+from q4k_engine.binio import atomic_output
 from q4k_engine.errors import InputError
 from q4k_engine.provider import TeacherModel, load
 
@@ -96,25 +95,19 @@ def _check_out(out: Path) -> None:
 
 
 def write_atomic(out: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write beside `out` under a temporary name, then rename; nothing is left behind on failure."""
+    """Write `out` through the project's one atomic writer: nothing is left behind on failure."""
     kind = out.suffix.lower()
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if kind == ".npy":
-                np.save(f, arrays["logits"])
-            elif kind == ".npz":
-                np.savez(f, **arrays)
+    with atomic_output(out) as tmp:
         if kind == ".safetensors":
             from safetensors.numpy import save_file
 
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise InputError(f"{out}: cannot write ({e})") from None
-        raise
+            return
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            if kind == ".npy":
+                np.save(f, arrays["logits"])
+            else:
+                np.savez(f, **arrays)
 
 
 def report_load(teacher: TeacherModel) -> None:

