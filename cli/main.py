@@ -2,7 +2,10 @@
 
 Commands raise Q4KError subclasses for every expected failure (bad file, bad option, missing
 GPU); `Q4KGroup` turns them into one line `q4k-engine: error: <message>` on stderr and exit code
-2, the same code click uses for usage errors. Anything else is a bug and keeps its traceback.
+2, the same code click uses for usage errors. The engine's warnings (Q4KWarning: a fallback such as
+device "auto" running on the CPU) become one line `q4k-engine: warning: <message>` when they
+happen, which is before the work they concern. Ctrl-C exits 130 with one line (output files are
+written atomically, so none is left half-written). Anything else is a bug and keeps its traceback.
 Add a command with `@main.command()`; it inherits the policy.
 """
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from typing import Any
 import click
 
 from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE
-from q4k_engine.errors import InputError, Q4KError
+from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model, requantize, resolve_model, save_model
 from q4k_engine.tensors import ModelFile
@@ -25,16 +29,36 @@ from q4k_engine.tensors import ModelFile
 EXIT_ERROR = 2
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).splitlines())  # the promise is one line, whatever the message
+
+
 class Q4KGroup(click.Group):
-    """A click group whose commands report Q4KError as one line and exit code 2."""
+    """A click group whose commands report Q4KError as one line and exit code 2, the engine's
+    warnings as one line each, and Ctrl-C as one line and exit code 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except Q4KError as e:
-            message = " ".join(str(e).splitlines())  # the promise is one line, whatever the message
-            click.echo(f"q4k-engine: error: {message}", err=True)
-            ctx.exit(EXIT_ERROR)
+        with warnings.catch_warnings():
+            show = warnings.showwarning
+
+            def one_line_warning(message, category, filename, lineno, file=None, line=None):
+                if issubclass(category, Q4KWarning):
+                    click.echo(f"q4k-engine: warning: {_one_line(str(message))}", err=True)
+                else:
+                    show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = one_line_warning
+            try:
+                return super().invoke(ctx)
+            except Q4KError as e:
+                click.echo(f"q4k-engine: error: {_one_line(str(e))}", err=True)
+                ctx.exit(EXIT_ERROR)
+            except KeyboardInterrupt:
+                click.echo("q4k-engine: interrupted", err=True)
+                ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=Q4KGroup)
@@ -57,10 +81,11 @@ def _progress() -> bool:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    """Decimal units (kB = 1e3, MB = 1e6, GB = 1e9 bytes), as every memory figure of the engine."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     raise AssertionError("unreachable")
 
 
@@ -97,11 +122,12 @@ def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
             "activations are float32 and only one layer's are alive at a time "
             f"({per_token} values per token: residual, normed input, then q/k/v/attention "
             "output or the MLP's f16 product, whichever is larger), plus the matmuls' workspace "
-            f"({workspace >> 20} MiB: f16 dequantize scratch and one block of MLP products)",
+            f"({human_bytes(workspace)}: f16 dequantize scratch and one block of MLP products)",
             "prefill attention is tiled (no seq x seq score matrix)",
             "logits are kept for every position ([batch*seq, vocab]); last-position or top-k "
             "output needs only a [batch, vocab] slice",
-            "CUDA context and CuPy pool overhead (a few hundred MiB) are not included",
+            "the CUDA context, cuBLAS workspace and the CuPy pool's cached blocks (a few hundred MB) are not "
+            "included; the run's own report leads with the process's measured device memory",
         ],
     }
 
@@ -164,12 +190,12 @@ def _format_report(r: dict[str, Any]) -> str:
         + f", bos {tok['bos_id']}, eos {tok['eos_id']}" + (", chat template" if tok["chat_template"] else "")
     )
     lines.append(f"tensors    {r['tensor_count']}")
-    lines.append(f"  {'dtype':<8}{'count':>7}{'bytes':>14}")
+    lines.append(f"  {'dtype':<8}{'count':>7}{'size':>14}")
     for name, d in r["dtypes"].items():
         lines.append(f"  {name:<8}{d['count']:>7}{human_bytes(d['bytes']):>14}")
     b = m["bytes"]
     lines += [
-        f"GPU memory estimate, batch {m['batch']} x seq {m['seq']}:",
+        f"GPU memory estimate, batch {m['batch']} x seq {m['seq']} (kB, MB, GB = 1e3, 1e6, 1e9 bytes):",
         f"  weights              {human_bytes(b['weights']):>12}",
         f"  KV cache fp16/fp32   {human_bytes(b['kv_cache_fp16']):>12} / {human_bytes(b['kv_cache_fp32'])}",
         f"  activations fp32     {human_bytes(b['activations_fp32']):>12}",

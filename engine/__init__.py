@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 from .config import ModelConfig
-from .errors import DeviceError, FormatError, InputError, Q4KError, UnsupportedError
+from .errors import DeviceError, FallbackWarning, FormatError, InputError, Q4KError, Q4KWarning, UnsupportedError
 from .provider import LogitsProvider, TeacherModel, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "TeacherModel", "LogitsProvider", "ModelConfig",
-    "Q4KError", "FormatError", "InputError", "UnsupportedError", "DeviceError", "__version__",
+    "Q4KError", "FormatError", "InputError", "UnsupportedError", "DeviceError",
+    "Q4KWarning", "FallbackWarning", "__version__",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .tensors import QTensor
+from .tensors import ModelFile, QTensor
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -59,6 +59,7 @@ class Backend(Protocol):
     xp: Any  # the array module of the backend's arrays (numpy or cupy), for generic array code
 
     # --- weights (uploaded once, in their stored dtype) ---
+    def check_model(self, model: ModelFile) -> None: ...  # before any upload: the backend's limits, then check_fits
     def check_fits(self, tensors: list[QTensor]) -> None: ...  # DeviceError (need vs free) before any upload
     def weight(self, t: QTensor) -> Any: ...  # a matrix [out, in], kept quantized
     def vector(self, t: QTensor) -> Array: ...  # a small 1-D float32 tensor (norms, biases, rope_freqs)

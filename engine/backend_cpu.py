@@ -17,7 +17,7 @@ from .backend import Batch
 from .dtypes import SUPPORTED
 from .errors import InputError, UnsupportedError
 from .quants import dequantize, dequantize_rows
-from .tensors import QTensor
+from .tensors import ModelFile, QTensor
 
 # Values of one dequantized weight tile (16 MiB as float64): big enough for BLAS to run at speed,
 # small enough that the Gemma 3 LM head (167M values) never exists dequantized.
@@ -56,8 +56,11 @@ class NumpyBackend:
     xp = np
 
     # --- weights --------------------------------------------------------------------------------
-    def check_fits(self, tensors: list[QTensor]) -> None:
+    def check_model(self, model: ModelFile) -> None:
         """Nothing to check: matrices stay in the memory-mapped file, dequantized tile by tile."""
+
+    def check_fits(self, tensors: list[QTensor]) -> None:
+        """Nothing to check (see check_model)."""
 
     def weight(self, t: QTensor) -> QTensor:
         """The tensor itself: its bytes stay where the file mapping put them."""

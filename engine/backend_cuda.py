@@ -16,48 +16,72 @@ device's own used-memory figure (which includes the CUDA context and cuBLAS work
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 
+from . import gpu
 from .backend import Batch
-from .dtypes import GGMLType
-from .errors import DeviceError, InputError
-from .tensors import QTensor
+from .dtypes import SUPPORTED, GGMLType
+from .errors import DeviceError, FallbackWarning, InputError, UnsupportedError
+from .tensors import ModelFile, QTensor
 
 # Headroom kept free beyond the weights when checking that a model fits: activations of a few
 # thousand tokens, the f16 scratch of the matmuls, cuBLAS workspace. Bench figures show what is really used.
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 
 
-def _cupy():
-    try:
-        import cupy
-    except ImportError as e:
-        raise DeviceError("CuPy is not installed: pip install 'q4k-engine[cuda13]' (or [cuda12])") from e
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # the driver raises its own error types
-        raise DeviceError(f"no usable CUDA device: {e}") from e
-    if n == 0:
-        raise DeviceError("no CUDA device found")
-    return cupy
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _nvml_free(bus_id: str) -> int | None:
+    """Free bytes of the device at PCI `bus_id` as the driver's NVML library reports them, without
+    a CUDA context (which cudaMemGetInfo would create, hiding its own cost); None without NVML."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+
+    class Memory(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        handle, mem = ctypes.c_void_p(), Memory()
+        if nvml.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), ctypes.byref(handle)) != 0:
+            return None
+        if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+            return None
+        return int(mem.free)
+    finally:
+        nvml.nvmlShutdown()
 
 
 class PeakPool:
     """Wraps a CuPy MemoryPool's malloc and records the high-water marks of bytes in use (live
-    arrays) and bytes held (in use + cached free blocks: what the device actually gives up)."""
+    arrays) and bytes held (in use + cached free blocks: what the device actually gives up).
 
-    def __init__(self, pool):
+    It also keeps the device's free memory from before the process's first CudaBackend started
+    (`free_at_start`), the baseline of the process's own device memory: CUDA context, cuBLAS
+    workspace and pool. NVML measures it before the context exists; without NVML, cudaMemGetInfo
+    after the context (`context_counted` False, and the report says so)."""
+
+    def __init__(self, pool, free_at_start: int, nvml_bus_id: str | None):
         self.pool = pool
         self.peak_used = pool.used_bytes()
         self.peak_held = pool.total_bytes()
+        self.free_at_start = free_at_start
+        self.nvml_bus_id = nvml_bus_id  # the device to ask NVML about; None: ask cudaMemGetInfo
+
+    @property
+    def context_counted(self) -> bool:
+        return self.nvml_bus_id is not None
 
     def malloc(self, size: int):
         mem = self.pool.malloc(size)
@@ -72,54 +96,130 @@ class PeakPool:
         self.peak_used = self.pool.used_bytes()
         self.peak_held = self.pool.total_bytes()
 
+    def device_free(self, cp) -> int:
+        """Free device memory now, from the same source as `free_at_start`."""
+        free = _nvml_free(self.nvml_bus_id) if self.nvml_bus_id is not None else None
+        return int(cp.cuda.runtime.memGetInfo()[0]) if free is None else free
+
     @staticmethod
-    def install(cp) -> "PeakPool":
-        """The process's tracker: reuse the one already installed, else wrap the default pool."""
-        current = cp.cuda.get_allocator()
-        owner = getattr(current, "__self__", None)
-        if isinstance(owner, PeakPool):
-            return owner
-        tracker = PeakPool(cp.get_default_memory_pool())
+    def installed(cp) -> "PeakPool | None":
+        owner = getattr(cp.cuda.get_allocator(), "__self__", None)
+        return owner if isinstance(owner, PeakPool) else None
+
+    @staticmethod
+    def install(cp, device: int) -> "PeakPool":
+        """The process's tracker: reuse the one already installed, else measure the baseline, make
+        `device` current and wrap the default pool. Call before anything else touches the device."""
+        current = PeakPool.installed(cp)
+        if current is not None:
+            cp.cuda.Device(device).use()
+            return current
+        bus_id = cp.cuda.Device(device).pci_bus_id
+        free = _nvml_free(bus_id)  # before use(): that creates the context
+        cp.cuda.Device(device).use()
+        if free is None:
+            bus_id, free = None, int(cp.cuda.runtime.memGetInfo()[0])
+        tracker = PeakPool(cp.get_default_memory_pool(), free, bus_id)
         cp.cuda.set_allocator(tracker.malloc)
         return tracker
 
 
+def check_kernel_limits(model: ModelFile) -> None:
+    """What the GPU kernels cannot run, as one UnsupportedError naming the limit, before anything
+    is uploaded (not a launch error at the first forward); and a FallbackWarning for layers whose
+    gated MLP cannot take the fused f16 path. Needs no GPU: it reads the file's shapes and types."""
+    from q4k_engine.kernels.matmul import padded_cols
+    from q4k_engine.kernels.ops import MAX_HEAD_DIM
+
+    c = model.config
+    if c.head_dim > MAX_HEAD_DIM:
+        raise UnsupportedError(f"{model.path}: head_dim {c.head_dim} is above the GPU attention kernels' limit of "
+                               f"{MAX_HEAD_DIM}; device 'cpu' runs it")
+    if c.head_dim % 2:
+        raise UnsupportedError(f"{model.path}: head_dim {c.head_dim} is odd; the GPU RoPE kernel rotates pairs")
+    for t in model.tensors.values():
+        if len(t.shape) == 2 and t.dtype not in SUPPORTED:
+            raise UnsupportedError(f"{t.name}: GGML type {GGMLType(t.dtype).name} has no GPU kernel")
+    unfused = []
+    for i in range(c.n_layers):
+        gate, up = model.tensors.get(f"blk.{i}.ffn_gate.weight"), model.tensors.get(f"blk.{i}.ffn_up.weight")
+        if gate is not None and up is not None and len(gate.shape) == len(up.shape) == 2 and \
+                padded_cols(gate.dtype, gate.shape[1]) != padded_cols(up.dtype, up.shape[1]):
+            unfused.append((i, gate, up))
+    if unfused:
+        i, gate, up = unfused[0]
+        warnings.warn(f"{model.path}: in {len(unfused)} of {c.n_layers} layers (first blk.{i}) ffn_gate "
+                      f"({GGMLType(gate.dtype).name}) and ffn_up ({GGMLType(up.dtype).name}) rows pad to "
+                      f"{padded_cols(gate.dtype, gate.shape[1])} and {padded_cols(up.dtype, up.shape[1])} values: "
+                      "their gated MLP runs as two float32 matmuls on the GPU, not the fused f16 path "
+                      "(slower, more memory)", FallbackWarning, stacklevel=5)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    dtype: str  # the stored GGML type
+    stored_bytes: int  # in the file
+    device_bytes: int  # what the memory pool grew by while this tensor was uploaded
+
+
 @dataclass
 class UploadReport:
-    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
-    n_tensors: int = 0
+    """What the weights' upload moved, tensor by tensor: measured on the device (the pool's growth
+    in bytes in use), beside what the file stores. A quantized weight costs its stored bytes (plus
+    the pool's rounding to 512); a vector is held as float32."""
+
+    tensors: dict[str, Uploaded] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_by_dtype.values())
+    def n_tensors(self) -> int:
+        return len(self.tensors)
 
-    def add(self, dtype: GGMLType, nbytes: int, seconds: float) -> None:
-        name = GGMLType(dtype).name
-        self.bytes_by_dtype[name] = self.bytes_by_dtype.get(name, 0) + nbytes
-        self.n_tensors += 1
+    @property
+    def device_bytes(self) -> int:
+        return sum(u.device_bytes for u in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(u.stored_bytes for u in self.tensors.values())
+
+    def by_dtype(self) -> dict[str, tuple[int, int]]:
+        """Stored type -> (stored bytes, device bytes), largest first."""
+        out: dict[str, tuple[int, int]] = {}
+        for u in self.tensors.values():
+            stored, device = out.get(u.dtype, (0, 0))
+            out[u.dtype] = (stored + u.stored_bytes, device + u.device_bytes)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
+
+    def add(self, t: QTensor, device_bytes: int, seconds: float) -> None:
+        self.tensors[t.name] = Uploaded(GGMLType(t.dtype).name, t.nbytes, device_bytes)
         self.seconds += seconds
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(self.bytes_by_dtype.items(), key=lambda kv: -kv[1]))
-        rate = self.total_bytes / self.seconds / 1e9 if self.seconds else 0.0
-        return (f"uploaded {self.n_tensors} tensors, {_gib(self.total_bytes)} ({parts}) "
-                f"in {self.seconds:.2f} s ({rate:.1f} GB/s)")
+        parts = ", ".join(f"{k} {_gb(d)}" for k, (_, d) in self.by_dtype().items())
+        rate = self.stored_bytes / self.seconds / 1e9 if self.seconds else 0.0
+        return (f"uploaded {self.n_tensors} tensors: {_gb(self.device_bytes)} on the device ({parts}) for "
+                f"{_gb(self.stored_bytes)} stored, in {self.seconds:.2f} s ({rate:.1f} GB/s; GB = 1e9 bytes)")
 
 
 @dataclass(frozen=True)
 class MemoryReport:
+    process_used: int  # drop in the device's free memory since the process's first CudaBackend started
+    context_counted: bool  # whether that drop includes the CUDA context (NVML available)
     pool_peak_used: int  # high-water mark of bytes in live CuPy arrays
     pool_peak_held: int  # high-water mark of bytes the pool held (live + cached blocks)
     pool_used: int
     pool_held: int
-    device_used: int  # total - free as the driver sees it now (context, cuBLAS, other users)
+    device_used: int  # total - free as the driver sees it now (every process on the device)
     device_total: int
 
     def __str__(self) -> str:
-        return (f"peak {_gib(self.pool_peak_held)} held / {_gib(self.pool_peak_used)} in arrays; "
-                f"now {_gib(self.pool_held)} held; device used {_gib(self.device_used)} of "
-                f"{_gib(self.device_total)}")
+        what = "CUDA context, cuBLAS workspace and pool" if self.context_counted else \
+            "cuBLAS workspace and pool; the CUDA context is not counted: no NVML to measure before it"
+        return (f"process {_gb(self.process_used)} of device memory ({what}); pool peak "
+                f"{_gb(self.pool_peak_held)} held / {_gb(self.pool_peak_used)} in arrays, now "
+                f"{_gb(self.pool_held)} held; device {_gb(self.device_used)} used of {_gb(self.device_total)} "
+                f"(GB = 1e9 bytes)")
 
 
 @dataclass
@@ -193,15 +293,14 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, device: int = 0):
-        cp = _cupy()
-        from q4k_engine.kernels import matmul, ops  # deferred: both import CuPy
+        cp = gpu.cupy()
+        self.tracker = PeakPool.install(cp, device)  # first: its baseline precedes the context
+        from q4k_engine.kernels import matmul, ops  # deferred: both use CuPy
 
         self._cp, self._mm, self._ops = cp, matmul, ops
         self.xp = cp
         self.device = cp.cuda.Device(device)
-        self.device.use()
         self.device_name = cp.cuda.runtime.getDeviceProperties(device)["name"].decode()
-        self.tracker = PeakPool.install(cp)
         self.upload = UploadReport()
         self._batch_dev: _DeviceBatch | None = None  # the last Batch seen (one forward's worth)
 
@@ -211,20 +310,26 @@ class CudaBackend:
         free, _ = self._cp.cuda.runtime.memGetInfo()
         return int(free) + int(self.tracker.pool.free_bytes())
 
+    def check_model(self, model: ModelFile) -> None:
+        """Before any upload: the model within the kernels' limits (check_kernel_limits), then its
+        weights plus a workspace within free memory (check_fits)."""
+        check_kernel_limits(model)
+        self.check_fits(list(model.tensors.values()))
+
     def check_fits(self, tensors: list[QTensor] | tuple[QTensor, ...], workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> None:
         """Raise DeviceError before any upload when the weights plus a workspace cannot fit."""
         need = sum(t.nbytes for t in tensors) + workspace_bytes
         free = self.free_bytes()
         if need > free:
-            raise DeviceError(f"model needs {_gib(need)} on {self.device_name} (weights "
-                              f"{_gib(need - workspace_bytes)} + workspace {_gib(workspace_bytes)}) "
-                              f"but only {_gib(free)} is free")
+            raise DeviceError(f"model needs {_gb(need)} on {self.device_name} (weights "
+                              f"{_gb(need - workspace_bytes)} + workspace {_gb(workspace_bytes)}) "
+                              f"but only {_gb(free)} is free")
 
     def memory_report(self) -> MemoryReport:
         free, total = self._cp.cuda.runtime.memGetInfo()
-        pool = self.tracker.pool
-        return MemoryReport(self.tracker.peak_used, self.tracker.peak_held, pool.used_bytes(),
-                            pool.total_bytes(), int(total - free), int(total))
+        tr = self.tracker
+        return MemoryReport(tr.free_at_start - tr.device_free(self._cp), tr.context_counted, tr.peak_used,
+                            tr.peak_held, tr.pool.used_bytes(), tr.pool.total_bytes(), int(total - free), int(total))
 
     def reset_peak(self) -> None:
         self.tracker.reset()
@@ -233,21 +338,23 @@ class CudaBackend:
     def weight(self, t: QTensor) -> Any:
         free = self.free_bytes()
         if t.nbytes > free:
-            raise DeviceError(f"{t.name}: needs {_gib(t.nbytes)} on {self.device_name}, only {_gib(free)} free")
-        t0 = time.perf_counter()
-        w = self._mm.upload_weight(t)
-        self._cp.cuda.get_current_stream().synchronize()
-        self.upload.add(t.dtype, t.nbytes, time.perf_counter() - t0)
-        return w
+            raise DeviceError(f"{t.name}: needs {_gb(t.nbytes)} on {self.device_name}, only {_gb(free)} free")
+        return self._measured_upload(t, lambda: self._mm.upload_weight(t))
 
     def vector(self, t: QTensor) -> Any:
         from .quants import dequantize
 
         host = dequantize(t.data, t.dtype, t.shape).astype(np.float32, copy=False).reshape(-1)
-        t0 = time.perf_counter()
-        dev = self._cp.asarray(host)
-        self.upload.add(t.dtype, t.nbytes, time.perf_counter() - t0)
-        return dev
+        return self._measured_upload(t, lambda: self._cp.asarray(host))
+
+    def _measured_upload(self, t: QTensor, put: Callable[[], Any]) -> Any:
+        """put() (which copies t to the device), recorded with the pool's growth in bytes in use."""
+        pool = self.tracker.pool
+        before, t0 = pool.used_bytes(), time.perf_counter()
+        w = put()
+        self._cp.cuda.get_current_stream().synchronize()
+        self.upload.add(t, pool.used_bytes() - before, time.perf_counter() - t0)
+        return w
 
     # --- data movement ----------------------------------------------------------------------
     def asarray(self, x: np.ndarray) -> Any:
@@ -300,7 +407,7 @@ class CudaBackend:
         need = 2 * n_layers * int(np.prod(shape)) * 4
         free = self.free_bytes()
         if need > free:
-            raise DeviceError(f"KV cache of {n_seqs} x {max_len} tokens needs {_gib(need)}, only {_gib(free)} free")
+            raise DeviceError(f"KV cache of {n_seqs} x {max_len} tokens needs {_gb(need)}, only {_gb(free)} free")
         return CudaKVCache([cp.zeros(shape, cp.float32) for _ in range(n_layers)],
                            [cp.zeros(shape, cp.float32) for _ in range(n_layers)], n_seqs, max_len)
 

@@ -23,3 +23,12 @@ class UnsupportedError(Q4KError):
 
 class DeviceError(Q4KError):
     """The GPU is missing, CuPy is absent, or the model does not fit in its memory."""
+
+
+class Q4KWarning(UserWarning):
+    """Base of every warning the engine gives on purpose; the CLI prints each as one line on stderr."""
+
+
+class FallbackWarning(Q4KWarning):
+    """Something runs another way than asked or expected (device "auto" on the CPU, an unfused
+    kernel path); the message names what and why."""

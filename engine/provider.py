@@ -23,14 +23,16 @@ indices are always int64, lengths int64).
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from . import gpu
 from .backend import Backend, Batch
 from .backend_cpu import NumpyBackend
-from .errors import DeviceError, InputError, UnsupportedError
+from .errors import DeviceError, FallbackWarning, InputError, UnsupportedError
 from .forward import forward, upload
 from .generate import Generation, generate as greedy_generate
 from .loader import open_model, resolve_model
@@ -62,25 +64,24 @@ def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def _cuda_backend() -> Backend:
-    try:
-        import cupy
-    except ImportError:
-        raise DeviceError("device 'cuda' needs CuPy: pip install 'q4k-engine[cuda13]' (or [cuda12])") from None
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # the CUDA runtime raises its own error types when no driver is present
-        raise DeviceError(f"device 'cuda': no usable CUDA device ({e})") from None
-    if n == 0:
-        raise DeviceError("device 'cuda': no CUDA device found")
+    """A CudaBackend, or DeviceError naming why none can be had (no CuPy, no driver, no device,
+    the backend failing to import or to start)."""
+    gpu.cupy()
     try:
         from .backend_cuda import CudaBackend
     except ImportError as e:
-        raise DeviceError(f"device 'cuda': the CUDA backend cannot be imported ({e})") from None
-    return CudaBackend()
+        raise DeviceError(f"the CUDA backend cannot be imported ({e})") from None
+    try:
+        return CudaBackend()
+    except DeviceError:
+        raise
+    except Exception as e:  # the CUDA runtime's own errors (context creation, out of memory)
+        raise DeviceError(f"the CUDA backend failed to start ({type(e).__name__}: {' '.join(str(e).split())})") from e
 
 
 def make_backend(device: str) -> Backend:
-    """"cpu", "cuda" (DeviceError without CuPy and a GPU), or "auto" (cuda when it works, else cpu)."""
+    """"cpu", "cuda" (DeviceError naming why, without CuPy and a GPU), or "auto": cuda when it
+    works, else cpu with a FallbackWarning that names the reason."""
     _check_choice("device", device, DEVICES)
     if device == "cpu":
         return NumpyBackend()
@@ -88,7 +89,9 @@ def make_backend(device: str) -> Backend:
         return _cuda_backend()
     try:
         return _cuda_backend()
-    except DeviceError:
+    except DeviceError as e:
+        warnings.warn(f"device 'auto' runs on the CPU (NumPy backend, much slower): {e}", FallbackWarning,
+                      stacklevel=3)
         return NumpyBackend()
 
 
@@ -138,7 +141,7 @@ class TeacherModel:
         if max_batch_tokens < 1:
             raise InputError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
-        backend.check_fits(list(model.tensors.values()))  # before any upload: one clear error, nothing half-loaded
+        backend.check_model(model)  # before any upload: one clear error, nothing half-loaded
         self.weights = upload(model, backend)
 
     def __repr__(self) -> str:
@@ -315,8 +318,8 @@ def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype
     """Open a .gguf/.apr file (or "demo", the synthetic demo model) as a teacher on `device`.
 
     device: "cpu" (NumPy reference), "cuda" (CuPy; DeviceError without CuPy and a GPU), or "auto"
-    (cuda when CuPy, a GPU and the CUDA backend all work, else cpu). `output` and `dtype` are the
-    defaults of every call; each call may override them.
+    (cuda when CuPy, a GPU and the CUDA backend all work, else cpu with a FallbackWarning naming
+    why). `output` and `dtype` are the defaults of every call; each call may override them.
     """
     model = open_model(resolve_model(path))
     return TeacherModel(model, make_backend(device), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens)

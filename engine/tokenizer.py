@@ -6,7 +6,8 @@ integration rebuilds it, so `encode` gives the ids that
 checks this on both real models):
 
 - `gpt2` (byte-level BPE): the file's merges; the pre-tokenizer regex follows `tokenizer.ggml.pre`
-  (the split the merges were learned with); control tokens stay whole as special tokens.
+  (the split the merges were learned with; an unknown pre-type is refused, the environment variable
+  Q4K_PRETOKENIZER chooses one explicitly); control tokens stay whole as special tokens.
 - `llama` (SentencePiece-style BPE with byte fallback): no merges are stored, so they are derived
   from the vocabulary: a token t gives one merge (l, r) for every split t = l + r with both halves
   in the vocabulary, ranked by t's score (ties: longer left piece first). Gemma is different in two
@@ -18,12 +19,15 @@ post-processor, so `encode(..., add_bos=False)` can turn it off per call.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .errors import InputError, UnsupportedError
+from .binio import shown
+from .errors import FallbackWarning, InputError, UnsupportedError
 from .tensors import TokenizerSpec
 
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space "▁"
@@ -32,8 +36,8 @@ TOKEN_USER_DEFINED = 4
 
 GEMMA_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
-# Pre-tokenizer splits by `tokenizer.ggml.pre`. A name not listed uses GPT-2's own regex (what
-# tokenizers' ByteLevel applies by default), which is also what "gpt2"/"default" mean.
+# Pre-tokenizer splits by `tokenizer.ggml.pre` (llama.cpp's names). A name not known here is refused:
+# another split gives other token ids than llama.cpp and transformers. PRETOKENIZER_ENV chooses one.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -54,6 +58,11 @@ PRE_SPLITS: dict[str, str] = {
 # Pre-tokenizers that split digits one by one before GPT-2's regex (SmolLM's tokenizer.json does
 # this; llama.cpp's "smollm" pre-type too).
 DIGIT_SPLIT_PRES = frozenset({"smollm"})
+# GPT-2's own regex (what tokenizers' ByteLevel applies by itself). llama.cpp's "default" is not it.
+GPT2_PRES = frozenset({"gpt-2", "gpt2"})
+KNOWN_PRES = tuple(sorted({*PRE_SPLITS, *DIGIT_SPLIT_PRES, *GPT2_PRES}))
+# The explicit choice of a split for a file whose pre-type is unknown or missing (overrides the file's).
+PRETOKENIZER_ENV = "Q4K_PRETOKENIZER"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -100,7 +109,7 @@ def _byte_level(spec: TokenizerSpec) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in (spec.merges or [])]
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                               end_of_word_suffix="", fuse_unk=False))
-    pre = spec.pre or "default"
+    pre = _pre_type(spec)
     if pre in PRE_SPLITS:
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRE_SPLITS[pre]), behavior="isolated"),
@@ -111,13 +120,36 @@ def _byte_level(spec: TokenizerSpec) -> Tokenizer:
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-    else:
+    else:  # GPT2_PRES
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
     # Control tokens written outside the byte alphabet are converter mislabels; keeping them out
     # keeps the vocabulary at the size the model expects.
     _add_special(tk, spec, lambda tok: set(tok) <= alphabet, vocab)
     return tk
+
+
+def _pre_type(spec: TokenizerSpec) -> str:
+    """The byte-level split to use: PRETOKENIZER_ENV if set, else the file's known pre-type.
+
+    An unknown pre-type is refused; a file without one gets GPT-2's split with a warning (llama.cpp
+    also loads such files, warning that their tokenization may be degraded)."""
+    known = ", ".join(KNOWN_PRES)
+    chosen = os.environ.get(PRETOKENIZER_ENV, "").strip()
+    if chosen:
+        if chosen not in KNOWN_PRES:
+            raise InputError(f"{PRETOKENIZER_ENV}={shown(chosen)} is not a pre-tokenizer q4k-engine knows ({known})")
+        return chosen
+    if spec.pre is None:
+        warnings.warn(f"the model file names no tokenizer.ggml.pre: splitting text as GPT-2 does (token ids may "
+                      f"differ from the model's own tokenizer); set {PRETOKENIZER_ENV} to choose ({known})",
+                      FallbackWarning, stacklevel=4)
+        return "gpt-2"
+    if spec.pre not in KNOWN_PRES:
+        raise UnsupportedError(f"tokenizer.ggml.pre {shown(spec.pre)} is a pre-tokenizer q4k-engine does not know, so "
+                               f"its token ids could differ from llama.cpp's; set {PRETOKENIZER_ENV} to one of "
+                               f"{known} to choose the split explicitly")
+    return spec.pre
 
 
 def _sentencepiece(spec: TokenizerSpec, arch: str) -> Tokenizer:

@@ -43,6 +43,13 @@ _ALPHA_PTR = _ALPHA_BETA.ctypes.data
 _BETA_PTR = _ALPHA_PTR + 4
 
 
+def padded_cols(dtype: GGMLType, cols: int) -> int:
+    """Row length the kernels walk for a weight of `cols` columns: whole blocks (float types: whole
+    32-value units); x is zero-padded to it."""
+    unit = max(TYPE_INFO[GGMLType(dtype)].block_size, _UNIT)
+    return -(-cols // unit) * unit
+
+
 @dataclass(frozen=True)
 class GpuWeight:
     """A weight matrix [out, in] on the GPU in its stored GGML type.
@@ -78,8 +85,7 @@ class GpuWeight:
 
     @property
     def kpad(self) -> int:
-        """Row length the kernels walk: whole blocks; x is zero-padded to it."""
-        return self.blocks_per_row * self.block_values
+        return padded_cols(self.dtype, self.cols)
 
     @functools.cached_property
     def pieces_per_row(self) -> int:
@@ -403,7 +409,8 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     operand the down projection's cuBLAS path would round it to anyway, built a block of rows at
     a time (a 7B MLP at 2048 tokens then holds 78 MB, not the 310 MB of two fp32 products); gate
     and up products are rounded to f16 before the activation. Otherwise (or when the two weights'
-    padded row lengths differ) it is float32, from two matmuls and an in-place glu.
+    padded row lengths differ, which CudaBackend.check_model reports when the model is loaded) it is
+    float32, from two matmuls and an in-place glu.
     """
     from . import ops
 
