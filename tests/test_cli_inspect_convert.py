@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -23,10 +22,8 @@ from q4k_engine.tensors import ModelFile, QTensor
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory) -> tuple[ModelFile, Path]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"synthetic seed={seed}")
-    m = synthetic_model("gemma3", seed=seed)
+def gemma(tmp_path_factory, module_seed) -> tuple[ModelFile, Path]:
+    m = synthetic_model("gemma3", seed=module_seed)
     return m, save_model(tmp_path_factory.mktemp("m") / "gemma3.gguf", m, "gguf")
 
 

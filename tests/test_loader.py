@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -35,10 +34,8 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
 @pytest.fixture(scope="module")
-def models() -> dict[str, ModelFile]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"synthetic seed={seed}")
-    return {arch: synthetic_model(arch, seed=seed) for arch in ARCHS}
+def models(module_seed) -> dict[str, ModelFile]:
+    return {arch: synthetic_model(arch, seed=module_seed) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")

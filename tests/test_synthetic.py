@@ -22,6 +22,8 @@ from q4k_engine.synthetic import (
     write_synthetic,
 )
 
+from conftest import fresh_seed
+
 EXTRA = {
     "llama": {GGMLType.Q4_1},
     "mistral": {GGMLType.F16},
@@ -32,10 +34,8 @@ EXTRA = {
 
 
 @pytest.fixture
-def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={s}")
-    return s
+def seed(request) -> int:
+    return fresh_seed(request.node.name)
 
 
 @pytest.mark.parametrize("arch", sorted(EXTRA))
