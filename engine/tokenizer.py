@@ -138,7 +138,7 @@ def _pre_type(spec: TokenizerSpec) -> str:
     chosen = os.environ.get(PRETOKENIZER_ENV, "").strip()
     if chosen:
         if chosen not in KNOWN_PRES:
-            raise InputError(f"{PRETOKENIZER_ENV}={shown(chosen)} is not a pre-tokenizer q4k-engine knows ({known})")
+            raise InputError(f"{PRETOKENIZER_ENV}={shown(repr(chosen))} is not a pre-tokenizer q4k-engine knows ({known})")
         return chosen
     if spec.pre is None:
         warnings.warn(f"the model file names no tokenizer.ggml.pre: splitting text as GPT-2 does (token ids may "
@@ -146,7 +146,7 @@ def _pre_type(spec: TokenizerSpec) -> str:
                       FallbackWarning, stacklevel=4)
         return "gpt-2"
     if spec.pre not in KNOWN_PRES:
-        raise UnsupportedError(f"tokenizer.ggml.pre {shown(spec.pre)} is a pre-tokenizer q4k-engine does not know, so "
+        raise UnsupportedError(f"tokenizer.ggml.pre {shown(repr(spec.pre))} is a pre-tokenizer q4k-engine does not know, so "
                                f"its token ids could differ from llama.cpp's; set {PRETOKENIZER_ENV} to one of "
                                f"{known} to choose the split explicitly")
     return spec.pre
