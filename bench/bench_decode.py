@@ -80,7 +80,7 @@ def main() -> None:
     be = teacher.backend
     print(f"loaded {teacher!r} in {time.perf_counter() - t0:.1f} s: {be.upload}")
     tensors = teacher.model.tensors
-    weight_bytes = be.upload.total_bytes
+    weight_bytes = be.upload.device_bytes
     read_bytes = weight_bytes - tensors["token_embd.weight"].nbytes * ("output.weight" in tensors)
     bw = copy_bandwidth()
     floor_ms = weight_bytes / bw * 1e3

@@ -90,6 +90,22 @@ def test_memory_report_tracks_peak(backend):
     assert "peak" in str(peak)
 
 
+def test_memory_report_leads_with_the_process(backend):
+    """The process's device memory (context, cuBLAS workspace, pool) comes first, in GB only."""
+    cp = backend._cp
+    x = cp.ones((512, 512), cp.float32)
+    (x @ x).sum()  # cuBLAS creates its handle and workspace
+    m = backend.memory_report()
+    text = str(m)
+    print(text)
+    assert text.startswith(f"process {m.process_used / 1e9:.2f} GB of device memory")
+    assert "GiB" not in text and "MiB" not in text and "GB = 1e9 bytes" in text
+    assert m.process_used >= m.pool_held  # the pool is part of what the process took
+    if m.context_counted:  # measured before the CUDA context existed: it is in the figure
+        assert m.process_used >= m.pool_held + 50e6, text
+    assert m.device_used >= m.process_used
+
+
 def test_too_large_model_raises_device_error(backend):
     _, total = backend._cp.cuda.runtime.memGetInfo()
     huge = QTensor("blk.0.ffn_up.weight", GGMLType.F32, (int(total // 4 // 1024) + 1, 1024), np.zeros(0, np.uint8))
@@ -100,11 +116,63 @@ def test_too_large_model_raises_device_error(backend):
 
 
 def test_upload_report_counts_bytes(backend, rng):
-    before = backend.upload.bytes_by_dtype.get("F32", 0)
+    before = backend.upload.device_bytes
     t = f32_tensor("blk.0.attn_q.weight", rng.standard_normal((64, 256)))
     backend.weight(t)
-    assert backend.upload.bytes_by_dtype["F32"] == before + t.nbytes
+    u = backend.upload.tensors[t.name]
+    assert (u.dtype, u.stored_bytes, u.device_bytes) == ("F32", t.nbytes, t.nbytes)  # 64 KiB: whole pool units
+    assert backend.upload.device_bytes == before + t.nbytes
     assert "uploaded" in str(backend.upload)
+
+
+POOL_UNIT = 512  # CuPy's pool rounds every allocation up to this
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_weights_resident_in_their_stored_bytes(tmp_path, module_seed, arch):
+    """The pool grows by the upload report's device bytes, and every matrix costs its stored bytes
+    (plus the pool's rounding): one weight uploaded as f32 would fail this."""
+    import q4k_engine
+    from q4k_engine.synthetic import write_synthetic
+
+    path = write_synthetic(tmp_path / f"{arch}.gguf", arch, "gguf", seed=module_seed)
+    import cupy as cp
+
+    pool = cp.get_default_memory_pool()
+    before = pool.used_bytes()
+    teacher = q4k_engine.load(path, device="cuda")
+    grown = pool.used_bytes() - before
+    up = teacher.backend.upload
+    print(up)
+    assert up.device_bytes == grown
+    matrices = [t for t in teacher.model.tensors.values() if len(t.shape) == 2]
+    assert {t.name for t in matrices} <= set(up.tensors)
+    for t in matrices:
+        u = up.tensors[t.name]
+        assert t.nbytes <= u.device_bytes < t.nbytes + POOL_UNIT, (t.name, t.dtype.name, u)
+    for name, u in up.tensors.items():
+        t = teacher.model.tensors[name]
+        if len(t.shape) == 1:  # vectors are held as float32 by design
+            assert u.device_bytes == -(-t.shape[0] * 4 // POOL_UNIT) * POOL_UNIT, name
+
+
+def test_kernel_limits_refused_before_any_upload(module_seed):
+    """head_dim 288 is beyond the attention kernels: one UnsupportedError at load, nothing uploaded."""
+    import cupy as cp
+
+    from q4k_engine.backend_cpu import NumpyBackend
+    from q4k_engine.backend_cuda import CudaBackend
+    from q4k_engine.errors import UnsupportedError
+    from q4k_engine.provider import TeacherModel
+    from q4k_engine.synthetic import synthetic_model
+
+    model = synthetic_model("llama", seed=module_seed, head_dim=288, n_heads=2, n_kv_heads=1)
+    backend = CudaBackend()
+    before = cp.get_default_memory_pool().used_bytes()
+    with pytest.raises(UnsupportedError, match="head_dim 288 is above the GPU attention kernels' limit"):
+        TeacherModel(model, backend)
+    assert cp.get_default_memory_pool().used_bytes() == before and backend.upload.n_tensors == 0
+    assert TeacherModel(model, NumpyBackend()).logits_for_batch([[1, 2]]).shape == (1, model.config.vocab_size)
 
 
 # --- whole forward: CUDA vs the NumPy reference on synthetic models of every architecture -------

@@ -71,12 +71,9 @@ def test_weights_stay_quantized(teachers):
     _, gpu = teachers
     up = gpu.backend.upload
     print(up)
-    stored: dict[str, int] = {}
+    # Each matrix costs its stored bytes on the device (Q4_K stays Q4_K), measured from the pool.
     for t in gpu.model.tensors.values():
-        stored[GGMLType(t.dtype).name] = stored.get(GGMLType(t.dtype).name, 0) + t.nbytes
-    # Each stored dtype arrives with its own bytes (Q4_K stays Q4_K): nothing expanded to F32.
-    for name, nbytes in up.bytes_by_dtype.items():
-        assert nbytes <= stored[name], name
-    assert up.bytes_by_dtype.get("F32", 0) <= stored.get("F32", 0)
-    assert up.total_bytes <= sum(stored.values())
-    assert {GGMLType(t.dtype).name for t in gpu.model.tensors.values() if len(t.shape) == 2} <= set(up.bytes_by_dtype)
+        if len(t.shape) == 2 and t.name in up.tensors:
+            assert t.nbytes <= up.tensors[t.name].device_bytes < t.nbytes + 512, t.name
+    assert {t.name for t in gpu.model.tensors.values() if len(t.shape) == 2} <= set(up.tensors)
+    assert {GGMLType(t.dtype).name for t in gpu.model.tensors.values() if len(t.shape) == 2} <= set(up.by_dtype())
