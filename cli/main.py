@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE
+from q4k_engine.binio import UNITS, human_bytes
 from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model, requantize, resolve_model, save_model
@@ -78,15 +79,6 @@ def _progress() -> bool:
 
 # --------------------------------------------------------------------------------------------
 # inspect
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units (kB = 1e3, MB = 1e6, GB = 1e9 bytes), as every memory figure of the engine."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
@@ -195,7 +187,7 @@ def _format_report(r: dict[str, Any]) -> str:
         lines.append(f"  {name:<8}{d['count']:>7}{human_bytes(d['bytes']):>14}")
     b = m["bytes"]
     lines += [
-        f"GPU memory estimate, batch {m['batch']} x seq {m['seq']} (kB, MB, GB = 1e3, 1e6, 1e9 bytes):",
+        f"GPU memory estimate, batch {m['batch']} x seq {m['seq']} ({UNITS}):",
         f"  weights              {human_bytes(b['weights']):>12}",
         f"  KV cache fp16/fp32   {human_bytes(b['kv_cache_fp16']):>12} / {human_bytes(b['kv_cache_fp32'])}",
         f"  activations fp32     {human_bytes(b['activations_fp32']):>12}",

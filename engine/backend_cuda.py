@@ -26,6 +26,7 @@ import numpy as np
 
 from . import gpu
 from .backend import Batch
+from .binio import UNITS, human_bytes
 from .dtypes import SUPPORTED, GGMLType
 from .errors import DeviceError, FallbackWarning, InputError, UnsupportedError
 from .tensors import ModelFile, QTensor
@@ -33,10 +34,6 @@ from .tensors import ModelFile, QTensor
 # Headroom kept free beyond the weights when checking that a model fits: activations of a few
 # thousand tokens, the f16 scratch of the matmuls, cuBLAS workspace. Bench figures show what is really used.
 DEFAULT_WORKSPACE_BYTES = 1 << 30
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def _nvml_free(bus_id: str) -> int | None:
@@ -196,10 +193,11 @@ class UploadReport:
         self.seconds += seconds
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{k} {_gb(d)}" for k, (_, d) in self.by_dtype().items())
+        parts = ", ".join(f"{k} {human_bytes(d)}" for k, (_, d) in self.by_dtype().items())
         rate = self.stored_bytes / self.seconds / 1e9 if self.seconds else 0.0
-        return (f"uploaded {self.n_tensors} tensors: {_gb(self.device_bytes)} on the device ({parts}) for "
-                f"{_gb(self.stored_bytes)} stored, in {self.seconds:.2f} s ({rate:.1f} GB/s; GB = 1e9 bytes)")
+        return (f"uploaded {self.n_tensors} tensors: {human_bytes(self.device_bytes)} on the device ({parts}) "
+                f"for {human_bytes(self.stored_bytes)} stored, in {self.seconds:.2f} s ({rate:.1f} GB/s; "
+                f"{UNITS})")
 
 
 @dataclass(frozen=True)
@@ -216,10 +214,10 @@ class MemoryReport:
     def __str__(self) -> str:
         what = "CUDA context, cuBLAS workspace and pool" if self.context_counted else \
             "cuBLAS workspace and pool; the CUDA context is not counted: no NVML to measure before it"
-        return (f"process {_gb(self.process_used)} of device memory ({what}); pool peak "
-                f"{_gb(self.pool_peak_held)} held / {_gb(self.pool_peak_used)} in arrays, now "
-                f"{_gb(self.pool_held)} held; device {_gb(self.device_used)} used of {_gb(self.device_total)} "
-                f"(GB = 1e9 bytes)")
+        return (f"process {human_bytes(self.process_used)} of device memory ({what}); pool peak "
+                f"{human_bytes(self.pool_peak_held)} held / {human_bytes(self.pool_peak_used)} in arrays, now "
+                f"{human_bytes(self.pool_held)} held; device {human_bytes(self.device_used)} used of "
+                f"{human_bytes(self.device_total)} ({UNITS})")
 
 
 @dataclass
@@ -321,9 +319,9 @@ class CudaBackend:
         need = sum(t.nbytes for t in tensors) + workspace_bytes
         free = self.free_bytes()
         if need > free:
-            raise DeviceError(f"model needs {_gb(need)} on {self.device_name} (weights "
-                              f"{_gb(need - workspace_bytes)} + workspace {_gb(workspace_bytes)}) "
-                              f"but only {_gb(free)} is free")
+            raise DeviceError(f"model needs {human_bytes(need)} on {self.device_name} (weights "
+                              f"{human_bytes(need - workspace_bytes)} + workspace {human_bytes(workspace_bytes)}) "
+                              f"but only {human_bytes(free)} is free")
 
     def memory_report(self) -> MemoryReport:
         free, total = self._cp.cuda.runtime.memGetInfo()
@@ -338,7 +336,8 @@ class CudaBackend:
     def weight(self, t: QTensor) -> Any:
         free = self.free_bytes()
         if t.nbytes > free:
-            raise DeviceError(f"{t.name}: needs {_gb(t.nbytes)} on {self.device_name}, only {_gb(free)} free")
+            raise DeviceError(f"{t.name}: needs {human_bytes(t.nbytes)} on {self.device_name}, "
+                              f"only {human_bytes(free)} free")
         return self._measured_upload(t, lambda: self._mm.upload_weight(t))
 
     def vector(self, t: QTensor) -> Any:
@@ -407,7 +406,8 @@ class CudaBackend:
         need = 2 * n_layers * int(np.prod(shape)) * 4
         free = self.free_bytes()
         if need > free:
-            raise DeviceError(f"KV cache of {n_seqs} x {max_len} tokens needs {_gb(need)}, only {_gb(free)} free")
+            raise DeviceError(f"KV cache of {n_seqs} x {max_len} tokens needs {human_bytes(need)}, "
+                              f"only {human_bytes(free)} free")
         return CudaKVCache([cp.zeros(shape, cp.float32) for _ in range(n_layers)],
                            [cp.zeros(shape, cp.float32) for _ in range(n_layers)], n_seqs, max_len)
 

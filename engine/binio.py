@@ -129,6 +129,19 @@ def atomic_output(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+UNITS = "kB, MB, GB = 1e3, 1e6, 1e9 bytes"  # stated by every report that uses human_bytes
+
+
+def human_bytes(n: float) -> str:
+    """A size for a message, in decimal units (kB = 1e3, MB = 1e6, GB = 1e9 bytes) as every memory
+    figure of the engine: never mixed with binary ones (GiB) in one report."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} GB" if unit == "GB" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def shown(value: object, limit: int = 80) -> str:
     """A file-supplied name or value, safe for a one-line message: printable and short."""
     text = value if isinstance(value, str) and value.isprintable() else repr(value)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from q4k_engine.backend import Batch
+from q4k_engine.binio import UNITS, human_bytes
 from q4k_engine.dtypes import GGMLType
 from q4k_engine.errors import DeviceError
 from q4k_engine.tensors import QTensor
@@ -98,8 +99,8 @@ def test_memory_report_leads_with_the_process(backend):
     m = backend.memory_report()
     text = str(m)
     print(text)
-    assert text.startswith(f"process {m.process_used / 1e9:.2f} GB of device memory")
-    assert "GiB" not in text and "MiB" not in text and "GB = 1e9 bytes" in text
+    assert text.startswith(f"process {human_bytes(m.process_used)} of device memory")
+    assert "GiB" not in text and "MiB" not in text and UNITS in text
     assert m.process_used >= m.pool_held  # the pool is part of what the process took
     if m.context_counted:  # measured before the CUDA context existed: it is in the figure
         assert m.process_used >= m.pool_held + 50e6, text

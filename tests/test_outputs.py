@@ -9,7 +9,7 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from q4k_engine.binio import atomic_output
+from q4k_engine.binio import UNITS, atomic_output
 from q4k_engine.cli.main import main
 from q4k_engine.provider import TeacherModel
 
@@ -107,3 +107,10 @@ def test_interrupted_writer_keeps_the_old_file(tmp_path):
             tmp.write_bytes(b"half")
             raise KeyboardInterrupt
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_inspect_sizes_in_one_stated_unit_system():
+    r = CliRunner().invoke(main, ["inspect", "demo"])
+    assert r.exit_code == 0, r.output
+    assert "iB" not in r.stdout  # no binary units beside the decimal ones
+    assert f"({UNITS})" in r.stdout and " MB" in r.stdout
