@@ -121,17 +121,22 @@ class PeakPool:
         return tracker
 
 
-def check_kernel_limits(model: ModelFile) -> None:
+def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, device_name: str = "the GPU") -> None:
     """What the GPU kernels cannot run, as one UnsupportedError naming the limit, before anything
     is uploaded (not a launch error at the first forward); and a FallbackWarning for layers whose
-    gated MLP cannot take the fused f16 path. Needs no GPU: it reads the file's shapes and types."""
+    gated MLP cannot take the fused f16 path. Reads the file's shapes and types, and the device's
+    opt-in shared memory per block when given (the GPU's own limit)."""
     from q4k_engine.kernels.matmul import padded_cols
-    from q4k_engine.kernels.ops import MAX_HEAD_DIM
+    from q4k_engine.kernels.ops import MAX_HEAD_DIM, flash_smem_bytes
 
     c = model.config
     if c.head_dim > MAX_HEAD_DIM:
         raise UnsupportedError(f"{model.path}: head_dim {c.head_dim} is above the GPU attention kernels' limit of "
                                f"{MAX_HEAD_DIM}; device 'cpu' runs it")
+    if smem_per_block is not None and flash_smem_bytes(c.head_dim) > smem_per_block:
+        raise UnsupportedError(f"{model.path}: head_dim {c.head_dim} needs {flash_smem_bytes(c.head_dim)} bytes of "
+                               f"shared memory per block for prefill attention, {device_name} allows "
+                               f"{smem_per_block}; device 'cpu' runs it")
     if c.head_dim % 2:
         raise UnsupportedError(f"{model.path}: head_dim {c.head_dim} is odd; the GPU RoPE kernel rotates pairs")
     for t in model.tensors.values():
@@ -311,7 +316,7 @@ class CudaBackend:
     def check_model(self, model: ModelFile) -> None:
         """Before any upload: the model within the kernels' limits (check_kernel_limits), then its
         weights plus a workspace within free memory (check_fits)."""
-        check_kernel_limits(model)
+        check_kernel_limits(model, self._mm.smem_optin(self.device.id), self.device_name)
         self.check_fits(list(model.tensors.values()))
 
     def check_fits(self, tensors: list[QTensor] | tuple[QTensor, ...], workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> None:

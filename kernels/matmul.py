@@ -165,6 +165,12 @@ _GEMV1_WARPS = 8
 
 
 @functools.lru_cache(maxsize=None)
+def smem_optin(device: int) -> int:
+    """The most dynamic shared memory a block may opt in to on `device` (H100/H200: 227 KiB)."""
+    return int(_cupy().cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: int) -> int:
     return int(_cupy().cuda.Device(device).attributes["MultiProcessorCount"])
 
@@ -194,7 +200,7 @@ def _use_gemv1(w: GpuWeight, device: int) -> bool:
     """gemv1 for Q4_K always; for Q6_K except long rows (> 4096 values) in matrices too short for 2
     rows per lane, where the generic gemv_m1 measured as fast or faster (H200, 3584x18944: 0.45 vs
     0.43 of copy bandwidth; 4096x14336: 0.49 vs 0.50)."""
-    if w.dtype not in _GEMV1_TYPES or _gemv1_smem(w) > _GEMV1_MAX_SMEM:
+    if w.dtype not in _GEMV1_TYPES or _gemv1_smem(w) > min(_GEMV1_MAX_SMEM, smem_optin(device)):
         return False
     return w.dtype == GGMLType.Q4_K or w.kpad <= 4096 or _gemv1_config(w.rows, device)[0] == 2
 

@@ -250,6 +250,13 @@ def _flash_tiles(dh: int) -> FlashTiles:
     return FlashTiles(4, 2, 32) if dh <= 128 else FlashTiles(4, 1, 32)
 
 
+def flash_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of one attn_flash block: the Q tile and 2 stages of K and V tiles, f16."""
+    dh = -(-head_dim // 16) * 16
+    tiles = _flash_tiles(dh)
+    return (tiles.rows + 4 * tiles.keys) * (dh + 8) * 2
+
+
 def _flash_prefill(q, k, v, y, layout: SeqLayout, scale: float, window: int, tiles: FlashTiles) -> None:
     """Prefill attention into y (q, k, v, y checked by attention()) on tensor cores.
 
@@ -272,7 +279,7 @@ def _flash_prefill(q, k, v, y, layout: SeqLayout, scale: float, window: int, til
                                                   (k, v, kh, vh, layout.kv_off, layout.kv_len, layout.kv_pack,
                                                    np.int32(hkv)))
     f = kernel("ops.cu", "attn_flash", **defines)
-    smem = (tiles.rows + 4 * tiles.keys) * (dh + 8) * 2  # Q tile + 2 stages of K and V tiles, f16
+    smem = (tiles.rows + 4 * tiles.keys) * (dh + 8) * 2  # as flash_smem_bytes, for these tiles
     if smem > 48 * 1024 and f.max_dynamic_shared_size_bytes < smem:
         f.max_dynamic_shared_size_bytes = smem  # opt-in above the 48 KiB default
     row_tiles = -(-layout.max_q_len * (hq // hkv) // tiles.rows)

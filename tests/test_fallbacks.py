@@ -125,6 +125,15 @@ def test_head_dim_above_the_attention_kernels_limit_is_refused(module_seed):
     check_kernel_limits(synthetic_model("llama", seed=module_seed, head_dim=256, n_heads=2, n_kv_heads=1))
 
 
+def test_attention_shared_memory_beyond_the_device_is_refused(module_seed):
+    model = synthetic_model("llama", seed=module_seed, head_dim=256, n_heads=2, n_kv_heads=1)
+    check_kernel_limits(model, 227 << 10, "NVIDIA H200")
+    check_kernel_limits(model, 99 << 10, "NVIDIA GeForce RTX 3090")  # exactly enough
+    with pytest.raises(UnsupportedError, match=r"head_dim 256 needs 101376 bytes of shared memory per block for "
+                                               r"prefill attention, Tesla T4 allows 65536"):
+        check_kernel_limits(model, 64 << 10, "Tesla T4")
+
+
 def _retyped(model, name: str, dtype: GGMLType):
     t = model.tensors[name]
     data = np.zeros(t.rows * row_bytes(dtype, t.cols), np.uint8)  # the check reads types and shapes only
