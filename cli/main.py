@@ -28,8 +28,6 @@ from q4k_engine.loader import model_name, open_model, requantize, resolve_model,
 from q4k_engine.tensors import ModelFile
 
 EXIT_ERROR = 2
-
-
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
