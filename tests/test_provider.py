@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -106,7 +107,8 @@ def test_output_kinds_and_dtypes(teacher, rng):
 def test_cuda_without_gpu_is_a_device_error(teacher):
     with pytest.raises(DeviceError):
         q4k_engine.load(teacher.model.path, device="cuda")
-    assert q4k_engine.load(teacher.model.path, device="auto").device == "cpu"
+    with pytest.warns(q4k_engine.FallbackWarning, match=re.escape(probe().reason)):
+        assert q4k_engine.load(teacher.model.path, device="auto").device == "cpu"
     try:
         import cupy  # noqa: F401
     except ImportError:
