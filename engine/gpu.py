@@ -40,8 +40,9 @@ def probe() -> CudaProbe:
         return CudaProbe(None, f"CuPy failed to import ({_one_line(e)})")
     try:
         n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # the CUDA runtime raises its own error types when no driver is present
-        return CudaProbe(None, f"no usable CUDA driver ({_one_line(e)})")
+    except Exception as e:  # the CUDA runtime's own error types: no driver, or none of its devices visible
+        what = "no CUDA device found" if "NoDevice" in type(e).__name__ + str(e) else "no usable CUDA driver"
+        return CudaProbe(None, f"{what} ({_one_line(e)})")
     if n == 0:
         return CudaProbe(None, "no CUDA device found")
     return CudaProbe(cupy, "")

@@ -153,3 +153,50 @@ def test_unfused_gated_mlp_is_reported(module_seed):
     with pytest.warns(FallbackWarning, match=r"in 1 of 2 layers \(first blk.1\) ffn_gate \(Q4_K\) and ffn_up "
                                              r"\(Q8_0\) rows pad to 512 and 288 values"):
         check_kernel_limits(model)
+
+
+@pytest.mark.parametrize("error, reason", [
+    (ImportError("No module named 'cupy'"), "CuPy is not installed"),
+    (OSError("libcudart.so.12: cannot open shared object file"), "CuPy failed to import (OSError: libcudart.so.12"),
+])
+def test_probe_names_why_cupy_is_unusable(monkeypatch, error, reason):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *a, **k):
+        if name == "cupy":
+            raise error
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    gpu.probe.cache_clear()
+    try:
+        p = gpu.probe()
+    finally:
+        gpu.probe.cache_clear()
+    assert not p.usable and p.reason.startswith(reason)
+
+
+@pytest.mark.parametrize("count, reason", [
+    (0, "no CUDA device found"),
+    (RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient"), "no usable CUDA driver ("),
+    (RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected"), "no CUDA device found ("),
+])
+def test_probe_names_why_no_device_is_usable(monkeypatch, count, reason):
+    def get_device_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+
+    fake = type(sys)("cupy")
+    fake.cuda = type(sys)("cupy.cuda")
+    fake.cuda.runtime = type(sys)("cupy.cuda.runtime")
+    fake.cuda.runtime.getDeviceCount = get_device_count
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    gpu.probe.cache_clear()
+    try:
+        p = gpu.probe()
+    finally:
+        gpu.probe.cache_clear()
+    assert not p.usable and p.reason.startswith(reason)
