@@ -203,7 +203,7 @@ def bench_model(path: str | None) -> None:
     report: list[str] = [f"card: {card}; model: {path} ({cfg.n_layers} layers, hidden {cfg.hidden})"]
 
     be = CudaBackend()
-    be.check_fits(list(model.tensors.values()))
+    be.check_model(model)
     w = upload(model, be)
     report.append(str(be.upload))
 
