@@ -26,6 +26,7 @@ from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model, requantize, resolve_model, save_model
 from q4k_engine.tensors import ModelFile
+from q4k_engine.verify import verify_model
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
@@ -208,6 +209,27 @@ def inspect(model: str, batch: int, seq: int | None, as_json: bool) -> None:
     """Describe MODEL: architecture, tokenizer, tensor types, and GPU memory for a batch."""
     report = inspect_report(open_model(resolve_model(model)), batch, seq)
     click.echo(json.dumps(report, indent=2) if as_json else _format_report(report))
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+@main.command()
+@click.argument("model")
+def verify(model: str) -> None:
+    """Read all of MODEL: check the APR footer CRC and that every tensor decodes to finite values.
+
+    Prints one line per tensor (name, type, ok or the first bad row); exits 2 on any failure.
+    Opening a model never reads its tensor data, so only this finds bytes damaged inside a tensor.
+    """
+    path = resolve_model(model)
+    m = open_model(path)
+    width = max((len(n) for n in m.tensors), default=0)
+    report = verify_model(m, on_tensor=lambda c: click.echo(f"{c.name:<{width}}  {c.dtype:<5} {c.status}"))
+    click.echo(f"checksum: {report.checksum.detail}")
+    report.raise_if_failed()
+    click.echo(f"{path}: ok ({len(report.tensors)} tensors decode to finite values)")
 
 
 # --------------------------------------------------------------------------------------------

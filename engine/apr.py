@@ -25,8 +25,9 @@ Dtype codes (the §4.3 code-8 trap), decided as follows:
   APR-native q8 (129, legacy 9) is decoded to F32. Both are copies, not views (legacy formats).
 
 Header CRC: always written; verified on read whenever the stored value is non-zero (realizar's
-test factories leave it 0, aprender always fills it). The footer CRC is written, never required:
-checking it means reading every byte of a multi-GB file, which defeats the mapping.
+test factories leave it 0, aprender always fills it). The footer CRC is written, and checked only
+by `q4k-engine verify` (engine/verify.py): checking it means reading every byte of a multi-GB
+file, which a plain open (a mapping) never does.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .binio import Cursor, atomic_output, map_file, shown
+from .binio import Cursor, atomic_output, check_byte_ranges, map_file, shown
 from .dtypes import TYPE_INFO, GGMLType, tensor_bytes
 from .errors import FormatError, InputError, UnsupportedError
 from .gguf_file import ggml_type
@@ -53,6 +54,7 @@ READ_MAGICS = (b"APR\0", b"APR2")
 HEADER = struct.Struct("<4sBBHIQIQQI20s")  # 64 bytes, §2
 ALIGN = 64
 MAX_NDIM = 8  # aprender never writes more (§4.1)
+MAX_INT_DIGITS = 400  # any metadata integer beyond 10^400 is out of range anyway (and of float's range)
 FLAG_ROW_MAJOR = 0x0400
 REFUSED_FLAGS = {
     0x0001: "LZ4_COMPRESSED",
@@ -123,6 +125,7 @@ class AprFile:
     metadata: dict[str, Any]
     tensors: dict[str, QTensor]
     buffer: np.ndarray  # the mapping the tensor views point into
+    data_end: int  # end of the last tensor's bytes (the footer CRC, if any, follows its padding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,8 +306,16 @@ def _read_metadata(buf: np.ndarray, h: AprHeader, path: Path) -> dict[str, Any]:
     if h.metadata_offset < HEADER.size:
         raise FormatError(f"{path}: metadata offset {h.metadata_offset} overlaps the header")
     raw = cur.raw(h.metadata_size, "APR metadata")
+
+    def bounded_int(text: str) -> int:
+        # int() of a long digit string is quadratic and beyond 4300 digits a bare ValueError
+        # about sys.set_int_max_str_digits; no metadata integer needs more than a few digits.
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise FormatError(f"{path}: APR metadata holds an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS} are read)")
+        return int(text)
+
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        meta = json.loads(raw.decode("utf-8"), parse_int=bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise FormatError(f"{path}: APR metadata is not valid UTF-8 JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(meta, dict):
@@ -327,6 +338,11 @@ def read_apr(path: Path | str) -> AprFile:
         )
     if h.tensor_index_offset < HEADER.size:
         raise FormatError(f"{path}: tensor index offset {h.tensor_index_offset} overlaps the header")
+    if h.metadata_size and h.metadata_offset < h.tensor_index_offset < h.metadata_offset + h.metadata_size:
+        raise FormatError(
+            f"{path}: tensor index offset {h.tensor_index_offset} lies inside the metadata "
+            f"[{h.metadata_offset}, {h.metadata_offset + h.metadata_size})"
+        )
     min_entry = 2 + 1 + 1 + 8 + 16  # a one-dim entry with an empty name
     if h.tensor_count * min_entry > h.data_offset - h.tensor_index_offset:
         raise FormatError(
@@ -335,6 +351,7 @@ def read_apr(path: Path | str) -> AprFile:
         )
     cur = Cursor(buf, path, h.tensor_index_offset, h.data_offset)
     tensors: dict[str, QTensor] = {}
+    ranges: list[tuple[str, int, int]] = []
     for i in range(h.tensor_count):
         name = cur.text(cur.scalar("<H", f"tensor index entry {i}"), f"tensor index entry {i} name")
         label = f"tensor {shown(name)}"
@@ -354,7 +371,40 @@ def read_apr(path: Path | str) -> AprFile:
                 f"{where}: data [{start}, {start + nbytes}) lies past the end of the file ({size} bytes)"
             )
         tensors[name] = _resolve_tensor(name, code, shape, buf[start : start + nbytes], ggml_codes, where)
-    return AprFile(path, h, meta, tensors, buf)
+        ranges.append((name, start, start + nbytes))
+    _check_data_offset(h, cur.pos, path)
+    check_byte_ranges(path, ranges, h.data_offset, size, "data section")
+    return AprFile(path, h, meta, tensors, buf, max((r[2] for r in ranges), default=h.data_offset))
+
+
+def _check_data_offset(h: AprHeader, index_end: int, path: Path) -> None:
+    """The data section starts right after the index, or at the next 64-byte boundary: where every
+    known writer puts it (§1: aprender and realizar pad to 64, realizar's test factories do not
+    pad). Anything else, e.g. a data_offset shifted by one under a re-computed header CRC, would
+    read every tensor from the wrong bytes."""
+    allowed = sorted({index_end, align64(index_end), h.tensor_index_offset + align64(index_end - h.tensor_index_offset)})
+    if h.data_offset not in allowed:
+        raise FormatError(
+            f"{path}: data offset {h.data_offset} does not follow the tensor index, which ends at {index_end} "
+            f"(expected {' or '.join(map(str, allowed))})"
+        )
+
+
+def footer_crc(f: AprFile) -> tuple[int, int] | None:
+    """(stored, computed) footer CRC32 (§2.3) when the file has a footer, else None.
+
+    aprender pads the last tensor to 64 bytes and appends the CRC of everything before it, so a
+    footer is there exactly when the file ends 4 bytes after that padding; realizar's writers
+    add none. Reads the whole file: for `verify`, never for a plain open.
+    """
+    size = len(f.buffer)
+    if size != align64(f.data_end) + 4:
+        return None
+    crc = 0
+    step = 64 << 20
+    for start in range(0, size - 4, step):
+        crc = zlib.crc32(f.buffer[start : min(start + step, size - 4)], crc)
+    return int(f.buffer[size - 4 :].view("<u4")[0]), crc & 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,6 +142,24 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def check_byte_ranges(path: Path | str, ranges: list[tuple[str, int, int]], lo: int, hi: int, section: str) -> None:
+    """Every tensor's bytes [start, end) lie inside [lo, hi) and no two overlap, as safetensors
+    demands of its header before any byte of data is trusted; one FormatError names the tensor(s).
+
+    Overlaps are found by sorting on start and comparing neighbours: if any two ranges overlap,
+    some pair of neighbours in that order does.
+    """
+    for name, start, end in ranges:
+        if start < lo or end > hi:
+            raise FormatError(f"{path}: tensor {shown(name)}: data [{start}, {end}) lies outside the {section} [{lo}, {hi})")
+    ordered = sorted(ranges, key=lambda r: (r[1], r[2]))
+    for (a, a_start, a_end), (b, b_start, b_end) in zip(ordered, ordered[1:]):
+        if b_start < a_end:
+            raise FormatError(
+                f"{path}: tensors {shown(a)} [{a_start}, {a_end}) and {shown(b)} [{b_start}, {b_end}) overlap"
+            )
+
+
 def shown(value: object, limit: int = 80) -> str:
     """A file-supplied name or value, safe for a one-line message: printable and short."""
     text = value if isinstance(value, str) and value.isprintable() else repr(value)

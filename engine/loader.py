@@ -12,6 +12,7 @@ translated key by key (`_KEYS`), so one function, `config_from_metadata`, serves
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -128,7 +129,19 @@ _SANDWICH_HF = {
 _HF_GLOBAL = {v.removeprefix("model."): k for k, v in _GLOBAL_HF.items()}
 _HF_LAYER = {False: {v: k for k, v in _LAYER_HF.items()}, True: {v: k for k, v in _SANDWICH_HF.items()}}
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
+_MAX_LAYER_DIGITS = 6  # 10^6 layers: beyond any model; the bound keeps int() away from huge digit strings
 _HF_LAYER_RE = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)")
+
+
+def block_number(name: str, where: str) -> int | None:
+    """The layer number N of a per-layer tensor name `blk.N.<kind>`; None for other names."""
+    m = _BLK.fullmatch(name)
+    if m is None:
+        return None
+    digits = m.group(1)
+    if len(digits) > _MAX_LAYER_DIGITS:
+        raise FormatError(f"{where}: tensor {shown(name)} has a layer number of {len(digits)} digits")
+    return int(digits)
 
 
 def hf_name(name: str, sandwich: bool) -> str:
@@ -200,8 +213,8 @@ def check_tensors(config: ModelConfig, tensors: Mapping[str, QTensor], where: st
         if t.dtype not in allowed:
             raise UnsupportedError(f"{where}: tensor {name} has dtype {t.dtype.name}, which the engine does not run")
     for name in tensors:
-        m = _BLK.fullmatch(name)
-        if m and int(m.group(1)) >= config.n_layers:
+        layer = block_number(name, where)
+        if layer is not None and layer >= config.n_layers:
             raise FormatError(f"{where}: tensor {name} belongs to a layer beyond block_count {config.n_layers}")
 
 
@@ -241,6 +254,58 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "sliding_pattern": (0, 256),
 }
 _REQUIRED = object()
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _number_text(value: Any) -> str:
+    """A metadata number for a message: short, and never str() of a huge int (Python refuses
+    to print one of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return shown(repr(value))
+
+
+def meta_int(value: Any, key: str, where: str, lo: int, hi: int) -> int:
+    """A metadata integer in [lo, hi]. Bools, floats (2.0 and -0.0 included: JSON cannot say
+    which was meant) and strings are refused, each with one line naming the key."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FormatError(f"{where}: metadata {key} is {_number_text(value)}, expected an integer")
+    if not lo <= value <= hi:
+        raise FormatError(f"{where}: metadata {key} = {_number_text(value)} is outside [{lo}, {hi}]")
+    return value
+
+
+def meta_float(value: Any, key: str, where: str, lo: float, hi: float) -> float:
+    """A metadata real in [lo, hi] (so never NaN or infinite). An integer too large for a float
+    (a JSON literal of 10^309 and more) is out of range like 1e308 is, not an OverflowError."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise FormatError(f"{where}: metadata {key} is {_number_text(value)}, expected a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.copysign(math.inf, value)
+    if not lo <= number <= hi:
+        raise FormatError(f"{where}: metadata {key} = {_number_text(value)} is outside [{lo:g}, {hi:g}]")
+    return number
+
+
+def meta_numbers(values: Any, key: str, where: str, integer: bool, lo: float, hi: float) -> list:
+    """A metadata list of numbers (tokenizer scores, token types), each as meta_int/meta_float
+    would take it; vectorized, since vocabularies hold 10^5 entries. The first bad entry is
+    named through the scalar helper."""
+    kind = int if integer else (int, float)
+    if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        raise FormatError(f"{where}: metadata {key} is not a list of {'integers' if integer else 'numbers'}")
+    try:
+        arr = np.asarray(values, dtype=np.int64 if integer else np.float64)
+        bad = np.flatnonzero(~((arr >= lo) & (arr <= hi)))  # NaN compares False: bad
+    except OverflowError:  # an integer beyond int64/float64: find it the slow way
+        bad = [i for i, v in enumerate(values) if not (isinstance(v, int) and abs(v) < 2**63)][:1]
+    if len(bad):
+        i = int(bad[0])
+        (meta_int if integer else meta_float)(values[i], f"{key}[{i}]", where, lo, hi)
+        raise FormatError(f"{where}: metadata {key}[{i}] = {_number_text(values[i])} is out of range")
+    return arr.tolist()
 
 
 def _int_value(meta: Mapping[str, Any], key: str, field: str, where: str, default: Any = _REQUIRED) -> int:
@@ -249,24 +314,12 @@ def _int_value(meta: Mapping[str, Any], key: str, field: str, where: str, defaul
         if default is _REQUIRED:
             raise FormatError(f"{where}: missing metadata {key}")
         return default
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FormatError(f"{where}: metadata {key} is {shown(repr(value))}, expected an integer")
-    lo, hi = _INT_BOUNDS[field]
-    if not lo <= value <= hi:
-        raise FormatError(f"{where}: metadata {key} = {value} is outside [{lo}, {hi}]")
-    return value
+    return meta_int(value, key, where, *_INT_BOUNDS[field])
 
 
 def _float_value(meta: Mapping[str, Any], key: str, where: str, default: Any, lo: float, hi: float) -> Any:
     value = meta.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise FormatError(f"{where}: metadata {key} is {shown(repr(value))}, expected a number")
-    value = float(value)
-    if not lo <= value <= hi:
-        raise FormatError(f"{where}: metadata {key} = {value} is outside [{lo:g}, {hi:g}]")
-    return value
+    return default if value is None else meta_float(value, key, where, lo, hi)
 
 
 def _rope_scale(meta: Mapping[str, Any], a: str, where: str) -> float:
@@ -322,7 +375,7 @@ def config_from_metadata(
         raise FormatError(f"{where}: head_dim {head_dim} is odd; RoPE needs pairs")
     for suffix in ("attention.value_length", "rope.dimension_count"):
         other = meta.get(f"{a}.{suffix}")
-        if other is not None and other != head_dim:
+        if other is not None and meta_int(other, f"{a}.{suffix}", where, *_INT_BOUNDS["head_dim"]) != head_dim:
             raise UnsupportedError(f"{where}: {a}.{suffix} = {shown(repr(other))} differs from head_dim {head_dim}")
 
     embd = tensors.get("token_embd.weight")
@@ -418,7 +471,7 @@ def _apr_rope_neox(meta: Mapping[str, Any], where: str) -> bool | None:
     rope_type = meta.get("rope_type")
     if rope_type is None:
         return None
-    if rope_type not in (0, 2) or isinstance(rope_type, bool):
+    if meta_int(rope_type, "rope_type", where, 0, 255) not in (0, 2):
         raise UnsupportedError(f"{where}: metadata rope_type = {shown(repr(rope_type))} (only 0 = NORM and 2 = NEOX)")
     return rope_type == 2
 
@@ -444,19 +497,18 @@ def tokenizer_from_metadata(
             raise FormatError(f"{where}: metadata {keys[field]} is not a list of strings")
         return value
 
-    def parallel(field: str, kind: type, convert: type) -> list | None:
+    def parallel(field: str, integer: bool, lo: float, hi: float) -> list | None:
         value = get(field)
         if value is None:
             return None
-        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-            raise FormatError(f"{where}: metadata {keys[field]} is not a list of numbers")
-        if len(value) != len(tokens):
-            raise FormatError(f"{where}: metadata {keys[field]} has {len(value)} entries for {len(tokens)} tokens")
-        return [convert(v) for v in value]
+        numbers = meta_numbers(value, keys[field], where, integer, lo, hi)
+        if len(numbers) != len(tokens):
+            raise FormatError(f"{where}: metadata {keys[field]} has {len(numbers)} entries for {len(tokens)} tokens")
+        return numbers
 
     def optional(field: str, kind: type | tuple[type, ...]) -> Any:
         value = get(field)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        if value is not None and not isinstance(value, kind):
             raise FormatError(f"{where}: metadata {keys[field]} is {shown(repr(value))}, expected {getattr(kind, '__name__', kind)}")
         return value
 
@@ -464,16 +516,16 @@ def tokenizer_from_metadata(
     if tokens is None:
         return None
     merges = str_list("merges")
-    ids = {f: optional(f, int) for f in ("bos_id", "eos_id")}
+    ids = {f: get(f) for f in ("bos_id", "eos_id")}
     for field, value in ids.items():
-        if value is not None and not 0 <= value < len(tokens):
-            raise FormatError(f"{where}: metadata {keys[field]} = {value} is not a token id (vocabulary of {len(tokens)})")
+        if value is not None:  # a token id of the vocabulary
+            meta_int(value, keys[field], where, 0, len(tokens) - 1)
     return TokenizerSpec(
         model=optional("model", str) or ("gpt2" if merges else "llama"),
         tokens=tokens,
         merges=merges,
-        scores=parallel("scores", (int, float), float),
-        token_types=parallel("token_types", int, int),
+        scores=parallel("scores", False, -_F32_MAX, _F32_MAX),  # GGUF stores them as float32
+        token_types=parallel("token_types", True, -(2**31), 2**31 - 1),  # as int32
         bos_id=ids["bos_id"],
         eos_id=ids["eos_id"],
         add_bos=bool(optional("add_bos", bool)),
@@ -553,13 +605,13 @@ def open_model(path: Path | str) -> ModelFile:
     fmt = _sniff(path)
     try:
         model = (_open_gguf if fmt == "gguf" else _open_apr)(path)
+        check_tensors(model.config, model.tensors, str(path))
     except Q4KError:
         raise
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError, struct.error) as e:
         # Safety net: every check above should have caught a corrupt file first. The marker
         # "internal" lets the fuzz test tell this net apart from a deliberate check.
         raise FormatError(f"{path}: corrupt {fmt.upper()} file (internal {type(e).__name__}: {e})") from e
-    check_tensors(model.config, model.tensors, str(path))
     if model.tokenizer is not None and len(model.tokenizer.tokens) > model.config.vocab_size:
         raise FormatError(
             f"{path}: tokenizer has {len(model.tokenizer.tokens)} tokens but token_embd.weight only "

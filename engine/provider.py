@@ -32,12 +32,13 @@ import numpy as np
 from . import gpu
 from .backend import Backend, Batch
 from .backend_cpu import NumpyBackend
-from .errors import DeviceError, FallbackWarning, InputError, UnsupportedError
+from .errors import DeviceError, FallbackWarning, FormatError, InputError, UnsupportedError
 from .forward import forward, upload
 from .generate import Generation, generate as greedy_generate
 from .loader import open_model, resolve_model
 from .tensors import ModelFile
 from .tokenizer import TextTokenizer, build_tokenizer
+from .verify import verify_model
 
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUTS = ("numpy", "cupy", "torch", "dlpack")
@@ -55,6 +56,20 @@ class LogitsProvider(Protocol):
     def vocab_size(self) -> int: ...
 
     def logits_for_batch(self, batch: Sequence[Sequence[int]]) -> Any: ...
+
+
+# Values per isfinite reduction: bounds its boolean temporary (64 MiB) whatever the logits' size.
+_FINITE_CHUNK_VALUES = 1 << 26
+
+
+def all_finite(xp: Any, x: Any) -> bool:
+    """Whether every value of x is finite: reductions on x's own device, one bool read back."""
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    step = max(1, _FINITE_CHUNK_VALUES // max(rows.shape[1], 1))
+    ok = xp.isfinite(rows[:step]).all()
+    for start in range(step, rows.shape[0], step):
+        ok &= xp.isfinite(rows[start:start + step]).all()
+    return bool(ok)
 
 
 def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
@@ -265,6 +280,7 @@ class TeacherModel:
             logits = forward(self.config, self.weights, self.backend, np.concatenate(chunk),
                              Batch.from_lengths([len(c) for c in chunk]), last_only=last_only, dtype=dtype)
             ys = reduce(logits)
+            self._refuse_nonfinite((logits, *ys), g, [len(c) for c in chunk], last_only)
             del logits
             if last_only:
                 parts.append(ys)
@@ -283,6 +299,31 @@ class TeacherModel:
         if last_only:
             return tuple(xp.concatenate(col, axis=0) for col in zip(*parts))
         return tuple(padded)
+
+    def _refuse_nonfinite(self, arrays: Sequence[Any], seq_ids: list[int], lengths: list[int], last_only: bool) -> None:
+        """NaN/Inf never reach a caller (a trainer would learn from them): one forward's logits
+        (arrays[0]) and their reductions, rows per sequence (last_only) or packed per token, are
+        checked on the device; the sequence and position are looked for only when one is bad."""
+        xp = self.backend.xp
+        for n, y in enumerate(arrays):
+            if (n and y is arrays[0]) or y.dtype.kind != "f" or all_finite(xp, y):
+                continue
+            rows = y.reshape(y.shape[0], -1)
+            bad = self.backend.to_numpy(xp.flatnonzero(~xp.isfinite(rows).all(axis=1)))
+            first = int(bad[0])
+            if last_only:
+                seq, pos = first, lengths[first] - 1
+            else:
+                ends = np.cumsum(lengths)
+                seq = int(np.searchsorted(ends, first, side="right"))
+                pos = first - int(ends[seq] - lengths[seq])
+            where = f"sequence {seq_ids[seq]}, position {pos}" + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else "")
+            path = self.model.path
+            if n == 0:
+                raise FormatError(f"{path}: the model computed non-finite logits (NaN or Inf) at {where}: the file may "
+                                  f"be corrupt; check it with `q4k-engine verify {path}`")
+            raise InputError(f"{path}: log-probs at {where} are not finite although the logits are "
+                             "(is the temperature too small?)")
 
     # --- output ----------------------------------------------------------------------------------
     def _dtype(self, dtype: str | None) -> Any:
@@ -314,12 +355,17 @@ class TeacherModel:
 
 
 def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype: str = "float32",
-         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> TeacherModel:
+         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, verify: bool = False) -> TeacherModel:
     """Open a .gguf/.apr file (or "demo", the synthetic demo model) as a teacher on `device`.
 
     device: "cpu" (NumPy reference), "cuda" (CuPy; DeviceError without CuPy and a GPU), or "auto"
     (cuda when CuPy, a GPU and the CUDA backend all work, else cpu with a FallbackWarning naming
     why). `output` and `dtype` are the defaults of every call; each call may override them.
+    verify=True first reads the whole file (engine/verify.py: the APR footer CRC, every tensor
+    decodes to finite values) and raises a FormatError naming the first failure; it costs a full
+    read and decode on the CPU.
     """
     model = open_model(resolve_model(path))
+    if verify:
+        verify_model(model).raise_if_failed()
     return TeacherModel(model, make_backend(device), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens)
