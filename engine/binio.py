@@ -142,22 +142,36 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_byte_ranges(path: Path | str, ranges: list[tuple[str, int, int]], lo: int, hi: int, section: str) -> None:
-    """Every tensor's bytes [start, end) lie inside [lo, hi) and no two overlap, as safetensors
-    demands of its header before any byte of data is trusted; one FormatError names the tensor(s).
+def check_byte_ranges(
+    path: Path | str, ranges: list[tuple[str, int, int]], lo: int, hi: int, pad: int, tail: int
+) -> None:
+    """The tensors' bytes [start, end) tile the data section [lo, hi) the way safetensors demands
+    of its header before any byte of data is trusted, give or take the writers' alignment:
 
-    Overlaps are found by sorting on start and comparing neighbours: if any two ranges overlap,
-    some pair of neighbours in that order does.
+    sorted by start, no two neighbours overlap, the gap before the first tensor and between
+    neighbours holds fewer than `pad` bytes, the one after the last fewer than `tail` (padding and
+    a footer). A byte no tensor owns means an offset moved or a dtype whose size differs from the
+    writer's; an overlap, the same. One FormatError names the tensor or both tensors.
     """
     for name, start, end in ranges:
         if start < lo or end > hi:
-            raise FormatError(f"{path}: tensor {shown(name)}: data [{start}, {end}) lies outside the {section} [{lo}, {hi})")
+            raise FormatError(f"{path}: tensor {shown(name)}: data [{start}, {end}) lies outside the data section [{lo}, {hi})")
     ordered = sorted(ranges, key=lambda r: (r[1], r[2]))
+    if not ordered:
+        return
+    if ordered[0][1] - lo >= pad:
+        raise FormatError(f"{path}: the {ordered[0][1] - lo} bytes before tensor {shown(ordered[0][0])} belong to no tensor")
     for (a, a_start, a_end), (b, b_start, b_end) in zip(ordered, ordered[1:]):
         if b_start < a_end:
-            raise FormatError(
-                f"{path}: tensors {shown(a)} [{a_start}, {a_end}) and {shown(b)} [{b_start}, {b_end}) overlap"
-            )
+            raise FormatError(f"{path}: tensors {shown(a)} [{a_start}, {a_end}) and {shown(b)} [{b_start}, {b_end}) overlap")
+        if b_start - a_end >= pad:
+            raise FormatError(f"{path}: the {b_start - a_end} bytes between tensors {shown(a)} and {shown(b)} belong to no tensor")
+    name, _, end = ordered[-1]
+    if hi - end >= tail:
+        raise FormatError(
+            f"{path}: the {hi - end} bytes after tensor {shown(name)}, the last one, belong to no tensor "
+            f"(at most {tail - 1} can be padding or a footer)"
+        )
 
 
 def shown(value: object, limit: int = 80) -> str:

@@ -158,8 +158,6 @@ def read_gguf(path: Path | str) -> GGUFFile:
     alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise FormatError(f"{path}: general.alignment {shown(alignment)} is not a positive power of two")
-    # The data section starts at the first multiple of the alignment after the tensor infos; a
-    # changed alignment moves it, which only the file's end can reveal (checked below).
     data_start = -(-cur.pos // alignment) * alignment
     tensors: dict[str, QTensor] = {}
     ranges: list[tuple[str, int, int]] = []
@@ -182,17 +180,10 @@ def read_gguf(path: Path | str) -> GGUFFile:
             )
         tensors[name] = QTensor(name, dtype, shape, buf[start : start + nbytes])
         ranges.append((name, start, start + nbytes))
-    check_byte_ranges(path, ranges, data_start, len(buf), "data section")
-    if ranges:
-        # Writers (llama.cpp, gguf-py) pad each tensor to the alignment and stop: after the last
-        # tensor there is less than one alignment of padding. More means the data section does
-        # not start where the alignment says (general.alignment changed) or the offsets lie.
-        end = max(r[2] for r in ranges)
-        if len(buf) - end >= alignment:
-            raise FormatError(
-                f"{path}: {len(buf) - end} bytes follow the last tensor's data (at most {alignment - 1} of "
-                f"padding expected): the data section does not start where general.alignment {alignment} puts it"
-            )
+    # llama.cpp and gguf-py lay tensors out back to back, each padded to the alignment: fewer than
+    # `alignment` bytes between and after them. A changed general.alignment moves where the data
+    # section starts, which this tiling rule (and the file's end) reveals.
+    check_byte_ranges(path, ranges, data_start, len(buf), alignment, alignment)
     return GGUFFile(path, version, alignment, meta, tensors, buf)
 
 

@@ -283,7 +283,7 @@ def meta_float(value: Any, key: str, where: str, lo: float, hi: float) -> float:
     try:
         number = float(value)
     except OverflowError:
-        number = math.copysign(math.inf, value)
+        number = math.inf if value > 0 else -math.inf
     if not lo <= number <= hi:
         raise FormatError(f"{where}: metadata {key} = {_number_text(value)} is outside [{lo:g}, {hi:g}]")
     return number
@@ -291,21 +291,19 @@ def meta_float(value: Any, key: str, where: str, lo: float, hi: float) -> float:
 
 def meta_numbers(values: Any, key: str, where: str, integer: bool, lo: float, hi: float) -> list:
     """A metadata list of numbers (tokenizer scores, token types), each as meta_int/meta_float
-    would take it; vectorized, since vocabularies hold 10^5 entries. The first bad entry is
+    would take it; vectorized, since vocabularies hold 10^5 entries, and the first bad entry
     named through the scalar helper."""
     kind = int if integer else (int, float)
     if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
         raise FormatError(f"{where}: metadata {key} is not a list of {'integers' if integer else 'numbers'}")
     try:
         arr = np.asarray(values, dtype=np.int64 if integer else np.float64)
-        bad = np.flatnonzero(~((arr >= lo) & (arr <= hi)))  # NaN compares False: bad
-    except OverflowError:  # an integer beyond int64/float64: find it the slow way
-        bad = [i for i, v in enumerate(values) if not (isinstance(v, int) and abs(v) < 2**63)][:1]
-    if len(bad):
-        i = int(bad[0])
-        (meta_int if integer else meta_float)(values[i], f"{key}[{i}]", where, lo, hi)
-        raise FormatError(f"{where}: metadata {key}[{i}] = {_number_text(values[i])} is out of range")
-    return arr.tolist()
+        if ((arr >= lo) & (arr <= hi)).all():  # NaN compares False
+            return arr.tolist()
+    except OverflowError:  # an integer beyond int64/float64
+        pass
+    check = meta_int if integer else meta_float
+    return [check(v, f"{key}[{i}]", where, lo, hi) for i, v in enumerate(values)]  # raises at the first bad entry
 
 
 def _int_value(meta: Mapping[str, Any], key: str, field: str, where: str, default: Any = _REQUIRED) -> int:

@@ -277,10 +277,15 @@ class TeacherModel:
         padded: list[Any] | None = None
         for g in groups:
             chunk = [seqs[i] for i in g]
-            logits = forward(self.config, self.weights, self.backend, np.concatenate(chunk),
-                             Batch.from_lengths([len(c) for c in chunk]), last_only=last_only, dtype=dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: NaN/Inf are refused below
+                logits = forward(self.config, self.weights, self.backend, np.concatenate(chunk),
+                                 Batch.from_lengths([len(c) for c in chunk]), last_only=last_only, dtype=dtype)
+            lengths = [len(c) for c in chunk]
+            self._refuse_nonfinite(logits, "logits", g, lengths, last_only)  # before a reduction sees NaN
             ys = reduce(logits)
-            self._refuse_nonfinite((logits, *ys), g, [len(c) for c in chunk], last_only)
+            for y in ys:
+                if y is not logits:
+                    self._refuse_nonfinite(y, "log-probs", g, lengths, last_only)
             del logits
             if last_only:
                 parts.append(ys)
@@ -300,30 +305,27 @@ class TeacherModel:
             return tuple(xp.concatenate(col, axis=0) for col in zip(*parts))
         return tuple(padded)
 
-    def _refuse_nonfinite(self, arrays: Sequence[Any], seq_ids: list[int], lengths: list[int], last_only: bool) -> None:
-        """NaN/Inf never reach a caller (a trainer would learn from them): one forward's logits
-        (arrays[0]) and their reductions, rows per sequence (last_only) or packed per token, are
-        checked on the device; the sequence and position are looked for only when one is bad."""
+    def _refuse_nonfinite(self, y: Any, what: str, seq_ids: list[int], lengths: list[int], last_only: bool) -> None:
+        """NaN/Inf never reach a caller (a trainer would learn from them). `y` holds one forward's
+        rows, one per sequence (last_only) or packed per token; it is checked on the device, and
+        the sequence and position are looked for only when a value is bad."""
         xp = self.backend.xp
-        for n, y in enumerate(arrays):
-            if (n and y is arrays[0]) or y.dtype.kind != "f" or all_finite(xp, y):
-                continue
-            rows = y.reshape(y.shape[0], -1)
-            bad = self.backend.to_numpy(xp.flatnonzero(~xp.isfinite(rows).all(axis=1)))
-            first = int(bad[0])
-            if last_only:
-                seq, pos = first, lengths[first] - 1
-            else:
-                ends = np.cumsum(lengths)
-                seq = int(np.searchsorted(ends, first, side="right"))
-                pos = first - int(ends[seq] - lengths[seq])
-            where = f"sequence {seq_ids[seq]}, position {pos}" + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else "")
-            path = self.model.path
-            if n == 0:
-                raise FormatError(f"{path}: the model computed non-finite logits (NaN or Inf) at {where}: the file may "
-                                  f"be corrupt; check it with `q4k-engine verify {path}`")
-            raise InputError(f"{path}: log-probs at {where} are not finite although the logits are "
-                             "(is the temperature too small?)")
+        if y.dtype.kind != "f" or all_finite(xp, y):
+            return
+        bad = self.backend.to_numpy(xp.flatnonzero(~xp.isfinite(y.reshape(y.shape[0], -1)).all(axis=1)))
+        first = int(bad[0])
+        if last_only:
+            seq, pos = first, lengths[first] - 1
+        else:
+            ends = np.cumsum(lengths)
+            seq = int(np.searchsorted(ends, first, side="right"))
+            pos = first - int(ends[seq] - lengths[seq])
+        at = f"sequence {seq_ids[seq]}, position {pos}" + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else "")
+        path = self.model.path
+        if what == "logits":
+            raise FormatError(f"{path}: the model computed non-finite logits (NaN or Inf) at {at}: the file may be "
+                              f"corrupt; check it with `q4k-engine verify {path}`")
+        raise InputError(f"{path}: {what} at {at} are not finite although the logits are (is the temperature too small?)")
 
     # --- output ----------------------------------------------------------------------------------
     def _dtype(self, dtype: str | None) -> Any:
