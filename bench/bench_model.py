@@ -3,6 +3,7 @@
     python bench/bench_model.py ops      # decode attention, norms, RoPE, GLU, log-softmax, top-k
     python bench/bench_model.py model    # the 7B: peak memory, prefill vs a dense fp16 forward and HF
     python bench/bench_model.py profile  # the 7B: GPU time per operation of one 4x512 forward
+    python bench/bench_model.py finite   # the 7B: what the provider's NaN/Inf check adds to a 4x512 forward
 
 Prefill attention has its own benchmark against torch SDPA (bench/bench_attention.py); decode, with
 CUDA graphs, is bench/bench_decode.py. Op figures are medians of CUDA-event timings after a warm-up.
@@ -375,12 +376,62 @@ def profile(path: str | None, lengths: list[int], decode: bool = False) -> None:
         print(f"| {label} | {calls} | {t:.3f} | {t / total:.1%} |")
 
 
+def finite_cost(path: str | None, lengths: list[int], reps: int = 9) -> None:
+    """Cost of the provider's non-finite check (provider.all_finite, run on every forward's
+    logits) against one all-position fp16 forward of the 7B: medians of `reps` wall-clock runs of
+    the forward alone and of the forward followed by the check, interleaved so that clock drift
+    hits both alike, plus the check alone timed with CUDA events. Target: under 1%."""
+    import time
+
+    import cupy as cp
+
+    from q4k_engine.backend import Batch
+    from q4k_engine.backend_cuda import CudaBackend
+    from q4k_engine.forward import forward, upload
+    from q4k_engine.loader import open_model
+    from q4k_engine.provider import all_finite
+
+    import make_7b
+
+    model = open_model(make_7b.ensure_7b(path))
+    cfg = model.config
+    be = CudaBackend()
+    w = upload(model, be)
+    batch = Batch.from_lengths(lengths)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, batch.n_tokens).astype(np.int32)
+
+    def plain():
+        forward(cfg, w, be, ids, batch, dtype=np.float16)
+        cp.cuda.Device().synchronize()
+
+    def checked():
+        if not all_finite(cp, forward(cfg, w, be, ids, batch, dtype=np.float16)):  # reads back one bool: a sync
+            raise RuntimeError("the 7B's logits are not finite")
+
+    times: dict[str, list[float]] = {"plain": [], "checked": []}
+    plain()  # warm-up: kernels compiled, pool grown
+    checked()
+    for _ in range(reps):
+        for name, fn in (("plain", plain), ("checked", checked)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    base, with_check = (float(np.median(times[k])) for k in ("plain", "checked"))
+    logits = forward(cfg, w, be, ids, batch, dtype=np.float16)
+    alone = median_ms(lambda: all_finite(cp, logits), reps=20)
+    shape = f"{len(lengths)}x{lengths[0]}"
+    print(f"finite check, {shape} all-position fp16 logits {list(logits.shape)}, on {be.device_name}:")
+    print(f"  forward {base:.2f} ms, forward + check {with_check:.2f} ms (medians of {reps}): "
+          f"+{(with_check - base) / base:.2%}")
+    print(f"  check alone {alone:.3f} ms (CUDA events, median of 20) = {alone / base:.2%} of the forward; target < 1%")
+
+
 def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="q4k-engine GPU benchmarks")
-    ap.add_argument("what", choices=("ops", "model", "profile"))
-    ap.add_argument("--lengths", default="512,512,512,512", help="profile: sequence lengths")
+    ap.add_argument("what", choices=("ops", "model", "profile", "finite"))
+    ap.add_argument("--lengths", default="512,512,512,512", help="profile, finite: sequence lengths")
     ap.add_argument("--decode", action="store_true", help="profile: one decode step after the lengths")
     ap.add_argument("--model", default=None, help="model file (default: write the synthetic Qwen2-7B to /tmp)")
     a = ap.parse_args()
@@ -388,6 +439,8 @@ def main() -> None:
         bench_ops()
     elif a.what == "profile":
         profile(a.model, [int(t) for t in a.lengths.split(",")], a.decode)
+    elif a.what == "finite":
+        finite_cost(a.model, [int(t) for t in a.lengths.split(",")])
     else:
         bench_model(a.model)
 

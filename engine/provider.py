@@ -277,12 +277,12 @@ class TeacherModel:
         padded: list[Any] | None = None
         for g in groups:
             chunk = [seqs[i] for i in g]
-            with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: NaN/Inf are refused below
-                logits = forward(self.config, self.weights, self.backend, np.concatenate(chunk),
-                                 Batch.from_lengths([len(c) for c in chunk]), last_only=last_only, dtype=dtype)
             lengths = [len(c) for c in chunk]
-            self._refuse_nonfinite(logits, "logits", g, lengths, last_only)  # before a reduction sees NaN
-            ys = reduce(logits)
+            with np.errstate(over="ignore", invalid="ignore"):  # no NumPy warnings: NaN/Inf are refused in one line
+                logits = forward(self.config, self.weights, self.backend, np.concatenate(chunk),
+                                 Batch.from_lengths(lengths), last_only=last_only, dtype=dtype)
+                self._refuse_nonfinite(logits, "logits", g, lengths, last_only)  # before a reduction sees NaN
+                ys = reduce(logits)
             for y in ys:
                 if y is not logits:
                     self._refuse_nonfinite(y, "log-probs", g, lengths, last_only)

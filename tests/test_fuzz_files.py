@@ -125,12 +125,15 @@ class Entry:
     size_at: int | None  # APR only: GGUF derives sizes from dtype and shape
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # Hypothesis prints the strategy's arguments: keep it short
 class Base:
     fmt: str
     data: bytes
     entries: dict[str, Entry]
     prefix: int  # length of the structural part (header, metadata, index): where bytes matter most
+
+    def __repr__(self) -> str:
+        return f"Base({self.fmt}, {len(self.data)} bytes, {len(self.entries)} tensors)"
 
 
 def apr_entries(data: bytes, names) -> dict[str, Entry]:
@@ -197,7 +200,7 @@ def seal(out: bytearray) -> bytearray:
 
 def set_offset(b: Base, name: str, offset: int) -> bytes:
     out = bytearray(b.data)
-    struct.pack_into("<Q", out, b.entries[name].offset_at, offset)
+    struct.pack_into("<Q", out, b.entries[name].offset_at, offset % 2**64)  # negative: wraps like a corrupt u64
     return bytes(out)
 
 
@@ -218,14 +221,14 @@ def set_code(b: Base, name: str, code: int) -> bytes:
 
 def shift_data_offset(b: Base, delta: int) -> bytes:
     out = bytearray(b.data)
-    struct.pack_into("<Q", out, 32, struct.unpack_from("<Q", out, 32)[0] + delta)
+    struct.pack_into("<Q", out, 32, (struct.unpack_from("<Q", out, 32)[0] + delta) % 2**64)
     return bytes(seal(out))
 
 
 def grow_size(b: Base, name: str, delta: int) -> bytes:
     out = bytearray(b.data)
     at = b.entries[name].size_at
-    struct.pack_into("<Q", out, at, struct.unpack_from("<Q", out, at)[0] + delta)
+    struct.pack_into("<Q", out, at, (struct.unpack_from("<Q", out, at)[0] + delta) % 2**64)
     return bytes(out)
 
 
