@@ -58,8 +58,8 @@ class LogitsProvider(Protocol):
     def logits_for_batch(self, batch: Sequence[Sequence[int]]) -> Any: ...
 
 
-# Values per isfinite reduction: bounds its boolean temporary (64 MiB) whatever the logits' size.
-_FINITE_CHUNK_VALUES = 1 << 26
+# Values per isfinite reduction: bounds its boolean temporary (16 MiB) whatever the size of the logits.
+_FINITE_CHUNK_VALUES = 1 << 24
 
 
 def all_finite(xp: Any, x: Any) -> bool:
