@@ -396,6 +396,7 @@ def finite_cost(path: str | None, lengths: list[int], reps: int = 9) -> None:
     model = open_model(make_7b.ensure_7b(path))
     cfg = model.config
     be = CudaBackend()
+    be.check_model(model)
     w = upload(model, be)
     batch = Batch.from_lengths(lengths)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, batch.n_tokens).astype(np.int32)
