@@ -34,7 +34,7 @@ def workdir(tmp_path_factory) -> Path:
 def originals(workdir) -> dict[str, tuple[bytes, int]]:
     """Each format's valid file and the length of its structural prefix (header, metadata,
     index), where mutations are most interesting."""
-    apr = write_synthetic(workdir / "base.apr", "qwen2", "apr", seed=1, **TINY)
+    apr = write_synthetic(workdir / "base.apr", "qwen2", "apr", seed=1, keep_ggml_codes=True, **TINY)
     gguf = write_synthetic(workdir / "base.gguf", "gemma3", "gguf", seed=2, **TINY)
     apr_prefix = read_apr(apr).header.data_offset
     g = read_gguf(gguf)
