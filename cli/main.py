@@ -22,7 +22,7 @@ import click
 
 from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE
 from q4k_engine.binio import UNITS, human_bytes
-from q4k_engine.convert import requantize, save_model, to_portable
+from q4k_engine.convert import Reencoded, requantize, save_model, to_portable
 from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model
@@ -250,7 +250,7 @@ def convert(source: str, dest: Path, quantize: str | None, fmt: str | None, name
     model = open_model(src)
     if quantize:
         model = requantize(model, quantize, progress=_progress())
-    report = []
+    report: list[Reencoded] = []
     if fmt == "apr" and not keep_ggml_codes:
         model, report = to_portable(model, progress=_progress())
     save_model(dest, model, fmt, names=names, materialize_head=not omit_head, keep_ggml_codes=keep_ggml_codes,
