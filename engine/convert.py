@@ -28,7 +28,7 @@ from .apr import (
     write_apr,
 )
 from .dtypes import GGMLType, row_bytes
-from .errors import FormatError, InputError
+from .errors import FormatError, InputError, Q4KWarning
 from .gguf_file import TOKENIZER_KEYS as GGUF_TOKENIZER_KEYS, write_gguf
 from .loader import _BLK, config_to_apr_metadata, config_to_gguf_metadata, hf_name, tokenizer_to_metadata
 from .tensors import ModelFile, QTensor
@@ -170,6 +170,7 @@ def save_model(
                 f"{path}: re-encoded {len(done)} tensors of types "
                 f"{', '.join(sorted({r.source.name for r in done}))} to portable APR types (largest change "
                 f"{worst.max_abs_change:.3g}, {worst.name}); keep_ggml_codes=True keeps GGML's codes",
+                Q4KWarning,
                 stacklevel=2,
             )
     tensors = list(model.tensors.values())
@@ -232,6 +233,7 @@ def requantize(model: ModelFile, scheme: str = "q4_k_m", *, progress: bool = Fal
             continue
         out[name] = _reencode(t, target, str(model.path))[0]
         if out[name].dtype != target:
-            warnings.warn(f"{model.path}: tensor {name} is stored as F32: a value exceeds F16's range", stacklevel=2)
+            warnings.warn(f"{model.path}: tensor {name} is stored as F32: a value exceeds F16's range", Q4KWarning,
+                          stacklevel=2)
     metadata = model.metadata | ({"general.file_type": _FILE_TYPE_Q4_K_M} if "general.file_type" in model.metadata else {})
     return dataclasses.replace(model, tensors=out, metadata=metadata)

@@ -219,9 +219,9 @@ def write_synthetic(
 ) -> Path:
     """Write a random `arch` model as APR (`names` "hf" or "gguf") or GGUF; returns the path.
 
-    An APR file holds portable types only: the extra types of the module docstring become Q6_K
-    or F16 (convert.portable_type) unless `keep_ggml_codes`, which keeps them for tests of the
-    engine's own kernels (a file only q4k-engine reads correctly).
+    An APR file holds portable types only: the extra types of the module docstring become F16
+    (convert.portable_type) unless `keep_ggml_codes`, which keeps them for tests of the engine's
+    own kernels (a file only q4k-engine reads correctly).
     """
     model = synthetic_model(arch, seed, **dims)
     if fmt == "apr" and not keep_ggml_codes:

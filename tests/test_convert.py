@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import q4k_engine
 from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE, read_apr
-from q4k_engine.cli.main import human_bytes, main
+from q4k_engine.binio import human_bytes
+from q4k_engine.cli.main import main
 from q4k_engine.convert import (
     carried_metadata,
     portable_type,
@@ -29,7 +30,7 @@ from q4k_engine.convert import (
     to_portable,
 )
 from q4k_engine.dtypes import GGMLType
-from q4k_engine.errors import InputError
+from q4k_engine.errors import InputError, Q4KWarning
 from q4k_engine.loader import open_model
 from q4k_engine.quants import dequantize, quantize
 from q4k_engine.synthetic import synthetic_model
@@ -104,7 +105,7 @@ def test_apr_holds_portable_codes_by_default(models, arch, tmp_path):
         assert r.max_abs_change <= 2**-11 * np.abs(values(src)).max(), r  # F16's rounding, no more
     assert all(portable.tensors[n] is t for n, t in m.tensors.items() if n not in foreign)
 
-    with pytest.warns(UserWarning, match=f"re-encoded {len(report)} tensors"):
+    with pytest.warns(Q4KWarning, match=f"re-encoded {len(report)} tensors"):
         path = save_model(tmp_path / "m.apr", m, "apr")
     assert set(apr_index_codes(path).values()) <= PORTABLE_CODES
     assert DTYPE_CODES_KEY not in read_apr(path).metadata
