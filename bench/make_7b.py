@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from q4k_engine.config import ModelConfig, expected_shapes
+from q4k_engine.convert import q4_k_m_type
 from q4k_engine.dtypes import GGMLType, TYPE_INFO, tensor_bytes
+from q4k_engine.loader import arch_config, config_to_apr_metadata
 from q4k_engine.tensors import QTensor
 
 QWEN2_7B = dict(n_layers=28, hidden=3584, ffn=18944, n_heads=28, n_kv_heads=4, vocab=152064,
@@ -53,44 +56,27 @@ def kquant_blocks(rng: np.random.Generator, dtype: GGMLType, n_blocks: int) -> n
     return b
 
 
-def _more_bits(layer: int, n_layers: int) -> bool:
-    """llama.cpp's use_more_bits(): which layers Q4_K_M keeps attn_v / ffn_down in Q6_K."""
-    e = n_layers // 8
-    return layer < e or layer >= 7 * n_layers // 8 or (layer - e) % 3 == 2
+def qwen2_config(n_layers: int, hidden: int, ffn: int, n_heads: int, n_kv_heads: int, vocab: int, rope_theta: float,
+                 rms_eps: float, context: int) -> ModelConfig:
+    return arch_config("qwen2", n_layers=n_layers, hidden=hidden, ffn=ffn, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       head_dim=hidden // n_heads, vocab_size=vocab, rope_theta=rope_theta, rms_eps=rms_eps,
+                       context_length=context, tied_head=False)
 
 
-def qwen2_tensors(rng: np.random.Generator, n_layers: int, hidden: int, ffn: int, n_heads: int,
-                  n_kv_heads: int, vocab: int, **_) -> list[QTensor]:
-    head_dim = hidden // n_heads
-    kv = n_kv_heads * head_dim
+def qwen2_tensors(rng: np.random.Generator, config: ModelConfig) -> list[QTensor]:
+    """Every tensor of the model's inventory (config.expected_shapes), typed after q4_k_m_type."""
     out: list[QTensor] = []
-
-    def mat(name: str, dtype: GGMLType, rows: int, cols: int) -> None:
-        n_blocks = tensor_bytes(dtype, (rows, cols)) // TYPE_INFO[dtype].type_size
-        out.append(QTensor(name, dtype, (rows, cols), kquant_blocks(rng, dtype, n_blocks).reshape(-1)))
-
-    def vec(name: str, values: np.ndarray) -> None:
-        out.append(QTensor(name, GGMLType.F32, values.shape, values.astype(np.float32).view(np.uint8).reshape(-1)))
-
-    Q4, Q6 = GGMLType.Q4_K, GGMLType.Q6_K
-    mat("token_embd.weight", Q4, vocab, hidden)
-    mat("output.weight", Q6, vocab, hidden)
-    vec("output_norm.weight", rng.uniform(0.8, 1.2, hidden))
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        more = _more_bits(i, n_layers)
-        vec(p + "attn_norm.weight", rng.uniform(0.8, 1.2, hidden))
-        vec(p + "ffn_norm.weight", rng.uniform(0.8, 1.2, hidden))
-        mat(p + "attn_q.weight", Q4, hidden, hidden)
-        mat(p + "attn_k.weight", Q4, kv, hidden)
-        mat(p + "attn_v.weight", Q6 if more else Q4, kv, hidden)
-        mat(p + "attn_output.weight", Q4, hidden, hidden)
-        vec(p + "attn_q.bias", rng.standard_normal(hidden) * 0.1)
-        vec(p + "attn_k.bias", rng.standard_normal(kv) * 0.1)
-        vec(p + "attn_v.bias", rng.standard_normal(kv) * 0.1)
-        mat(p + "ffn_gate.weight", Q4, ffn, hidden)
-        mat(p + "ffn_up.weight", Q4, ffn, hidden)
-        mat(p + "ffn_down.weight", Q6 if more else Q4, hidden, ffn)
+    for name, (shape, required) in expected_shapes(config).items():
+        if not required:  # rope_freqs
+            continue
+        if len(shape) == 2:
+            dtype = q4_k_m_type(name, shape[1], config.n_layers, config.tied_head)
+            n_blocks = tensor_bytes(dtype, shape) // TYPE_INFO[dtype].type_size
+            data = kquant_blocks(rng, dtype, n_blocks).reshape(-1)
+        else:  # norms near 1, small biases
+            values = rng.standard_normal(shape) * 0.1 if name.endswith(".bias") else rng.uniform(0.8, 1.2, shape)
+            dtype, data = GGMLType.F32, values.astype(np.float32).view(np.uint8).reshape(-1)
+        out.append(QTensor(name, dtype, shape, data))
     return out
 
 
@@ -98,16 +84,9 @@ def write_7b(path: Path, n_layers: int = QWEN2_7B["n_layers"], seed: int | None 
     """Write the model to `path` (APR v2) and return it."""
     from q4k_engine import apr
 
-    cfg = dict(QWEN2_7B, n_layers=n_layers)
-    rng = np.random.default_rng(seed)
-    tensors = qwen2_tensors(rng, **cfg)
-    meta = {
-        "architecture": "qwen2", "model_type": "qwen2", "name": "synthetic-qwen2-7b-q4_k_m",
-        "hidden_size": cfg["hidden"], "num_layers": n_layers, "num_heads": cfg["n_heads"],
-        "num_kv_heads": cfg["n_kv_heads"], "vocab_size": cfg["vocab"], "intermediate_size": cfg["ffn"],
-        "max_position_embeddings": cfg["context"], "rope_theta": cfg["rope_theta"], "rope_type": 2,
-        "rms_norm_eps": cfg["rms_eps"],
-    }
+    config = qwen2_config(**dict(QWEN2_7B, n_layers=n_layers))
+    tensors = qwen2_tensors(np.random.default_rng(seed), config)
+    meta = config_to_apr_metadata(config) | {"name": "synthetic-qwen2-7b-q4_k_m"}
     apr.write_apr(path, meta, tensors)
     return path
 

@@ -22,9 +22,11 @@ import click
 
 from q4k_engine.apr import DTYPE_CODES_KEY, PORTABLE
 from q4k_engine.binio import UNITS, human_bytes
+from q4k_engine.convert import Reencoded, requantize, save_model, to_portable
 from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
-from q4k_engine.loader import model_name, open_model, requantize, resolve_model, save_model
+from q4k_engine.loader import model_name, open_model
+from q4k_engine.synthetic import resolve_model
 from q4k_engine.tensors import ModelFile
 from q4k_engine.verify import verify_model
 
@@ -240,29 +242,59 @@ def verify(model: str) -> None:
 @click.argument("source")
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--quantize", type=click.Choice(["q4_k_m"]), default=None,
-              help="Quantize F32/F16/BF16 weights (already quantized tensors are copied as they are).")
+              help="Quantize F32/F16/BF16 weights after llama.cpp's Q4_K_M recipe (F16 for rows that K-quants "
+                   "cannot hold); already quantized tensors are kept as they are.")
 @click.option("--to", "fmt", type=click.Choice(["apr", "gguf"]), default=None,
               help="Output format  [default: gguf if DEST ends in .gguf, else apr]")
 @click.option("--names", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
               help="APR tensor names: Hugging Face style (model.layers.N...) or GGUF style (blk.N...).")
 @click.option("--no-lm-head", "omit_head", is_flag=True,
               help="APR: do not materialize lm_head.weight for a tied head (smaller file; realizar cannot load it).")
-def convert(source: str, dest: Path, quantize: str | None, fmt: str | None, names: str, omit_head: bool) -> None:
-    """Convert SOURCE (GGUF or APR) to DEST (APR or GGUF); quantized blocks are copied byte for byte."""
+@click.option("--keep-ggml-codes", is_flag=True,
+              help="APR: keep Q8_0/Q5_0/Q4_0/Q4_1/Q5_K tensors under GGML's dtype codes instead of re-encoding "
+                   "them. ONLY q4k-engine reads such a file correctly: aprender and realizar misread or reject "
+                   "those codes.")
+def convert(source: str, dest: Path, quantize: str | None, fmt: str | None, names: str, omit_head: bool,
+            keep_ggml_codes: bool) -> None:
+    """Convert SOURCE (GGUF or APR) to DEST (APR or GGUF); quantized blocks are copied byte for byte.
+
+    An APR file holds only the types every APR reader decodes alike (F32, F16, BF16, Q4_K, Q6_K):
+    a tensor of another type (Q8_0, Q5_0, Q4_1, ...) is re-encoded as F16 (norms and biases F32),
+    and each one is listed with the largest change of a weight. For a smaller portable file,
+    convert a float source with --quantize q4_k_m.
+    """
     src = resolve_model(source)
     if dest.exists() and dest.resolve() == src.resolve():
         raise InputError(f"{dest}: refusing to overwrite the input file")
+    fmt = fmt or ("gguf" if dest.suffix.lower() == ".gguf" else "apr")
+    if keep_ggml_codes and fmt != "apr":
+        raise InputError("--keep-ggml-codes applies to APR output only (GGUF always uses GGML's codes)")
     model = open_model(src)
     if quantize:
         model = requantize(model, quantize, progress=_progress())
-    fmt = fmt or ("gguf" if dest.suffix.lower() == ".gguf" else "apr")
-    save_model(dest, model, fmt, names=names, materialize_head=not omit_head, progress=_progress())
-    click.echo(f"wrote {dest} ({fmt}, {len(model.tensors)} tensors, {human_bytes(dest.stat().st_size)})")
-    foreign = sorted({t.dtype.name for t in model.tensors.values() if t.dtype not in PORTABLE})
-    if fmt == "apr" and foreign:
+    report: list[Reencoded] = []
+    if fmt == "apr" and not keep_ggml_codes:
+        model, report = to_portable(model, progress=_progress())
+    save_model(dest, model, fmt, names=names, materialize_head=not omit_head, keep_ggml_codes=keep_ggml_codes,
+               progress=_progress())
+    for r in report:
+        click.echo(f"re-encoded {r.name}: {r.source.name} -> {r.target.name} (largest change {r.max_abs_change:.3g})")
+    if report:
+        worst = max(report, key=lambda r: r.max_abs_change)
         click.echo(
-            f"note: {', '.join(foreign)} tensors keep their GGML dtype codes (marked '{DTYPE_CODES_KEY}'); "
-            "realizar reads only F32/F16/BF16/Q4_K/Q6_K reliably (--quantize q4_k_m from a float source gives those)",
+            f"re-encoded {len(report)} tensors to portable APR types (F16 for matrices, F32 for vectors or values "
+            f"beyond F16's range; see q4k_engine.convert.portable_type); largest absolute change of any weight: "
+            f"{worst.max_abs_change:.3g} ({worst.name})"
+        )
+    click.echo(
+        f"wrote {dest} ({fmt}, {len(model.tensors)} tensors); size {human_bytes(src.stat().st_size)} -> "
+        f"{human_bytes(dest.stat().st_size)}"
+    )
+    kept = sorted({t.dtype.name for t in model.tensors.values() if t.dtype not in PORTABLE})
+    if fmt == "apr" and kept:
+        click.echo(
+            f"note: {', '.join(kept)} tensors keep their GGML dtype codes (marked '{DTYPE_CODES_KEY}'): "
+            "only q4k-engine reads this file correctly; aprender and realizar misread or reject these codes",
             err=True,
         )
 

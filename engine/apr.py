@@ -6,14 +6,14 @@ codes and metadata key spellings; model semantics (ModelConfig, tensor names) li
 
 Dtype codes (the §4.3 code-8 trap), decided as follows:
 
-* Written: GGML's numbering for every type, the portable set {0 F32, 1 F16, 30 BF16, 12 Q4_K,
-  14 Q6_K} and the other GGML types real Q4_K_M files hold (Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7,
-  Q8_0=8, Q5_K=13, ...). A file that uses any code outside the portable set also records
-  `"q4k_engine.dtype_codes": "ggml"` in its metadata. Re-encoding those tensors would lose
-  precision or grow the file (Gemma 3's Q8_0 embedding); the marker lets a reader (ours, and any
-  reader that cares) know that 8 means Q8_0 and not aprender's legacy q4. realizar's R-mapped
-  path would still misread code 8: files meant for realizar should be converted with
-  `--quantize q4_k_m` from float sources, which only emits portable codes.
+* Written: GGML's numbering. Files q4k-engine writes hold only the portable set {0 F32, 1 F16,
+  30 BF16, 12 Q4_K, 14 Q6_K} unless the user asks otherwise: convert.py re-encodes any other type
+  by one stated rule (`convert.portable_type`), because upstream those codes mean something else
+  (aprender reads 3/6/7 as F64/I8/U8 and rejects 2/13; realizar reads 8 as APR-native q4). With
+  `keep_ggml_codes` the other GGML types real Q4_K_M files hold (Q4_0=2, Q4_1=3, Q5_0=6,
+  Q8_0=8, Q5_K=13, ...) are written under their GGML codes and the file records
+  `"q4k_engine.dtype_codes": "ggml"`; only q4k-engine reads that marker, so only q4k-engine
+  reads such a file correctly.
 * Read with the marker: codes are GGML, strictly.
 * Read without it (files from aprender/realizar): a code with two meanings is resolved by the
   tensor's byte size, the only evidence in the file, as realizar's R-transformer does for 8:
@@ -97,6 +97,17 @@ TOKENIZER_FALLBACKS: dict[str, str] = {
     "tokenizer.model": "tokenizer.model_type",
     "tokenizer.chat_template": "chat_template",
 }
+
+# GGUF `general.*` / `tokenizer.*` facts beyond the config and TokenizerSpec (unknown and padding
+# token ids, add_space_prefix, add_eos_token, license, ...): GGUF key -> APR key where aprender
+# has a field of its own (§3.2, §3.3). Every other such key is stored under its GGUF name (all
+# readers keep unknown keys), so GGUF -> APR -> GGUF gives back what llama.cpp's tokenizer reads.
+GGUF_KEY_SPELLINGS: dict[str, str] = {
+    "general.name": "name",
+    "tokenizer.ggml.padding_token_id": "tokenizer.padding_token_id",
+}
+# The GGUF key namespaces carried that way (`tokenizer.chat_template` itself is TokenizerSpec's).
+GGUF_KEY_PREFIXES = ("general.", "tokenizer.ggml.", "tokenizer.chat_template.", "tokenizer.huggingface.", "tokenizer.rwkv.")
 
 
 def align64(n: int) -> int:

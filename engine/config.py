@@ -54,3 +54,34 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The tensor inventory of a model: every tensor the forward reads, internal (GGUF-style)
+    name -> (shape [out, in], required).
+
+    The one source of truth for the loader's validation, the forward's upload, the synthetic
+    models and bench/make_7b.py.
+    """
+    H, D, F, V = config.hidden, config.head_dim, config.ffn, config.vocab_size
+    q, kv = config.n_heads * D, config.n_kv_heads * D
+    out: dict[str, tuple[tuple[int, ...], bool]] = {
+        "token_embd.weight": ((V, H), True),
+        "output_norm.weight": ((H,), True),
+        "output.weight": ((V, H), not config.tied_head),
+        "rope_freqs.weight": ((D // 2,), False),
+    }
+    for i in range(config.n_layers):
+        layer = {
+            "attn_norm.weight": (H,), "attn_q.weight": (q, H), "attn_k.weight": (kv, H),
+            "attn_v.weight": (kv, H), "attn_output.weight": (H, q), "ffn_norm.weight": (H,),
+            "ffn_gate.weight": (F, H), "ffn_up.weight": (F, H), "ffn_down.weight": (H, F),
+        }
+        if config.qkv_bias:
+            layer |= {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
+        if config.qk_norm:
+            layer |= {"attn_q_norm.weight": (D,), "attn_k_norm.weight": (D,)}
+        if config.sandwich_norm:
+            layer |= {"post_attention_norm.weight": (H,), "post_ffw_norm.weight": (H,)}
+        out |= {f"blk.{i}.{k}": (shape, True) for k, shape in layer.items()}
+    return out

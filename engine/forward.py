@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Array, Backend, Batch, KVCache
-from .config import ModelConfig
+from .config import ModelConfig, expected_shapes
 from .errors import FormatError
 from .tensors import ModelFile, QTensor
 
@@ -62,46 +62,45 @@ def _check_shape(t: QTensor, shape: tuple[int, ...]) -> QTensor:
 def upload(model: ModelFile, backend: Backend) -> Weights:
     """Check every tensor the config needs against its expected shape and hand it to the backend."""
     cfg, tensors = model.config, model.tensors
+    shapes = expected_shapes(cfg)
 
-    def get(name: str, shape: tuple[int, ...]) -> QTensor:
+    def get(name: str) -> QTensor:
         if name not in tensors:
             raise FormatError(f"{model.path}: tensor {name} is missing")
-        return _check_shape(tensors[name], shape)
+        return _check_shape(tensors[name], shapes[name][0])
 
-    def mat(name: str, rows: int, cols: int) -> Any:
-        return backend.weight(get(name, (rows, cols)))
+    def mat(name: str) -> Any:
+        return backend.weight(get(name))
 
-    def vec(name: str, n: int) -> Array:
-        return backend.vector(get(name, (n,)))
+    def vec(name: str) -> Array:
+        return backend.vector(get(name))
 
-    h, d = cfg.hidden, cfg.head_dim
-    q_out, kv_out = cfg.n_heads * d, cfg.n_kv_heads * d
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         layers.append(LayerWeights(
-            attn_norm=vec(p + "attn_norm.weight", h),
-            wq=mat(p + "attn_q.weight", q_out, h),
-            wk=mat(p + "attn_k.weight", kv_out, h),
-            wv=mat(p + "attn_v.weight", kv_out, h),
-            wo=mat(p + "attn_output.weight", h, q_out),
-            ffn_norm=vec(p + "ffn_norm.weight", h),
-            gate=mat(p + "ffn_gate.weight", cfg.ffn, h),
-            up=mat(p + "ffn_up.weight", cfg.ffn, h),
-            down=mat(p + "ffn_down.weight", h, cfg.ffn),
-            bq=vec(p + "attn_q.bias", q_out) if cfg.qkv_bias else None,
-            bk=vec(p + "attn_k.bias", kv_out) if cfg.qkv_bias else None,
-            bv=vec(p + "attn_v.bias", kv_out) if cfg.qkv_bias else None,
-            q_norm=vec(p + "attn_q_norm.weight", d) if cfg.qk_norm else None,
-            k_norm=vec(p + "attn_k_norm.weight", d) if cfg.qk_norm else None,
-            post_attn_norm=vec(p + "post_attention_norm.weight", h) if cfg.sandwich_norm else None,
-            post_ffw_norm=vec(p + "post_ffw_norm.weight", h) if cfg.sandwich_norm else None,
+            attn_norm=vec(p + "attn_norm.weight"),
+            wq=mat(p + "attn_q.weight"),
+            wk=mat(p + "attn_k.weight"),
+            wv=mat(p + "attn_v.weight"),
+            wo=mat(p + "attn_output.weight"),
+            ffn_norm=vec(p + "ffn_norm.weight"),
+            gate=mat(p + "ffn_gate.weight"),
+            up=mat(p + "ffn_up.weight"),
+            down=mat(p + "ffn_down.weight"),
+            bq=vec(p + "attn_q.bias") if cfg.qkv_bias else None,
+            bk=vec(p + "attn_k.bias") if cfg.qkv_bias else None,
+            bv=vec(p + "attn_v.bias") if cfg.qkv_bias else None,
+            q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
+            k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+            post_attn_norm=vec(p + "post_attention_norm.weight") if cfg.sandwich_norm else None,
+            post_ffw_norm=vec(p + "post_ffw_norm.weight") if cfg.sandwich_norm else None,
         ))
-    embed = mat("token_embd.weight", cfg.vocab_size, h)
+    embed = mat("token_embd.weight")
     # A file that stores output.weight uses it; one without it must declare the head tied.
-    output = embed if cfg.tied_head and "output.weight" not in tensors else mat("output.weight", cfg.vocab_size, h)
-    rope_freqs = vec("rope_freqs.weight", d // 2) if "rope_freqs.weight" in tensors else None
-    return Weights(embed, output, vec("output_norm.weight", h), rope_freqs, tuple(layers))
+    output = embed if cfg.tied_head and "output.weight" not in tensors else mat("output.weight")
+    rope_freqs = vec("rope_freqs.weight") if "rope_freqs.weight" in tensors else None
+    return Weights(embed, output, vec("output_norm.weight"), rope_freqs, tuple(layers))
 
 
 def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, batch: Batch, i: int,

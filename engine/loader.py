@@ -1,10 +1,10 @@
-"""From a file on disk to a validated ModelFile, and back: format detection, ModelConfig, names.
+"""From a file on disk to a validated ModelFile: format detection, ModelConfig, names.
 
 `open_model(path)` sniffs the magic (never the extension), parses the container (apr.py or
 gguf_file.py), maps tensor names onto the internal GGUF-style names, builds the ModelConfig from
 the metadata with the per-architecture switches of architectures.md, and checks every tensor the
-config needs (presence, shape, dtype) before anything downstream trusts the file. `save_model`
-writes a ModelFile as APR or GGUF.
+config needs (presence, shape, dtype; the inventory is config.expected_shapes) before anything
+downstream trusts the file. Writing files (and re-quantizing) is convert.py's.
 
 Metadata flows through one spelling: GGUF's (`{arch}.block_count`, ...). APR metadata is first
 translated key by key (`_KEYS`), so one function, `config_from_metadata`, serves both formats.
@@ -26,13 +26,12 @@ from .apr import (
     TOKENIZER_KEYS as APR_TOKENIZER_KEYS,
     canonical_metadata,
     read_apr,
-    write_apr,
 )
 from .binio import open_input, shown
-from .config import ARCHITECTURES, ModelConfig
+from .config import ARCHITECTURES, ModelConfig, expected_shapes
 from .dtypes import SUPPORTED, GGMLType
-from .errors import FormatError, InputError, Q4KError, UnsupportedError
-from .gguf_file import TOKENIZER_KEYS as GGUF_TOKENIZER_KEYS, read_gguf, write_gguf
+from .errors import FormatError, Q4KError, UnsupportedError
+from .gguf_file import TOKENIZER_KEYS as GGUF_TOKENIZER_KEYS, read_gguf
 from .tensors import ModelFile, QTensor, TokenizerSpec
 
 # --------------------------------------------------------------------------------------------
@@ -164,35 +163,6 @@ def internal_name(name: str, sandwich: bool) -> str:
     if m and m.group(2) in _HF_LAYER[sandwich]:
         return f"blk.{m.group(1)}.{_HF_LAYER[sandwich][m.group(2)]}"
     return name
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Every tensor the forward reads: internal name -> (shape [out, in], required).
-
-    The single source of truth for validation (here) and for the synthetic models.
-    """
-    H, D, F, V = config.hidden, config.head_dim, config.ffn, config.vocab_size
-    q, kv = config.n_heads * D, config.n_kv_heads * D
-    out: dict[str, tuple[tuple[int, ...], bool]] = {
-        "token_embd.weight": ((V, H), True),
-        "output_norm.weight": ((H,), True),
-        "output.weight": ((V, H), not config.tied_head),
-        "rope_freqs.weight": ((D // 2,), False),
-    }
-    for i in range(config.n_layers):
-        layer = {
-            "attn_norm.weight": (H,), "attn_q.weight": (q, H), "attn_k.weight": (kv, H),
-            "attn_v.weight": (kv, H), "attn_output.weight": (H, q), "ffn_norm.weight": (H,),
-            "ffn_gate.weight": (F, H), "ffn_up.weight": (F, H), "ffn_down.weight": (H, F),
-        }
-        if config.qkv_bias:
-            layer |= {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
-        if config.qk_norm:
-            layer |= {"attn_q_norm.weight": (D,), "attn_k_norm.weight": (D,)}
-        if config.sandwich_norm:
-            layer |= {"post_attention_norm.weight": (H,), "post_ffw_norm.weight": (H,)}
-        out |= {f"blk.{i}.{k}": (shape, True) for k, shape in layer.items()}
-    return out
 
 
 _VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
@@ -567,6 +537,22 @@ def _fold_tied_head(meta: Mapping[str, Any], tensors: dict[str, QTensor]) -> Non
         del tensors["output.weight"]
 
 
+def _infer_head_dim(meta: dict[str, Any], tensors: Mapping[str, QTensor], arch: str, where: str) -> None:
+    """APR files from aprender and realizar may lack `head_dim`; realizar then takes it from the
+    q-projection, rows / num_heads (GH-479), and so do we, rather than assume hidden / heads
+    (wrong for qwen3 and gemma3). A bad head count is left to config_from_metadata to report."""
+    key, heads = f"{arch}.attention.key_length", meta.get(f"{arch}.attention.head_count")
+    q = tensors.get("blk.0.attn_q.weight")
+    if key in meta or q is None or len(q.shape) != 2 or not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        return
+    if q.shape[0] % heads:
+        raise FormatError(
+            f"{where}: metadata has no head_dim, and the {q.shape[0]} rows of tensor blk.0.attn_q.weight "
+            f"are not a multiple of {heads} heads"
+        )
+    meta[key] = q.shape[0] // heads
+
+
 def _open_apr(path: Path) -> ModelFile:
     f = read_apr(path)
     where = str(path)
@@ -582,9 +568,9 @@ def _open_apr(path: Path) -> ModelFile:
             raise FormatError(f"{where}: tensors {shown(name)} and {tensors[internal].name} both map to {internal}")
         tensors[internal] = dataclasses.replace(t, name=internal)
     _fold_tied_head(meta, tensors)
-    config = config_from_metadata(
-        _apr_to_gguf_metadata(meta, arch, where), tensors, where, rope_neox=_apr_rope_neox(meta, where)
-    )
+    gguf_meta = _apr_to_gguf_metadata(meta, arch, where)
+    _infer_head_dim(gguf_meta, tensors, arch, where)
+    config = config_from_metadata(gguf_meta, tensors, where, rope_neox=_apr_rope_neox(meta, where))
     tokenizer = tokenizer_from_metadata(f.metadata, APR_TOKENIZER_KEYS, where, APR_TOKENIZER_FALLBACKS)
     return ModelFile(path, "apr", config, tensors, tokenizer, f.metadata, f.buffer)
 
@@ -618,122 +604,6 @@ def open_model(path: Path | str) -> ModelFile:
     return model
 
 
-def resolve_model(spec: str | Path) -> Path:
-    """A CLI model argument -> path: `demo` is the cached synthetic demo model."""
-    if str(spec) == "demo":
-        from .synthetic import demo_model_path  # synthetic imports this module
-
-        return demo_model_path()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise InputError(f"{spec}: no such model file (pass a .gguf/.apr path or 'demo')")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# saving
-
-
 def model_name(model: ModelFile) -> str | None:
     name = model.metadata.get("general.name", model.metadata.get("name"))
     return name if isinstance(name, str) else None
-
-
-def save_model(
-    path: Path | str,
-    model: ModelFile,
-    fmt: str = "apr",
-    *,
-    names: str = "hf",
-    materialize_head: bool = True,
-    progress: bool = False,
-) -> Path:
-    """Write `model` as APR (`names` "hf" or "gguf") or GGUF; tensor bytes are copied verbatim.
-
-    APR: a tied head is written as an explicit `lm_head.weight` (with `tied_embeddings`), as
-    aprender does, because realizar's loader has no tied fallback (§6.3); `open_model` folds it
-    back. `materialize_head=False` leaves it out (smaller file, ours-only).
-    """
-    config, tensors = model.config, list(model.tensors.values())
-    name = model_name(model)
-    if fmt == "gguf":
-        meta = config_to_gguf_metadata(config)
-        if name:
-            meta["general.name"] = name
-        if model.tokenizer is not None:
-            meta |= tokenizer_to_metadata(model.tokenizer, GGUF_TOKENIZER_KEYS)
-        return write_gguf(path, meta, tensors, progress=progress)
-    if fmt != "apr":
-        raise InputError(f"unknown output format {fmt!r} (apr or gguf)")
-    if names not in ("hf", "gguf"):
-        raise InputError(f"unknown tensor naming {names!r} (hf or gguf)")
-    meta = config_to_apr_metadata(config)
-    if name:
-        meta["name"] = name
-    meta["original_format"] = model.format
-    if config.tied_head and materialize_head:
-        tensors.append(dataclasses.replace(model.tensors["token_embd.weight"], name="output.weight"))
-        meta["tied_embeddings"] = True
-    if model.tokenizer is not None:
-        meta |= tokenizer_to_metadata(model.tokenizer, APR_TOKENIZER_KEYS)
-    if names == "hf":
-        tensors = [dataclasses.replace(t, name=hf_name(t.name, config.sandwich_norm)) for t in tensors]
-    return write_apr(path, meta, tensors, progress=progress)
-
-
-# --------------------------------------------------------------------------------------------
-# re-quantization (convert --quantize q4_k_m, synthetic models)
-
-
-def _use_more_bits(layer: int, n_layers: int) -> bool:
-    """llama.cpp's choice of layers that get Q6_K in a Q4_K_M file: the first and last eighth,
-    and every third layer in between (integer division as in llama-quant.cpp)."""
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
-
-
-def q4_k_m_type(name: str, cols: int, n_layers: int, tied: bool) -> GGMLType:
-    """Storage type of a 2-D weight in our Q4_K_M, after llama.cpp's rules.
-
-    Q6_K for the output head (the embedding when tied) and for attn_v/ffn_down of the layers
-    `_use_more_bits` picks; Q4_K for every other matrix. K-quants need rows of whole 256-blocks;
-    other rows fall back to Q8_0 when they are whole 32-blocks, else F16 (llama.cpp would use
-    Q5_0/Q5_1 there; our quantizer writes Q8_0, which is more precise and still small).
-    """
-    m = _BLK.fullmatch(name)
-    kind = m.group(2) if m else name
-    high = (
-        name == "output.weight"
-        or (tied and name == "token_embd.weight")
-        or (m is not None and kind in ("attn_v.weight", "ffn_down.weight") and _use_more_bits(int(m.group(1)), n_layers))
-    )
-    if cols % 256 == 0:
-        return GGMLType.Q6_K if high else GGMLType.Q4_K
-    return GGMLType.Q8_0 if cols % 32 == 0 else GGMLType.F16
-
-
-FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
-
-
-def requantize(model: ModelFile, scheme: str = "q4_k_m", *, progress: bool = False) -> ModelFile:
-    """Quantize the float tensors of `model` after `scheme`: 2-D weights per `q4_k_m_type`,
-    1-D tensors (norms, biases) to F32. Tensors already quantized keep their bytes: decoding and
-    re-encoding them would only add error."""
-    from tqdm import tqdm
-
-    from .quants import dequantize, quantize  # heavy; only conversions need it
-
-    if scheme != "q4_k_m":
-        raise InputError(f"unknown quantization scheme {scheme!r} (supported: q4_k_m)")
-    config = model.config
-    out: dict[str, QTensor] = {}
-    for name, t in tqdm(model.tensors.items(), desc="quantizing", unit="tensor", disable=not progress):
-        if t.dtype not in FLOAT_TYPES:
-            out[name] = t
-            continue
-        target = GGMLType.F32 if len(t.shape) == 1 else q4_k_m_type(name, t.cols, config.n_layers, config.tied_head)
-        if target == t.dtype:
-            out[name] = t
-            continue
-        values = dequantize(t.data, t.dtype, t.shape, name=name)
-        out[name] = QTensor(name, target, t.shape, quantize(values, target))
-    return dataclasses.replace(model, tensors=out)

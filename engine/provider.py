@@ -35,7 +35,8 @@ from .backend_cpu import NumpyBackend
 from .errors import DeviceError, FallbackWarning, FormatError, InputError, UnsupportedError
 from .forward import forward, upload
 from .generate import Generation, generate as greedy_generate
-from .loader import open_model, resolve_model
+from .loader import open_model
+from .synthetic import resolve_model
 from .tensors import ModelFile
 from .tokenizer import TextTokenizer, build_tokenizer
 from .verify import verify_model

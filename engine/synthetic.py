@@ -1,9 +1,9 @@
 """Small random models of every architecture, written by the project's own writers.
 
 They are the test data of the whole project (design.md: generated, never downloaded): the tensor
-set of each architecture comes from loader.expected_shapes, weights are N(0, 0.02) matrices and
+set of each architecture comes from config.expected_shapes, weights are N(0, 0.02) matrices and
 norms near 1 quantized like a Q4_K_M file (Q4_K matrices, Q6_K head and some ffn_down/attn_v, F32
-norms, see loader.q4_k_m_type), plus a few tensors in the other types of real Q4_K_M files so
+norms, see convert.q4_k_m_type), plus a few tensors in the other types of real Q4_K_M files so
 that every kernel has something to chew on:
 
   llama  attn_q Q4_1 (as SmolLM2)       qwen2  attn_k Q8_0 + QKV biases
@@ -26,21 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import expected_shapes
+from .convert import q4_k_m_type, save_model, to_portable
 from .dtypes import TYPE_INFO, GGMLType
 from .errors import FormatError, InputError
-from .loader import (
-    ARCH_DEFAULTS,
-    arch_config,
-    config_from_metadata,
-    config_to_gguf_metadata,
-    expected_shapes,
-    q4_k_m_type,
-    save_model,
-)
+from .loader import ARCH_DEFAULTS, arch_config, config_from_metadata, config_to_gguf_metadata
 from .tensors import ModelFile, QTensor, TokenizerSpec
 from .tokenizer import bytes_to_unicode
 
-DEMO_REVISION = 1  # bump when the demo model's contents change, so caches regenerate
+DEMO_REVISION = 2  # bump when the demo model's contents change, so caches regenerate
 DEMO_ARCH = "llama"
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
@@ -219,10 +213,20 @@ def synthetic_model(arch: str, seed: int = 0, **dims: int) -> ModelFile:
     return ModelFile(Path(f"synthetic-{arch}"), "synthetic", config, tensors, tokenizer, {"general.name": f"synthetic-{arch}"})
 
 
-def write_synthetic(path: Path | str, arch: str, fmt: str = "apr", seed: int = 0, *, names: str = "hf", **dims: int) -> Path:
-    """Write a random `arch` model as APR (`names` "hf" or "gguf") or GGUF; returns the path."""
+def write_synthetic(
+    path: Path | str, arch: str, fmt: str = "apr", seed: int = 0, *, names: str = "hf",
+    keep_ggml_codes: bool = False, **dims: int,
+) -> Path:
+    """Write a random `arch` model as APR (`names` "hf" or "gguf") or GGUF; returns the path.
+
+    An APR file holds portable types only: the extra types of the module docstring become F16
+    (convert.portable_type) unless `keep_ggml_codes`, which keeps them for tests of the engine's
+    own kernels (a file only q4k-engine reads correctly).
+    """
     model = synthetic_model(arch, seed, **dims)
-    return save_model(path, model, fmt, names=names)
+    if fmt == "apr" and not keep_ggml_codes:
+        model = to_portable(model)[0]  # random weights: what changed is of no interest
+    return save_model(path, model, fmt, names=names, keep_ggml_codes=keep_ggml_codes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,5 +249,15 @@ def demo_model_path() -> Path:
     path = cache_dir() / f"demo-{version}-r{DEMO_REVISION}.apr"
     if not path.exists():
         write_synthetic(path, DEMO_ARCH, "apr", seed=0)
+    return path
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A CLI model argument -> path: `demo` is the cached synthetic demo model."""
+    if str(spec) == "demo":
+        return demo_model_path()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"{spec}: no such model file (pass a .gguf/.apr path or 'demo')")
     return path
 

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from q4k_engine.apr import DTYPE_CODES_KEY, read_apr
 from q4k_engine.cli.main import main
 from q4k_engine.dtypes import GGMLType
-from q4k_engine.loader import open_model, q4_k_m_type, save_model
+from q4k_engine.convert import q4_k_m_type, save_model
+from q4k_engine.loader import open_model
 from q4k_engine.quants import dequantize, quantize
 from q4k_engine.synthetic import synthetic_model
 from q4k_engine.tensors import ModelFile, QTensor
@@ -87,7 +88,7 @@ def test_inspect_json_and_estimate(gemma):
 
 def test_inspect_without_tokenizer(gemma, tmp_path):
     bare = dataclasses.replace(gemma[0], tokenizer=None, config=dataclasses.replace(gemma[0].config, context_length=0))
-    out = run("inspect", save_model(tmp_path / "bare.apr", bare, "apr")).stdout
+    out = run("inspect", save_model(tmp_path / "bare.apr", bare, "apr", keep_ggml_codes=True)).stdout
     assert "tokenizer  none" in out and "context unknown" in out
 
 
@@ -104,7 +105,7 @@ def test_inspect_demo(tmp_path, monkeypatch):
 def test_convert_gguf_to_apr_and_back(gemma, tmp_path):
     m, path = gemma
     apr = tmp_path / "g.apr"
-    r = run("convert", path, apr)
+    r = run("convert", path, apr, "--keep-ggml-codes")  # byte for byte (tests/test_convert.py: portable types)
     assert "wrote" in r.stdout and str(apr) in r.stdout
     assert "note: Q5_0, Q8_0 tensors keep their GGML dtype codes" in r.stderr
     raw = read_apr(apr)
@@ -114,7 +115,7 @@ def test_convert_gguf_to_apr_and_back(gemma, tmp_path):
     assert_same_model(src, open_model(apr))
     # APR -> APR with GGUF names and no materialized head; APR -> GGUF
     apr2 = tmp_path / "g2.apr"
-    run("convert", apr, apr2, "--names", "gguf", "--no-lm-head")
+    run("convert", apr, apr2, "--names", "gguf", "--no-lm-head", "--keep-ggml-codes")
     raw2 = read_apr(apr2)
     assert "blk.0.ffn_norm.weight" in raw2.tensors and "output.weight" not in raw2.tensors
     assert_same_model(src, open_model(apr2))
@@ -161,7 +162,7 @@ def _corrupt(src: Path, dst: Path, edit) -> Path:
 
 @pytest.fixture(scope="module")
 def apr_file(gemma, tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("a") / "g.apr", gemma[0], "apr")
+    return save_model(tmp_path_factory.mktemp("a") / "g.apr", gemma[0], "apr", keep_ggml_codes=True)
 
 
 BAD_FILES = {
@@ -237,5 +238,5 @@ def test_real_model_inspect_and_convert(which, tmp_path):
     assert {k: v["count"] for k, v in r["dtypes"].items()} == expect_types
     assert r["tokenizer"]["model"] == tok_model and r["tokenizer"]["tokens"] == expect_config["vocab_size"]
     out = tmp_path / f"{which}.apr"
-    run("convert", path, out)
+    run("convert", path, out, "--keep-ggml-codes")
     assert_same_model(open_model(path), open_model(out))

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import q4k_engine
 from q4k_engine.cli.main import main
-from q4k_engine.loader import save_model
+from q4k_engine.convert import save_model
 from q4k_engine.synthetic import synthetic_model
 
 

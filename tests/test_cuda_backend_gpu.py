@@ -197,7 +197,7 @@ def synthetic_model(request, tmp_path_factory):
     from q4k_engine.loader import open_model
 
     path = tmp_path_factory.mktemp("models") / f"{request.param}.apr"
-    synthetic.write_synthetic(path, request.param, "apr")
+    synthetic.write_synthetic(path, request.param, "apr", keep_ggml_codes=True)  # every kernel type
     return open_model(path)
 
 

@@ -16,7 +16,8 @@ from q4k_engine import FallbackWarning, InputError, UnsupportedError, gpu
 from q4k_engine.backend_cuda import check_kernel_limits
 from q4k_engine.cli.main import main
 from q4k_engine.dtypes import GGMLType, row_bytes
-from q4k_engine.loader import open_model, save_model
+from q4k_engine.convert import save_model
+from q4k_engine.loader import open_model
 from q4k_engine.synthetic import synthetic_model, write_synthetic
 from q4k_engine.tensors import QTensor
 from q4k_engine.tokenizer import PRETOKENIZER_ENV, build_tokenizer

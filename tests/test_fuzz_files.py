@@ -173,7 +173,7 @@ def make_base(path: Path) -> Base:
 def bases(workdir, module_seed) -> dict[str, Base]:
     """qwen2 APR (GGML dtype codes, marked), mistral APR (portable codes only: codes 2/8 keep
     their legacy meanings), llama GGUF (Q4_1 present) with an explicit general.alignment."""
-    qwen2 = write_synthetic(workdir / "qwen2.apr", "qwen2", "apr", seed=module_seed, **SMALL)
+    qwen2 = write_synthetic(workdir / "qwen2.apr", "qwen2", "apr", seed=module_seed, keep_ggml_codes=True, **SMALL)
     mistral = write_synthetic(workdir / "mistral.apr", "mistral", "apr", seed=module_seed + 1, **SMALL)
     llama = write_synthetic(workdir / "llama0.gguf", "llama", "gguf", seed=module_seed + 2, **SMALL)
     g = read_gguf(llama)
@@ -183,7 +183,7 @@ def bases(workdir, module_seed) -> dict[str, Base]:
 
 @pytest.fixture(scope="module")
 def tiny(workdir) -> dict[str, Base]:
-    apr = write_synthetic(workdir / "tiny.apr", "qwen2", "apr", seed=1, **TINY)
+    apr = write_synthetic(workdir / "tiny.apr", "qwen2", "apr", seed=1, keep_ggml_codes=True, **TINY)
     gguf = write_synthetic(workdir / "tiny.gguf", "gemma3", "gguf", seed=2, **TINY)
     return {"apr": make_base(apr), "gguf": make_base(gguf)}
 

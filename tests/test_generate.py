@@ -19,7 +19,7 @@ from q4k_engine.cli.main import main
 from q4k_engine.errors import InputError
 from q4k_engine.forward import forward, upload
 from q4k_engine.generate import generate
-from q4k_engine.loader import save_model
+from q4k_engine.convert import save_model
 from q4k_engine.synthetic import synthetic_model
 
 # mistral: window 16, gemma3: window 8 (and a global layer): prompts + new tokens run past both.

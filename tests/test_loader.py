@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -13,21 +12,17 @@ from q4k_engine.apr import read_apr, write_apr
 from q4k_engine.dtypes import GGMLType, tensor_bytes
 from q4k_engine.errors import FormatError, InputError, Q4KError, UnsupportedError
 from q4k_engine.gguf_file import read_gguf, write_gguf
+from q4k_engine.config import expected_shapes
+from q4k_engine.convert import q4_k_m_type, requantize, save_model
 from q4k_engine.loader import (
     config_from_metadata,
     config_to_apr_metadata,
     config_to_gguf_metadata,
-    expected_shapes,
     hf_name,
     internal_name,
     open_model,
-    q4_k_m_type,
-    requantize,
-    resolve_model,
-    save_model,
 )
-from q4k_engine.quants import dequantize
-from q4k_engine.synthetic import synthetic_model
+from q4k_engine.synthetic import resolve_model, synthetic_model
 from q4k_engine.tensors import ModelFile, QTensor
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
@@ -43,8 +38,10 @@ def files(models, tmp_path_factory) -> dict[tuple[str, str], Path]:
     d = tmp_path_factory.mktemp("models")
     out = {}
     for arch, m in models.items():
-        out[arch, "apr"] = save_model(d / f"{arch}.apr", m, "apr")
-        out[arch, "apr-gguf-names"] = save_model(d / f"{arch}.gguf-names.apr", m, "apr", names="gguf")
+        # GGML's codes kept: the three files must hold the very same bytes (tests/test_convert.py
+        # covers the portable files)
+        out[arch, "apr"] = save_model(d / f"{arch}.apr", m, "apr", keep_ggml_codes=True)
+        out[arch, "apr-gguf-names"] = save_model(d / f"{arch}.gguf-names.apr", m, "apr", names="gguf", keep_ggml_codes=True)
         out[arch, "gguf"] = save_model(d / f"{arch}.gguf", m, "gguf")
     return out
 
@@ -182,7 +179,7 @@ def test_tied_head_folding(files, models, tmp_path):
         tensors["lm_head.weight"] = dataclasses.replace(head, data=data)
 
     assert not open_model(rewrite_apr(src, tmp_path / "d.apr", different_head)).config.tied_head
-    compact = save_model(tmp_path / "c.apr", models["qwen2"], "apr", materialize_head=False)
+    compact = save_model(tmp_path / "c.apr", models["qwen2"], "apr", materialize_head=False, keep_ggml_codes=True)
     assert "lm_head.weight" not in read_apr(compact).tensors and open_model(compact).config.tied_head
 
 
@@ -284,49 +281,7 @@ def test_detection_by_magic(files, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# quantization policy, resolve
-
-
-def test_q4_k_m_policy_matches_llama_cpp_counts():
-    # Gemma 3 270M Q4_K_M (architectures.md): 18 layers, 9 ffn_down tensors in Q6_K.
-    n = 18
-    down = Counter(q4_k_m_type(f"blk.{i}.ffn_down.weight", 2048, n, True) for i in range(n))
-    assert down == {GGMLType.Q6_K: 9, GGMLType.Q4_K: 9}
-    assert q4_k_m_type("output.weight", 4096, n, False) == GGMLType.Q6_K
-    assert q4_k_m_type("token_embd.weight", 4096, n, True) == GGMLType.Q6_K
-    assert q4_k_m_type("token_embd.weight", 4096, n, False) == GGMLType.Q4_K
-    assert q4_k_m_type("blk.3.attn_q.weight", 640, n, True) == GGMLType.Q8_0
-    assert q4_k_m_type("blk.3.attn_q.weight", 100, n, True) == GGMLType.F16
-
-
-def _as_float(model: ModelFile, dtype: GGMLType) -> ModelFile:
-    from q4k_engine.quants import quantize
-
-    tensors = {
-        n: QTensor(n, dtype, t.shape, quantize(dequantize(t.data, t.dtype, t.shape), dtype))
-        for n, t in model.tensors.items()
-    }
-    return dataclasses.replace(model, tensors=tensors)
-
-
-@pytest.mark.parametrize("dtype", [GGMLType.F32, GGMLType.BF16])
-def test_requantize(models, dtype):
-    src = _as_float(models["gemma3"], dtype)
-    src.tensors["blk.0.attn_v.weight"] = models["gemma3"].tensors["blk.0.attn_v.weight"]  # already quantized
-    q = requantize(src, "q4_k_m")
-    cfg = q.config
-    for name, t in q.tensors.items():
-        if name == "blk.0.attn_v.weight":
-            assert t is src.tensors[name]
-        elif len(t.shape) == 1:
-            assert t.dtype == GGMLType.F32
-        else:
-            assert t.dtype == q4_k_m_type(name, t.cols, cfg.n_layers, cfg.tied_head)
-            x = dequantize(src.tensors[name].data, dtype, t.shape)
-            y = dequantize(t.data, t.dtype, t.shape)
-            assert np.sqrt(np.mean((x - y) ** 2)) < 0.15 * np.sqrt(np.mean(x**2)), name
-    with pytest.raises(InputError):
-        requantize(src, "q2_k")
+# resolve, head_dim, module layout
 
 
 def test_resolve_model(tmp_path, monkeypatch, files):
@@ -338,3 +293,71 @@ def test_resolve_model(tmp_path, monkeypatch, files):
     with pytest.raises(InputError) as e:
         resolve_model(str(tmp_path / "nope.gguf"))
     assert "nope.gguf" in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_apr_without_head_dim(models, files, tmp_path, arch):
+    # aprender/realizar files may lack head_dim: it comes from the q-projection (realizar GH-479),
+    # not from hidden / heads (64 here, the real head_dim is 128)
+    c = models[arch].config
+    assert c.head_dim * c.n_heads != c.hidden
+    bare = rewrite_apr(files[arch, "apr"], tmp_path / "bare.apr", lambda meta, t: meta.pop("head_dim"))
+    assert "head_dim" not in read_apr(bare).metadata
+    assert open_model(bare).config == c
+
+    def odd_q(meta, tensors):
+        meta.pop("head_dim")
+        meta["num_heads"], meta["num_kv_heads"] = 3, 1  # 512 or 512 q rows: not a multiple of 3
+
+    expect(FormatError, rewrite_apr(files[arch, "apr"], tmp_path / "odd.apr", odd_q), "no head_dim", "not a multiple of 3 heads")
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The q4k_engine modules `path` imports, at module level or inside functions."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .x import y, from . import x
+                base = package if node.level == 1 else package.rsplit(".", node.level - 1)[0]
+                mod = f"{base}.{node.module}" if node.module else base
+                out |= {mod} if node.module else {f"{base}.{a.name}" for a in node.names}
+            elif node.module and node.module.startswith("q4k_engine"):
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("q4k_engine")}
+    return out
+
+
+def test_engine_modules_import_one_way():
+    # Data flows one way (design.md): no module imports, even lazily, one that imports it back.
+    import q4k_engine
+
+    root = Path(q4k_engine.__file__).parent
+    graph = {f"q4k_engine.{p.stem}": _imports(p, "q4k_engine") for p in root.glob("*.py") if p.stem != "__init__"}
+    for mod in graph:
+        seen, todo = set(), [d for d in graph[mod] if d in graph]
+        while todo:
+            dep = todo.pop()
+            assert dep != mod, f"{mod} imports itself back through {sorted(seen)}"
+            if dep not in seen:
+                seen.add(dep)
+                todo += [d for d in graph[dep] if d in graph]
+
+
+def test_make_7b_follows_the_inventory(tmp_path, rng, monkeypatch):
+    # bench/make_7b.py draws its tensors from the one inventory (config.expected_shapes), so the
+    # loader accepts what it writes, with llama.cpp's Q4_K_M mix of types
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import make_7b
+
+    cfg = make_7b.qwen2_config(n_layers=8, hidden=512, ffn=768, n_heads=4, n_kv_heads=2, vocab=300,
+                               rope_theta=1e6, rms_eps=1e-6, context=4096)
+    tensors = make_7b.qwen2_tensors(rng, cfg)
+    assert {t.name: t.shape for t in tensors} == {n: s for n, (s, required) in expected_shapes(cfg).items() if required}
+    m = open_model(write_apr(tmp_path / "7b.apr", config_to_apr_metadata(cfg), tensors))
+    assert m.config == cfg
+    q6 = sorted(n for n, t in m.tensors.items() if t.dtype == GGMLType.Q6_K)
+    # use_more_bits for 8 layers: 0 and 7 (first and last eighth), and 3 and 6 (every third between)
+    assert q6 == sorted(["output.weight"] + [f"blk.{i}.{k}" for i in (0, 3, 6, 7) for k in ("attn_v.weight", "ffn_down.weight")])

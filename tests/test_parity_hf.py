@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import q4k_engine
-from q4k_engine.loader import open_model, save_model
+from q4k_engine.convert import save_model
+from q4k_engine.loader import open_model
 from q4k_engine.synthetic import synthetic_model
 
 from hf_reference import TABLE_HEADER, hf_logits, hf_model, parity
@@ -37,7 +38,7 @@ def synthetic_files(tmp_path_factory, module_seed) -> dict[str, tuple]:
     out = {}
     for arch in ARCHS:
         model = synthetic_model(arch, seed=int(rng.integers(2**31)))
-        out[arch] = (save_model(folder / f"{arch}.gguf", model, "gguf"), save_model(folder / f"{arch}.apr", model, "apr"))
+        out[arch] = (save_model(folder / f"{arch}.gguf", model, "gguf"), save_model(folder / f"{arch}.apr", model, "apr", keep_ggml_codes=True))
     return out
 
 
@@ -76,5 +77,5 @@ def test_real_model_matches_transformers(which, tmp_path):
     assert p.top1 == 1.0, p
     assert p.max_abs <= 1e-3 * p.logit_scale, p
     if which == "smollm2-135m":  # converted to APR: the very same logits
-        apr = save_model(tmp_path / "smollm.apr", open_model(path), "apr")
+        apr = save_model(tmp_path / "smollm.apr", open_model(path), "apr", keep_ggml_codes=True)
         assert all(np.array_equal(a, b) for a, b in zip(ours_all_positions(q4k_engine.load(apr, device="cpu"), seqs), ours))

@@ -9,7 +9,7 @@ import pytest
 
 import q4k_engine
 from q4k_engine import DeviceError, InputError, UnsupportedError
-from q4k_engine.loader import save_model
+from q4k_engine.convert import save_model
 from q4k_engine.synthetic import synthetic_model, write_synthetic
 
 from q4k_engine.gpu import probe

@@ -8,6 +8,7 @@ import string
 import numpy as np
 import pytest
 
+from q4k_engine.apr import DTYPE_CODES_KEY, read_apr
 from q4k_engine.dtypes import GGMLType
 from q4k_engine.errors import InputError
 from q4k_engine.loader import open_model
@@ -40,7 +41,7 @@ def seed(request) -> int:
 
 @pytest.mark.parametrize("arch", sorted(EXTRA))
 def test_each_arch_loads_with_its_types(tmp_path, arch, seed):
-    m = open_model(write_synthetic(tmp_path / f"{arch}.apr", arch, "apr", seed=seed))
+    m = open_model(write_synthetic(tmp_path / f"{arch}.apr", arch, "apr", seed=seed, keep_ggml_codes=True))
     types = {t.dtype for t in m.tensors.values()}
     assert {GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F32} | EXTRA[arch] == types
     assert all(t.dtype == GGMLType.F32 for t in m.tensors.values() if len(t.shape) == 1)
@@ -67,7 +68,7 @@ def test_small_dims_fall_back_from_k_quants(tmp_path, seed):
     dims = dict(hidden=64, ffn=96, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, n_merges=5)
     m = open_model(write_synthetic(tmp_path / "s.gguf", "llama", "gguf", seed=seed, **dims))
     assert (m.config.hidden, m.config.ffn, m.config.n_layers, m.config.vocab_size) == (64, 96, 1, 256 + 5 + 2)
-    assert m.tensors["blk.0.ffn_gate.weight"].dtype == GGMLType.Q8_0  # 64 columns: not whole 256-blocks
+    assert m.tensors["blk.0.ffn_gate.weight"].dtype == GGMLType.F16  # 64 columns: not whole 256-blocks
     assert m.tensors["blk.0.attn_q.weight"].dtype == GGMLType.Q4_1  # llama's extra type fits 32-blocks
 
 
@@ -161,3 +162,6 @@ def test_demo_model_cached_once(tmp_path, monkeypatch):
     m = open_model(p)
     assert m.format == "apr" and m.config.arch == "llama" and m.tokenizer.model == "gpt2"
     assert sorted(os.listdir(p.parent)) == [p.name]  # no temporary left
+    # every APR we write reads alike upstream: its Q4_1 attn_q is stored as F16
+    assert {t.dtype for t in m.tensors.values()} == {GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.F32}
+    assert DTYPE_CODES_KEY not in read_apr(p).metadata

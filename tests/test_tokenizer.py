@@ -96,7 +96,7 @@ def test_errors(tmp_path):
 
 def test_sentencepiece_llama_vocabulary_matches_transformers(tmp_path, rng):
     """A llama-style SentencePiece vocabulary (scores, byte fallback, no merges in the file)."""
-    from q4k_engine.loader import save_model
+    from q4k_engine.convert import save_model
     from q4k_engine.synthetic import synthetic_model
     from q4k_engine.tensors import TokenizerSpec
 
