@@ -4,7 +4,11 @@ exits 130 with one line and leaves nothing behind."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -114,3 +118,32 @@ def test_inspect_sizes_in_one_stated_unit_system():
     assert r.exit_code == 0, r.output
     assert "iB" not in r.stdout  # no binary units beside the decimal ones
     assert f"({UNITS})" in r.stdout and " MB" in r.stdout
+
+
+def test_real_sigint_exits_130_and_leaves_nothing(tmp_path):
+    """A real Ctrl-C (SIGINT to the process) in the middle of the forward, through click's own main."""
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    out.mkdir()
+    script = f"""
+import time
+from pathlib import Path
+from q4k_engine.provider import TeacherModel
+from q4k_engine.cli.main import main
+
+def slow(*a, **k):  # the forward, taking its time
+    Path({str(ready)!r}).touch()
+    time.sleep(60)
+
+TeacherModel.logits_per_position = slow
+main(["logits", "--device", "cpu", "--model", "demo", "--tokens", "1,2,3", "--out", {str(out / "x.npz")!r}])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["q4k-engine: interrupted"]
+    assert list(out.iterdir()) == []
