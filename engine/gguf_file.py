@@ -12,12 +12,14 @@ Shapes: GGUF lists ne = [ne0 (contiguous), ne1, ...]; tensors here use the rever
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 from .binio import Cursor, atomic_output, check_byte_ranges, map_file, shown
 from .dtypes import TYPE_INFO, GGMLType, tensor_bytes
@@ -223,9 +225,12 @@ def write_gguf(
 ) -> Path:
     """Write a GGUF v3 file (atomically) with gguf.GGUFWriter; tensor bytes are copied verbatim.
 
-    Empty arrays are skipped (GGUF cannot store them).
+    Empty arrays are skipped (GGUF cannot store them). Tensors are announced first and their bytes
+    read (np.asarray) one at a time while writing, so lazily made tensors (shapes.LazyBytes) are
+    never all in memory at once.
     """
     path = Path(path)
+    tensors = list(tensors)
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise InputError(f"{path}: GGUF metadata needs general.architecture")
@@ -249,12 +254,17 @@ def write_gguf(
                     f"{path}: tensor {t.name}: rows of {t.cols} values are not whole {t.dtype.name} "
                     "blocks, which GGUF cannot store"
                 )
-            data = np.asarray(t.data).reshape(*t.shape[:-1], t.row_bytes)
-            w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.dtype)))
+            w.add_tensor_info(t.name, (*t.shape[:-1], t.row_bytes), np.dtype(np.uint8), t.nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType(int(t.dtype)))
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_tensors_to_file(progress=progress)
+            w.write_ti_data_to_file()
+            total = sum(t.nbytes for t in tensors)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, file=sys.stderr, disable=not progress) as bar:
+                for t in tensors:  # in announcement order: the writer pops its tensor infos in order
+                    w.write_tensor_data(np.asarray(t.data).reshape(*t.shape[:-1], t.row_bytes))
+                    bar.update(t.nbytes)
         finally:
             w.close()
     return path

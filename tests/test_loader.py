@@ -346,17 +346,15 @@ def test_engine_modules_import_one_way():
                 todo += [d for d in graph[dep] if d in graph]
 
 
-def test_make_7b_follows_the_inventory(tmp_path, rng, monkeypatch):
-    # bench/make_7b.py draws its tensors from the one inventory (config.expected_shapes), so the
-    # loader accepts what it writes, with llama.cpp's Q4_K_M mix of types
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import make_7b
+def test_make_7b_follows_the_inventory(tmp_path):
+    # bench/make_7b.py writes through q4k_engine.shapes, whose tensors are the one inventory
+    # (config.expected_shapes), so the loader accepts what it writes, with llama.cpp's Q4_K_M mix of types
+    from q4k_engine.shapes import Shape, write_shape
 
-    cfg = make_7b.qwen2_config(n_layers=8, hidden=512, ffn=768, n_heads=4, n_kv_heads=2, vocab=300,
-                               rope_theta=1e6, rms_eps=1e-6, context=4096)
-    tensors = make_7b.qwen2_tensors(rng, cfg)
-    assert {t.name: t.shape for t in tensors} == {n: s for n, (s, required) in expected_shapes(cfg).items() if required}
-    m = open_model(write_apr(tmp_path / "7b.apr", config_to_apr_metadata(cfg), tensors))
+    shape = Shape("qwen2", 8, 512, 768, 4, 2, 640, 4096, "test")
+    cfg = shape.config()
+    m = open_model(write_shape(tmp_path / "7b.apr", shape))
+    assert {n: t.shape for n, t in m.tensors.items()} == {n: s for n, (s, required) in expected_shapes(cfg).items() if required}
     assert m.config == cfg
     q6 = sorted(n for n, t in m.tensors.items() if t.dtype == GGMLType.Q6_K)
     # use_more_bits for 8 layers: 0 and 7 (first and last eighth), and 3 and 6 (every third between)
