@@ -26,12 +26,15 @@ from q4k_engine.convert import Reencoded, requantize, save_model, to_portable
 from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model
+from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS
+from q4k_engine.shapes import SHAPES, shape_model
 from q4k_engine.synthetic import resolve_model
 from q4k_engine.tensors import ModelFile
 from q4k_engine.verify import verify_model
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+TOPK_DEFAULT = 64  # the k of Axolotl-style top-k distillation datasets
 
 
 def _one_line(text: str) -> str:
@@ -82,8 +85,9 @@ def _progress() -> bool:
 # inspect
 
 
-def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
-    """GPU memory for one forward over `batch` sequences of `seq` tokens, by component."""
+def memory_estimate(model: ModelFile, batch: int, seq: int, topk: int = TOPK_DEFAULT) -> dict[str, Any]:
+    """GPU memory for one forward over `batch` sequences of `seq` tokens, by component, and for
+    the provider's top-k log-prob output over the same sequences."""
     c = model.config
     tokens = batch * seq
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -95,6 +99,10 @@ def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
     # The matmuls' f16 dequantize scratch and glu_matmul's block of products, each at most this.
     workspace = 2 * SCRATCH_BYTES
     weights = sum(t.nbytes for t in model.tensors.values())
+    # Top-k output: the provider runs forwards of at most max_batch_tokens (whole sequences), each
+    # holding its fp32 logits and their log-softmax at once, then keeps k values (fp32) and ids
+    # (int64) per position. No KV cache: a prefill's k/v live one layer at a time.
+    fwd_tokens = min(tokens, max(seq, DEFAULT_MAX_BATCH_TOKENS // seq * seq))
     parts = {
         "weights": weights,
         "kv_cache_fp16": kv_values * 2,
@@ -102,13 +110,18 @@ def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
         "activations_fp32": tokens * per_token * 4 + workspace,
         "logits_fp16": tokens * c.vocab_size * 2,
         "logits_fp32": tokens * c.vocab_size * 4,
+        "topk_activations_fp32": fwd_tokens * per_token * 4 + workspace,
+        "topk_logits": fwd_tokens * c.vocab_size * 4 * 2 + tokens * topk * (4 + 8),
     }
     return {
         "batch": batch,
         "seq": seq,
+        "topk": topk,
+        "forward_tokens_topk": fwd_tokens,
         "bytes": parts,
         "total_fp16": weights + parts["kv_cache_fp16"] + parts["activations_fp32"] + parts["logits_fp16"],
         "total_fp32": weights + parts["kv_cache_fp32"] + parts["activations_fp32"] + parts["logits_fp32"],
+        "total_topk": weights + parts["topk_activations_fp32"] + parts["topk_logits"],
         "assumptions": [
             "weights stay in their stored (quantized) types, uploaded once; a tied head is not duplicated",
             "KV cache holds every position of every layer (sliding-window layers are not trimmed)",
@@ -119,13 +132,15 @@ def memory_estimate(model: ModelFile, batch: int, seq: int) -> dict[str, Any]:
             "prefill attention is tiled (no seq x seq score matrix)",
             "logits are kept for every position ([batch*seq, vocab]); last-position or top-k "
             "output needs only a [batch, vocab] slice",
+            f"top-k (k={topk}): forwards of at most {DEFAULT_MAX_BATCH_TOKENS} tokens (the provider's "
+            "max_batch_tokens), each with fp32 logits and their log-softmax alive, then k values + ids per position",
             "the CUDA context, cuBLAS workspace and the CuPy pool's cached blocks (a few hundred MB) are not "
             "included; the run's own report leads with the process's measured device memory",
         ],
     }
 
 
-def inspect_report(model: ModelFile, batch: int, seq: int | None) -> dict[str, Any]:
+def inspect_report(model: ModelFile, batch: int, seq: int | None, topk: int = TOPK_DEFAULT) -> dict[str, Any]:
     c = model.config
     seq = seq or min(c.context_length or 2048, 2048)
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
@@ -151,7 +166,7 @@ def inspect_report(model: ModelFile, batch: int, seq: int | None) -> dict[str, A
         },
         "tensor_count": len(model.tensors),
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["bytes"])),
-        "memory": memory_estimate(model, batch, seq),
+        "memory": memory_estimate(model, batch, seq, topk),
     }
 
 
@@ -194,6 +209,8 @@ def _format_report(r: dict[str, Any]) -> str:
         f"  activations fp32     {human_bytes(b['activations_fp32']):>12}",
         f"  logits fp16/fp32     {human_bytes(b['logits_fp16']):>12} / {human_bytes(b['logits_fp32'])}",
         f"  total fp16/fp32      {human_bytes(m['total_fp16']):>12} / {human_bytes(m['total_fp32'])}",
+        f"  top-{m['topk']} output       {human_bytes(m['total_topk']):>12} (forwards of {m['forward_tokens_topk']} "
+        f"tokens: activations {human_bytes(b['topk_activations_fp32'])}, logits {human_bytes(b['topk_logits'])})",
         "  assumptions:",
         *(f"  - {a}" for a in m["assumptions"]),
     ]
@@ -201,15 +218,21 @@ def _format_report(r: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option("--shape", type=click.Choice(list(SHAPES)), default=None,
+              help="Describe a published shape's Q4_K_M file (q4k_engine.shapes) instead of a MODEL file; nothing is written.")
 @click.option("--batch", "-b", type=click.IntRange(min=1), default=1, show_default=True,
               help="Sequences per forward (memory estimate).")
 @click.option("--seq", "-t", type=click.IntRange(min=1), default=None,
               help="Tokens per sequence (memory estimate)  [default: min(context, 2048)]")
+@click.option("--topk", "-k", type=click.IntRange(min=1), default=TOPK_DEFAULT, show_default=True,
+              help="k of the top-k output line of the memory estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(model: str, batch: int, seq: int | None, as_json: bool) -> None:
+def inspect(model: str | None, shape: str | None, batch: int, seq: int | None, topk: int, as_json: bool) -> None:
     """Describe MODEL: architecture, tokenizer, tensor types, and GPU memory for a batch."""
-    report = inspect_report(open_model(resolve_model(model)), batch, seq)
+    if (model is None) == (shape is None):
+        raise InputError("give a MODEL file or --shape NAME (one of them)")
+    report = inspect_report(shape_model(shape) if shape else open_model(resolve_model(model)), batch, seq, topk)
     click.echo(json.dumps(report, indent=2) if as_json else _format_report(report))
 
 

@@ -408,6 +408,8 @@ class CudaBackend:
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> CudaKVCache:
         cp = self._cp
         shape = (n_seqs * max_len, n_kv_heads, head_dim)
+        if shape[0] >= 1 << 31:  # the attention kernels index cache rows with int32
+            raise InputError(f"KV cache of {n_seqs} x {max_len} tokens has more than 2^31 rows: fewer or shorter sequences")
         need = 2 * n_layers * int(np.prod(shape)) * 4
         free = self.free_bytes()
         if need > free:

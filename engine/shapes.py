@@ -117,12 +117,15 @@ def weight_bytes(config: ModelConfig) -> int:
 # --------------------------------------------------------------------------------------------
 # block generators
 
-# std of the integer part of a value for uniform random quant bytes, and its mean where a min
-# term (Q4_K's dmin) cancels it: d = WEIGHT_STD / std.
+# std of a value in units of d for uniform random quant bytes: d = WEIGHT_STD / std / the rms of
+# the per-block jitter (uniform 0.5-1.5). Q4_K's value is d sc q - dmin m: dmin is chosen so that
+# the mean of dmin m cancels the mean of d sc q, and the spread of m adds to the variance.
+_JITTER_RMS = np.sqrt(13 / 12)
 _SC = np.arange(64.0)
 _Q4 = np.arange(16.0)
 _Q4K_MEAN = _SC.mean() * _Q4.mean()
-_Q4K_STD = np.sqrt((_SC ** 2).mean() * (_Q4 ** 2).mean() - _Q4K_MEAN ** 2)
+_Q4K_DMIN = _Q4K_MEAN / _SC.mean()  # dmin / d
+_Q4K_STD = np.sqrt((_SC ** 2).mean() * (_Q4 ** 2).mean() - _Q4K_MEAN ** 2 + (_Q4K_DMIN * _SC.std()) ** 2)
 _Q6K_STD = np.sqrt((np.arange(-128.0, 128.0) ** 2).mean() * ((np.arange(64.0) - 32) ** 2).mean())
 _Q5_0_STD = np.arange(-16.0, 16.0).std()
 _Q8_0_STD = np.sqrt((np.arange(-128.0, 128.0) ** 2).mean())
@@ -146,11 +149,11 @@ def fill_blocks(out: np.ndarray, dtype: GGMLType, rng: np.random.Generator) -> N
         raise InputError(f"{GGMLType(dtype).name} blocks are {TYPE_INFO[dtype].type_size} bytes, not {size}")
     words = -(-out.size // 8)
     out.reshape(-1)[:] = rng.bit_generator.random_raw(words).view(np.uint8)[: out.size]
-    d = WEIGHT_STD / _INT_STD[dtype] * rng.uniform(0.5, 1.5, n)
+    d = WEIGHT_STD / (_INT_STD[dtype] * _JITTER_RMS) * rng.uniform(0.5, 1.5, n)
     at = _SCALE_AT[dtype]
     out[:, at:at + 2] = _f16_bytes(d)
     if dtype == GGMLType.Q4_K:  # dmin (any 6-bit mins are valid) cancels the mean of sc * q
-        out[:, 2:4] = _f16_bytes(d * _Q4K_MEAN / _SC.mean())
+        out[:, 2:4] = _f16_bytes(d * _Q4K_DMIN)
 
 
 def _key(seed: int, name: str, chunk: int) -> list[int]:

@@ -20,6 +20,8 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 MAX_HEAD_DIM = 256
 _DEC_THREADS = 256  # must match ops.cu
 _NULL = np.uint64(0)  # a null pointer argument (optional inputs of a kernel)
+_MAX_ROWS = 1 << 31  # row indices of the attention layouts are int32
+_MAX_GRID_YZ = 65535  # CUDA's limit of gridDim.y and gridDim.z
 
 
 def _f32(x):
@@ -166,10 +168,15 @@ class SeqLayout:
     @staticmethod
     def build(q_start, q_len, q_pos0, kv_off, kv_len) -> "SeqLayout":
         """From host int arrays (one entry per sequence)."""
-        cp = _cupy()
         q_len = np.asarray(q_len, np.int64)
         q_start = np.asarray(q_start, np.int64)
         kv_len = np.asarray(kv_len, np.int64)
+        # The kernels take these as int32 row indices (their element offsets are 64-bit): refuse
+        # rather than let the int32 copies below wrap.
+        ends = (q_start + q_len, np.asarray(kv_off, np.int64) + kv_len, kv_len.sum(keepdims=True))
+        if any(e.size and int(e.max()) >= _MAX_ROWS for e in ends):
+            raise InputError(f"attention layout: row indices reach {_MAX_ROWS} (int32 in the kernels): split the batch")
+        cp = _cupy()
         n_tokens = int(q_len.sum())
         decode = bool(len(q_len)) and bool(np.all(q_len == 1))
         dev = [cp.asarray(np.asarray(a, np.int32)) for a in (q_start, q_len, q_pos0, kv_off, kv_len)]
@@ -283,6 +290,9 @@ def _flash_prefill(q, k, v, y, layout: SeqLayout, scale: float, window: int, til
     if smem > 48 * 1024 and f.max_dynamic_shared_size_bytes < smem:
         f.max_dynamic_shared_size_bytes = smem  # opt-in above the 48 KiB default
     row_tiles = -(-layout.max_q_len * (hq // hkv) // tiles.rows)
+    if max(row_tiles, n_seqs) > _MAX_GRID_YZ:
+        raise InputError(f"prefill attention: {n_seqs} sequences x {row_tiles} query tiles exceed the grid's "
+                         f"{_MAX_GRID_YZ} in y/z: split the batch or the sequences")
     f((hkv, n_seqs, row_tiles), (32 * tiles.warps,),
       (q, kh, vh, y, layout.q_start, layout.q_len, layout.q_pos0, layout.kv_pack, layout.kv_len,
        *_attn_scalars(hq, hkv, scale, window)),
