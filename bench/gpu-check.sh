@@ -32,7 +32,17 @@ STAGES=(
   "realmodel-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_realmodels_gpu.py"
   "cli-cuda|bash bench/cli-cuda.sh"
   "decode|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py && python3 bench/bench_decode.py --out $LOG/decode.md"
+  "large-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_large_gpu.py"
 )
+# Run only when named (bash bench/gpu-check.sh large-72b): each writes a 20-47 GB GGUF to /tmp first
+# (minutes) and removes it at the end; the two do not fit on a 64 GB disk together.
+OPTIONAL=(
+  "large-72b|python3 bench/bench_large.py --shape qwen2-72b --remove --out $LOG/large-72b.md"
+  "large-32b|python3 bench/bench_large.py --shape qwen2-32b --remove --out $LOG/large-32b.md"
+)
+for stage in "${OPTIONAL[@]}"; do
+  for f in "$@"; do [[ "${stage%%|*}" == "$f" ]] && STAGES+=("$stage"); done
+done
 
 declare -a SUMMARY
 status=0

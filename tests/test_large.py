@@ -147,3 +147,19 @@ def test_attention_layout_refuses_int32_rows():
 
     with pytest.raises(InputError, match="2147483648"):
         ops.SeqLayout.build([0], [1], [0], [(1 << 31) - 5], [10])
+
+
+def test_bench_large_runs_on_cpu(tmp_path):
+    """bench/bench_large.py's stages end to end on the tiny shape (the GPU run is the lead's)."""
+    model = write_shape(tmp_path / "tiny.gguf", "tiny", n_layers=1)
+    out = tmp_path / "large.md"
+    run = subprocess.run([sys.executable, str(REPO / "bench/bench_large.py"), "--shape", "tiny", "--device", "cpu",
+                          "--model", str(model), "--prefill", "1x16,2x16", "--memory", "2x16",
+                          "--decode-batches", "1,2", "--steps", "2", "--prompt", "8", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = out.read_text()
+    for figure in ("load (open, validate, upload)", "top-64 of every position, 2x16", "prefill 2x16",
+                   "decode batch 2"):
+        assert figure in table, figure
+    assert model.exists()  # --remove is off, and a given --model is never removed

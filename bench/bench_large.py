@@ -1,0 +1,178 @@
+"""The largest teachers on one GPU (issue 16): load time, device memory and speed of a synthetic
+Q4_K_M model of a published shape (Qwen2-72B, Qwen2.5-32B, ... see bench/make_7b.py --list).
+
+    python bench/bench_large.py --shape qwen2-72b [--out large.md]     # on the GPU
+    python bench/bench_large.py --shape tiny --device cpu               # the same stages on the CPU
+
+The model file (GGUF, so llama.cpp's llama-bench can run the same file) is written to the temp dir
+first unless it is there (or --model is given); --remove deletes it at the end (a 72B file is
+47 GB: the 72B and the 32B do not fit on a 64 GB disk together). Figures:
+- load: open + validate + upload of every tensor, wall seconds;
+- device memory (GB = 1e9) as the drop in the device's free memory from before this process
+  touched the GPU (nvidia-smi's used memory at start; CUDA context, cuBLAS workspace and the
+  CuPy pool together): after load, and after top-64 log-probs of every position of 1x2048 and
+  4x2048 random prompts (the pool keeps its blocks, so this is the run's high-water mark; the
+  pool's own peak is given beside it);
+- prefill tokens/s (median of 3 wall-clock runs, device synchronized by the copy to the host):
+  last-position logits (the forward) and top-64 of every position (the distillation output);
+- decode tokens/s: greedy generation with a KV cache after a 128-token prompt, CUDA graphs on
+  the GPU (teacher.generate), median step after the first.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b beside this file
+
+TOPK = 64
+
+
+def _smi_used_bytes() -> int | None:
+    """Device memory in use before this process creates a CUDA context (nvidia-smi), or None."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True)
+    try:
+        return int(out.stdout.split()[0]) << 20  # MiB
+    except (IndexError, ValueError):
+        return None
+
+
+class Meter:
+    """Device memory as the drop in free memory since the start (cuda), or nothing (cpu)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.base = _smi_used_bytes() if self.cuda else None
+        if self.cuda and self.base is None:
+            print("bench_large: no nvidia-smi reading: device memory is total - free (other processes included)")
+
+    def used(self, teacher) -> tuple[float, float] | None:
+        """(device GB used by this process, CuPy pool peak held GB) now, or None on the CPU."""
+        if not self.cuda:
+            return None
+        m = teacher.backend.memory_report()
+        return (m.device_used - (self.base or 0)) / 1e9, m.pool_peak_held / 1e9
+
+    def reset(self, teacher) -> None:
+        if self.cuda:
+            import cupy as cp
+
+            gc.collect()
+            cp.get_default_memory_pool().free_all_blocks()
+            teacher.backend.reset_peak()
+
+
+def _median_s(fn, reps: int = 3) -> float:
+    fn()  # warm-up: kernels of this shape compiled, pool grown
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _gb(m: tuple[float, float] | None) -> str:
+    return "n/a (cpu)" if m is None else f"{m[0]:.2f} GB (pool peak {m[1]:.2f} GB)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen2-72b")
+    ap.add_argument("--model", type=Path, default=None, help="an existing model file of that shape")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs; figures not the model's)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--prefill", default="1x512,1x2048,4x2048", help="BxT shapes of the prefill figures")
+    ap.add_argument("--memory", default="1x2048,4x2048", help="BxT shapes of the memory figures (top-64 output)")
+    ap.add_argument("--decode-batches", default="1,8")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per batch size")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
+    ap.add_argument("--remove", action="store_true", help="delete the model file at the end")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    a = ap.parse_args()
+
+    import make_7b
+
+    import q4k_engine
+
+    def shapes(spec: str) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]  # type: ignore[misc]
+
+    meter = Meter(a.device)  # before anything touches the GPU
+    suffix = f"-{a.layers}l" if a.layers else ""
+    path = a.model or Path(tempfile.gettempdir()) / f"{a.shape}{suffix}-q4km-synthetic.gguf"
+    if not path.exists():
+        make_7b.write_model(path, a.shape, a.layers, fmt="gguf")
+    t0 = time.perf_counter()
+    teacher = q4k_engine.load(path, device=a.device)
+    load_s = time.perf_counter() - t0
+    cfg = teacher.config
+    upload = getattr(teacher.backend, "upload", None)
+    after_load = meter.used(teacher)
+    card = teacher.backend.device_name if a.device == "cuda" else "CPU (NumPy reference)"
+    print(f"loaded {teacher!r} in {load_s:.1f} s; {upload or ''}; device memory {_gb(after_load)}", flush=True)
+    rng = np.random.default_rng(0)
+
+    def prompts(b: int, t: int) -> np.ndarray:
+        return rng.integers(0, cfg.vocab_size, (b, t))
+
+    rows = [f"| load (open, validate, upload) | {load_s:.1f} s |",
+            f"| device memory after load | {_gb(after_load)} |"]
+    for b, t in shapes(a.memory):
+        meter.reset(teacher)
+        vals, ids = teacher.topk_logprobs(prompts(b, t), k=TOPK)
+        assert vals.shape == (b, t, TOPK) and np.isfinite(vals).all(), "top-k output not finite"
+        rows.append(f"| device memory, top-{TOPK} of every position, {b}x{t} | {_gb(meter.used(teacher))} |")
+        print(rows[-1], flush=True)
+        del vals, ids
+    for b, t in shapes(a.prefill):
+        p = prompts(b, t)
+        fwd = _median_s(lambda: teacher.logits_for_batch(p))
+        top = _median_s(lambda: teacher.topk_logprobs(p, k=TOPK))
+        rows.append(f"| prefill {b}x{t} | {b * t / fwd:,.0f} tokens/s (last-position logits); "
+                    f"{b * t / top:,.0f} tokens/s (top-{TOPK} of every position) |")
+        print(rows[-1], flush=True)
+    meter.reset(teacher)
+    for b in (int(x) for x in a.decode_batches.split(",")):
+        p = prompts(b, a.prompt)
+        teacher.generate(p, 3, ignore_eos=True)  # compile and capture this batch size
+        g = teacher.generate(p, a.steps + 1, ignore_eos=True)
+        ms = g.step_ms()
+        rows.append(f"| decode batch {b} ({g.mode}{f', {g.note}' if g.note else ''}) | {b / ms * 1e3:,.1f} tokens/s "
+                    f"({ms:.2f} ms/step after a {a.prompt}-token prompt) |")
+        print(rows[-1], flush=True)
+    rows.append(f"| device memory at the end | {_gb(meter.used(teacher))} |")
+
+    size = path.stat().st_size
+    head = [
+        f"Large teacher, {card}, {datetime.date.today()}: {path.name} ({a.shape}{suffix}: {cfg.n_layers} layers, "
+        f"hidden {cfg.hidden}, ffn {cfg.ffn}, heads {cfg.n_heads}/{cfg.n_kv_heads}, vocab {cfg.vocab_size}; "
+        f"{size / 1e9:.2f} GB Q4_K_M GGUF, synthetic weights).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    text = "\n".join(head + rows)
+    if a.out:
+        a.out.write_text(text + "\n")
+    print(text)
+    if a.remove and a.model is None:
+        del teacher
+        path.unlink()
+        print(f"removed {path}")
+
+
+if __name__ == "__main__":
+    main()
