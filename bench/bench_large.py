@@ -8,9 +8,9 @@ The model file (GGUF, so llama.cpp's llama-bench can run the same file) is writt
 first unless it is there (or --model is given); --remove deletes it at the end (a 72B file is
 47 GB: the 72B and the 32B do not fit on a 64 GB disk together). Figures:
 - load: open + validate + upload of every tensor, wall seconds;
-- device memory (GB = 1e9) as the drop in the device's free memory from before this process
-  touched the GPU (nvidia-smi's used memory at start; CUDA context, cuBLAS workspace and the
-  CuPy pool together): after load, and after top-64 log-probs of every position of 1x2048 and
+- device memory (GB = 1e9) used by the process, as the backend's memory report measures it (the
+  drop in the device's free memory since the backend started: CUDA context, cuBLAS workspace and
+  the CuPy pool together): after load, and after top-64 log-probs of every position of 1x2048 and
   4x2048 random prompts (the pool keeps its blocks, so this is the run's high-water mark; the
   pool's own peak is given beside it);
 - prefill tokens/s (median of 3 wall-clock runs, device synchronized by the copy to the host):
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,33 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b beside this 
 TOPK = 64
 
 
-def _smi_used_bytes() -> int | None:
-    """Device memory in use before this process creates a CUDA context (nvidia-smi), or None."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True)
-    try:
-        return int(out.stdout.split()[0]) << 20  # MiB
-    except (IndexError, ValueError):
-        return None
-
-
 class Meter:
-    """Device memory as the drop in free memory since the start (cuda), or nothing (cpu)."""
+    """The process's device memory (the backend's MemoryReport: the drop in the device's free
+    memory since the first CudaBackend started) and the CuPy pool's peak; nothing on the CPU."""
 
     def __init__(self, device: str):
         self.cuda = device == "cuda"
-        self.base = _smi_used_bytes() if self.cuda else None
-        if self.cuda and self.base is None:
-            print("bench_large: no nvidia-smi reading: device memory is total - free (other processes included)")
 
-    def used(self, teacher) -> tuple[float, float] | None:
-        """(device GB used by this process, CuPy pool peak held GB) now, or None on the CPU."""
+    def used(self, teacher) -> str:
         if not self.cuda:
-            return None
+            return "n/a (cpu)"
         m = teacher.backend.memory_report()
-        return (m.device_used - (self.base or 0)) / 1e9, m.pool_peak_held / 1e9
+        context = "" if m.context_counted else ", CUDA context not counted (no NVML)"
+        return f"{m.process_used / 1e9:.2f} GB (pool peak {m.pool_peak_held / 1e9:.2f} GB{context})"
 
     def reset(self, teacher) -> None:
         if self.cuda:
@@ -82,10 +66,6 @@ def _median_s(fn, reps: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def _gb(m: tuple[float, float] | None) -> str:
-    return "n/a (cpu)" if m is None else f"{m[0]:.2f} GB (pool peak {m[1]:.2f} GB)"
 
 
 def main() -> None:
@@ -110,7 +90,7 @@ def main() -> None:
     def shapes(spec: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]  # type: ignore[misc]
 
-    meter = Meter(a.device)  # before anything touches the GPU
+    meter = Meter(a.device)
     suffix = f"-{a.layers}l" if a.layers else ""
     path = a.model or Path(tempfile.gettempdir()) / f"{a.shape}{suffix}-q4km-synthetic.gguf"
     if not path.exists():
@@ -122,19 +102,19 @@ def main() -> None:
     upload = getattr(teacher.backend, "upload", None)
     after_load = meter.used(teacher)
     card = teacher.backend.device_name if a.device == "cuda" else "CPU (NumPy reference)"
-    print(f"loaded {teacher!r} in {load_s:.1f} s; {upload or ''}; device memory {_gb(after_load)}", flush=True)
+    print(f"loaded {teacher!r} in {load_s:.1f} s; {upload or ''}; device memory {after_load}", flush=True)
     rng = np.random.default_rng(0)
 
     def prompts(b: int, t: int) -> np.ndarray:
         return rng.integers(0, cfg.vocab_size, (b, t))
 
     rows = [f"| load (open, validate, upload) | {load_s:.1f} s |",
-            f"| device memory after load | {_gb(after_load)} |"]
+            f"| device memory after load | {after_load} |"]
     for b, t in shapes(a.memory):
         meter.reset(teacher)
         vals, ids = teacher.topk_logprobs(prompts(b, t), k=TOPK)
         assert vals.shape == (b, t, TOPK) and np.isfinite(vals).all(), "top-k output not finite"
-        rows.append(f"| device memory, top-{TOPK} of every position, {b}x{t} | {_gb(meter.used(teacher))} |")
+        rows.append(f"| device memory, top-{TOPK} of every position, {b}x{t} | {meter.used(teacher)} |")
         print(rows[-1], flush=True)
         del vals, ids
     for b, t in shapes(a.prefill):
@@ -153,7 +133,7 @@ def main() -> None:
         rows.append(f"| decode batch {b} ({g.mode}{f', {g.note}' if g.note else ''}) | {b / ms * 1e3:,.1f} tokens/s "
                     f"({ms:.2f} ms/step after a {a.prompt}-token prompt) |")
         print(rows[-1], flush=True)
-    rows.append(f"| device memory at the end | {_gb(meter.used(teacher))} |")
+    rows.append(f"| device memory at the end | {meter.used(teacher)} |")
 
     size = path.stat().st_size
     head = [
