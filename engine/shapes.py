@@ -65,8 +65,8 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    # CI's stand-in: every code path of the big ones (Q5_0/Q8_0 ffn_down too: 384 is not 256-blocks).
-    "tiny": Shape("qwen2", 2, 256, 384, 4, 2, 640, 2048, "none (test shape)"),
+    # CI's stand-in (llama.cpp's fallback types are tested with ffn 384, rows of 1.5 256-blocks).
+    "tiny": Shape("qwen2", 2, 256, 512, 4, 2, 640, 2048, "none (test shape)"),
     "qwen2-7b": Shape("qwen2", 28, 3584, 18944, 28, 4, 152064, 32768, "Qwen/Qwen2-7B"),
     "qwen2-32b": Shape("qwen2", 64, 5120, 27648, 40, 8, 152064, 32768, "Qwen/Qwen2.5-32B-Instruct"),
     "qwen2-72b": Shape("qwen2", 80, 8192, 29568, 64, 8, 152064, 32768, "Qwen/Qwen2-72B"),
@@ -237,7 +237,7 @@ def shape_model(shape: str | Shape, *, n_layers: int | None = None, seed: int = 
     docstring); `n_layers` cuts the layer count (quick runs); `workers` threads per tensor
     (default: the CPU count)."""
     spec = get_shape(shape) if isinstance(shape, str) else shape
-    name = shape if isinstance(shape, str) else spec.source
+    name = shape if isinstance(shape, str) else f"{spec.arch}-custom"
     config = spec.config(n_layers)
     workers = workers or os.cpu_count() or 1
     tensors: dict[str, QTensor] = {}
@@ -256,9 +256,15 @@ def write_shape(path: Path | str, shape: str | Shape, fmt: str | None = None, *,
                 seed: int = 0, workers: int | None = None, progress: bool = False) -> Path:
     """Write the synthetic model of `shape` to `path` as APR or GGUF (default: by the suffix),
     streaming tensor by tensor; atomic (no partial file under `path` on failure)."""
+    from .apr import PORTABLE
     from .convert import save_model
 
     path = Path(path)
     fmt = fmt or ("gguf" if path.suffix.lower() == ".gguf" else "apr")
     model = shape_model(shape, n_layers=n_layers, seed=seed, workers=workers)
+    foreign = sorted({t.dtype.name for t in model.tensors.values() if t.dtype not in PORTABLE})
+    if fmt == "apr" and foreign:
+        raise InputError(f"{path}: this shape has {'/'.join(foreign)} tensors (llama.cpp's Q4_K_M fallback for rows "
+                         "that are not whole 256-value blocks), which APR readers other than q4k-engine misread: "
+                         "write a .gguf")
     return save_model(path, model, fmt, progress=progress)

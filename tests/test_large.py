@@ -3,6 +3,7 @@ and the guards that keep 72B-sized inputs from wrapping int32 indices. The GPU s
 tests/test_large_gpu.py."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +45,19 @@ def test_tiny_shape_loads_and_runs(tmp_path, rng, fmt):
     assert logits.shape == (1, spec.vocab) and np.isfinite(logits).all() and logits.std() > 1e-3
 
 
+# ffn_down rows of 384 values are not whole 256-blocks, as Qwen2-72B's 29568 are not
+ODD_FFN = dataclasses.replace(get_shape("tiny"), ffn=384)
+
+
 def test_gguf_is_what_llama_cpp_expects(tmp_path):
-    """llama.cpp wants one token per embedding row and the Q4_K_M types with its fallbacks."""
-    path = write_shape(tmp_path / "tiny.gguf", "tiny", seed=1)
+    """llama.cpp wants one token per embedding row and the Q4_K_M types with its fallbacks; the
+    engine reads and runs them."""
+    path = write_shape(tmp_path / "odd.gguf", ODD_FFN, seed=1)
     r = gguf.GGUFReader(path)
     tokens = r.fields["tokenizer.ggml.tokens"]
-    assert len(tokens.data) == get_shape("tiny").vocab
+    assert len(tokens.data) == ODD_FFN.vocab
+    teacher = TeacherModel(open_model(path), make_backend("cpu"))
+    assert np.isfinite(teacher.logits_for_batch([[1, 2, 3]])).all()
     types = {t.name: GGMLType(int(t.tensor_type)) for t in r.tensors}
     # ffn_down's 384 columns are not 256-blocks: Q5_0 where Q4_K was meant, Q8_0 on "more bits" layers
     assert types["blk.0.ffn_down.weight"] == GGMLType.Q5_0 and types["blk.1.ffn_down.weight"] == GGMLType.Q8_0
@@ -104,6 +112,13 @@ def test_shape_model_is_lazy():
     assert len(model.tensors) == 3 + 80 * 12
     assert sum(t.nbytes for t in model.tensors.values()) == weight_bytes(model.config)
     assert model.tensors["blk.0.attn_q.bias"].data.size == 8192 * 4
+
+
+def test_apr_refuses_fallback_types(tmp_path):
+    """APR holds the portable types only: a shape with fallback types goes to GGUF, nothing written."""
+    with pytest.raises(InputError, match="Q5_0/Q8_0 tensors .*write a .gguf"):
+        write_shape(tmp_path / "odd.apr", ODD_FFN)
+    assert not list(tmp_path.iterdir())
 
 
 def test_unknown_shape():
