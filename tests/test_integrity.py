@@ -24,7 +24,8 @@ from q4k_engine.cli.main import main
 from q4k_engine.dtypes import GGMLType
 from q4k_engine.errors import FormatError, InputError
 from q4k_engine.gguf_file import read_gguf
-from q4k_engine.loader import open_model, save_model
+from q4k_engine.convert import save_model
+from q4k_engine.loader import open_model
 from q4k_engine.provider import TeacherModel, all_finite, make_backend
 from q4k_engine.synthetic import synthetic_model
 from q4k_engine.verify import verify_model
@@ -39,12 +40,23 @@ def clean(module_seed):
     return synthetic_model("llama", module_seed, **TINY)
 
 
+def nan_at(t, row: int) -> tuple[int, bytes]:
+    """Where in `t`'s bytes to write what, so that row `row` decodes to NaN: its first value for
+    float types, else the f16 scale of its first block (Q6_K keeps the scale at the block's end)."""
+    start = row * t.row_bytes
+    if t.dtype == GGMLType.F32:
+        return start, np.float32(np.nan).tobytes()
+    if t.dtype == GGMLType.BF16:
+        return start, np.float32(np.nan).tobytes()[2:]
+    return start + (208 if t.dtype == GGMLType.Q6_K else 0), NAN_F16.tobytes()
+
+
 def poison_row(model, name: str, row: int):
-    """`model` with the first block scale of `row` of tensor `name` (Q8_0) set to NaN."""
+    """`model` with row `row` of tensor `name` decoding to NaN."""
     t = model.tensors[name]
-    assert t.dtype == GGMLType.Q8_0
+    at, nan = nan_at(t, row)
     data = t.data.copy()
-    data[row * t.row_bytes : row * t.row_bytes + 2] = NAN_F16
+    data[at : at + len(nan)] = np.frombuffer(nan, np.uint8)
     return dataclasses.replace(model, tensors={**model.tensors, name: dataclasses.replace(t, data=data)})
 
 
@@ -115,7 +127,7 @@ def test_overflowing_temperature_is_named(clean):
 
 def test_cli_logits_on_nan_model(clean, tmp_path, rng):
     bad = int(rng.integers(10, clean.config.vocab_size))
-    path = save_model(tmp_path / "nan.apr", poison_row(clean, "token_embd.weight", bad))
+    path = save_model(tmp_path / "nan.apr", poison_row(clean, "token_embd.weight", bad), keep_ggml_codes=True)
     for extra in ([], ["--out", str(tmp_path / "x.npz")], ["--positions", "last"]):
         r = CliRunner().invoke(main, ["logits", "--device", "cpu", "-m", str(path), "--tokens", f"1,{bad},2", *extra])
         assert r.exit_code == 2, r.output
@@ -143,7 +155,7 @@ def test_cuda_refuses_poisoned_weight(clean, rng):
 @pytest.fixture(scope="module")
 def files(clean, tmp_path_factory):
     d = tmp_path_factory.mktemp("verify")
-    return {fmt: save_model(d / f"clean.{fmt}", clean, fmt) for fmt in ("apr", "gguf")}
+    return {fmt: save_model(d / f"clean.{fmt}", clean, fmt, keep_ggml_codes=True) for fmt in ("apr", "gguf")}
 
 
 def corrupt_copy(src, dest, name: str, row: int) -> None:
@@ -151,8 +163,8 @@ def corrupt_copy(src, dest, name: str, row: int) -> None:
     f = read_apr(src) if src.suffix == ".apr" else read_gguf(src)
     t = f.tensors[name]
     data = bytearray(src.read_bytes())
-    at = file_offset(f, t) + row * t.row_bytes
-    data[at : at + 2] = NAN_F16.tobytes()
+    at, nan = nan_at(t, row)
+    data[file_offset(f, t) + at : file_offset(f, t) + at + len(nan)] = nan
     dest.write_bytes(bytes(data))
 
 
@@ -194,7 +206,7 @@ def test_verify_footer_crc(files, tmp_path, rng):
     f = read_apr(src)
     t = f.tensors["model.layers.0.self_attn.q_proj.weight"]
     data = bytearray(src.read_bytes())
-    data[file_offset(f, t) + 2 + int(rng.integers(32))] ^= 1  # a Q4_1 nibble, not a scale
+    data[file_offset(f, t) + 2 + int(rng.integers(32))] ^= 1  # a low bit of a value or nibble: still finite
     bad = tmp_path / "crc.apr"
     bad.write_bytes(bytes(data))
     report = verify_model(open_model(bad))
