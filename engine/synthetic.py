@@ -12,7 +12,8 @@ that every kernel has something to chew on:
          sliding window 8, head_dim 128
 
 The tokenizer is a byte-level BPE (GGUF `gpt2`): the 256 byte tokens in GPT-2's
-bytes_to_unicode spelling, merges learned from a short built-in English text, BOS/EOS last.
+bytes_to_unicode spelling, merges learned from a short built-in English text, BOS/EOS last, and a
+small chat template ("role: content<EOS>\\n" per turn).
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ from .tokenizer import bytes_to_unicode
 DEMO_REVISION = 2  # bump when the demo model's contents change, so caches regenerate
 DEMO_ARCH = "llama"
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# A plain chat format over the two control tokens (a turn ends with EOS), so that chat datasets run
+# on every synthetic model and the demo; it refuses an unknown role the way real templates do.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role'] + ' (use system, user or assistant)') }}{% endif %}"
+    "{{ message['role'] + ': ' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 
 _CORPUS = """\
 The ferry leaves the north bank at seven in the morning, and on most days it is full before the
@@ -146,6 +156,7 @@ def byte_level_tokenizer(n_merges: int = 200) -> TokenizerSpec:
         eos_id=len(tokens) - 1,
         add_bos=True,
         pre="gpt-2",
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -218,6 +218,19 @@ class TextTokenizer:
         prefix = [self.bos_id] if bos and self.bos_id is not None else []
         return [prefix + enc.ids for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_offsets(self, text: str, add_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's character span [start, end) in `text` (BOS: (0, 0)).
+
+        Several tokens share one span where a character is split into byte tokens; chat rendering
+        uses the spans to tell which tokens came from which part of the rendered conversation."""
+        if not isinstance(text, str):
+            raise InputError(f"text is a {type(text).__name__}, not a string")
+        bos = self.add_bos if add_bos is None else add_bos
+        enc = self.backend.encode(text, add_special_tokens=False)
+        if bos and self.bos_id is not None:
+            return [self.bos_id, *enc.ids], [(0, 0), *enc.offsets]
+        return list(enc.ids), list(enc.offsets)
+
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
