@@ -187,6 +187,29 @@ class TeacherModel:
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special)
 
+    @functools.cached_property
+    def chat_template(self) -> Any:
+        """The model file's chat template, compiled (distill.chat.ChatTemplate); InputError without one."""
+        from .distill.chat import model_chat_template
+
+        return model_chat_template(self.model)
+
+    def apply_chat_template(self, messages: Sequence[Any], add_generation_prompt: bool = False,
+                            tokenize: bool = True, **kwargs: Any) -> list[int] | str:
+        """One conversation ([{"role", "content"}, ...]) rendered with the model's own chat template,
+        as transformers' `tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize)` renders
+        it: token ids (no BOS is added; the template writes it) or, with tokenize=False, the text.
+        Extra keywords are template variables. InputError when the file has no template or the
+        template refuses the conversation."""
+        from .distill.chat import check_messages, encode_chat
+
+        msgs = check_messages(messages)
+        if not tokenize:
+            return self.chat_template.render(msgs, add_generation_prompt=add_generation_prompt, **kwargs).text
+        ids, _ = encode_chat(self.chat_template, self.tokenizer, msgs, add_generation_prompt=add_generation_prompt,
+                             **kwargs)
+        return ids
+
     # --- logits ----------------------------------------------------------------------------------
     def logits_for_batch(self, batch: Sequence[Sequence[int]], *, output: str | None = None,
                          dtype: str | None = None) -> Any:
