@@ -182,7 +182,8 @@ def _check_ids(value: Any, vocab: int) -> np.ndarray:
         raise _BadRow('empty "input_ids"')
     for j, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise _BadRow(f'"input_ids" position {j}: {json.dumps(v) if _jsonable(v) else v!r} is not an integer token id')
+            shown = json.dumps(v) if _jsonable(v) else repr(v)
+            raise _BadRow(f'"input_ids" position {j}: {shown} is not an integer token id')
         if not 0 <= v < vocab:
             raise _BadRow(f'"input_ids" position {j}: token id {v} is outside the vocabulary [0, {vocab})')
     return np.asarray(values, dtype=np.int32)
@@ -231,7 +232,7 @@ def _jsonl_lines(path: Path, f: BinaryIO, stats: RowStats) -> Iterator[tuple[str
                 stats.blank_lines += 1
                 continue
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(line.rstrip("\r\n"))  # the decoder's column then counts on this line
             except json.JSONDecodeError as e:
                 yield where, _BadRow(f"not JSON: {e.msg} (column {e.colno})")
 
