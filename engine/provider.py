@@ -195,19 +195,21 @@ class TeacherModel:
         return model_chat_template(self.model)
 
     def apply_chat_template(self, messages: Sequence[Any], add_generation_prompt: bool = False,
-                            tokenize: bool = True, **kwargs: Any) -> list[int] | str:
-        """One conversation ([{"role", "content"}, ...]) rendered with the model's own chat template,
-        as transformers' `tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize)` renders
-        it: token ids (no BOS is added; the template writes it) or, with tokenize=False, the text.
-        Extra keywords are template variables. InputError when the file has no template or the
-        template refuses the conversation."""
-        from .distill.chat import check_messages, encode_chat
+                            tokenize: bool = True, *, chat_template: str | None = None,
+                            **kwargs: Any) -> list[int] | str:
+        """One conversation ([{"role", "content"}, ...]) rendered with the model's own chat template
+        (or `chat_template`, a template's source), as transformers'
+        `tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=...)` renders it:
+        token ids (no BOS is added; the template writes it) or, with tokenize=False, the text. Extra
+        keywords are template variables. InputError when there is no template or it refuses the
+        conversation."""
+        from .distill.chat import check_messages, encode_chat, model_chat_template
 
+        template = self.chat_template if chat_template is None else model_chat_template(self.model, chat_template)
         msgs = check_messages(messages)
         if not tokenize:
-            return self.chat_template.render(msgs, add_generation_prompt=add_generation_prompt, **kwargs).text
-        ids, _ = encode_chat(self.chat_template, self.tokenizer, msgs, add_generation_prompt=add_generation_prompt,
-                             **kwargs)
+            return template.render(msgs, add_generation_prompt=add_generation_prompt, **kwargs).text
+        ids, _ = encode_chat(template, self.tokenizer, msgs, add_generation_prompt=add_generation_prompt, **kwargs)
         return ids
 
     # --- logits ----------------------------------------------------------------------------------

@@ -189,6 +189,15 @@ def test_two_turn_assistant_mask_token_by_token(demo, rng):
     assert ends[first] > spans[0][0] and starts[first] <= spans[0][0] and starts[first] >= spans[0][0] - 1
 
 
+def test_tools_and_documents_are_none_unless_given(demo):
+    model, _, hf = demo
+    source = "{% if tools is not none %}T{{ tools | length }}{% endif %}{% if documents is none %}D{% endif %}{{ x }}"
+    msgs = [{"role": "user", "content": "x"}]
+    assert template_for(model, source).render(msgs).text == hf.apply_chat_template(
+        msgs, chat_template=source, tokenize=False) == "D"
+    assert template_for(model, source).render(msgs, tools=[{"a": 1}], x=5).text == "T1D5"
+
+
 def test_token_mask_overlap_rule():
     offsets = [(0, 0), (0, 3), (3, 5), (5, 9), (9, 9), (9, 12)]
     assert token_mask(offsets, [(4, 9)]).tolist() == [False, False, True, True, False, False]
@@ -245,6 +254,8 @@ def test_teacher_apply_chat_template(tmp_path):
     assert ids.count(teacher.model.tokenizer.bos_id) == 1  # the template writes BOS; it is not added twice
     with pytest.raises(InputError, match='"role" must be a non-empty string'):
         teacher.apply_chat_template([{"content": "x"}])
+    assert teacher.apply_chat_template(msgs, tokenize=False, chat_template=CHATML, eos_token="</s>") == (
+        "<sys>\nYou are a helpful assistant</s>\n<user>\nWhere does the ferry go?</s>\n")
     with pytest.raises(InputError, match="unknown role robot"):
         teacher.apply_chat_template([{"role": "robot", "content": "x"}])
 

@@ -181,6 +181,14 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path, model, rng, line, reason):
     assert [r.index for r in out] == [i for i in range(3) if i != at]  # indices do not shift
 
 
+def test_json_array_file_gets_a_hint(tmp_path, model):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))
+    with pytest.raises(InputError, match=rf"^{path}:1: not JSON: Expecting value \(column 2\) \(expected one JSON "
+                                         r"object per line, not a JSON array\)$"):
+        read_all(path, model)
+
+
 def test_bad_utf8_blank_lines_and_bom(tmp_path, model):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n\n   \n{"text": "caf\xe9"}\r\n{"text": "last"}\r\n')

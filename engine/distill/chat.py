@@ -9,7 +9,7 @@ conversation gives the same text (and, with the model's tokenizer, the same ids)
   does not escape HTML and keeps non-ASCII characters, `dict(...)`, and a `namespace` that refuses
   underscore names;
 - variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token` (the model's BOS/EOS
-  token text), plus any extra keyword the caller passes;
+  token text), `tools` and `documents` (None unless given), plus any extra keyword the caller passes;
 - message keys whose value is None are dropped (many templates test `'key' in message`), and a
   message's reasoning given as `reasoning_content`, `thinking` or `reasoning` is visible under
   `reasoning_content` and `thinking`;
@@ -186,7 +186,9 @@ class ChatTemplate:
 
     def _render(self, msgs: list[dict[str, Any]], add_generation_prompt: bool, kwargs: Mapping[str, Any],
                 written: list[str] | None = None) -> str:
-        context = {**self.variables, **kwargs, "messages": msgs, "add_generation_prompt": add_generation_prompt}
+        # tools and documents are None unless given, as in transformers: `tools is not none` must be false.
+        context = {**self.variables, "tools": None, "documents": None, **kwargs, "messages": msgs,
+                   "add_generation_prompt": add_generation_prompt}
         try:
             if written is None:
                 return self.template.render(context)

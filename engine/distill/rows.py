@@ -234,7 +234,9 @@ def _jsonl_lines(path: Path, f: BinaryIO, stats: RowStats) -> Iterator[tuple[str
             try:
                 yield where, json.loads(line.rstrip("\r\n"))  # the decoder's column then counts on this line
             except json.JSONDecodeError as e:
-                yield where, _BadRow(f"not JSON: {e.msg} (column {e.colno})")
+                array = lineno == 1 and line.lstrip().startswith("[")  # a pretty-printed JSON array file
+                hint = " (expected one JSON object per line, not a JSON array)" if array else ""
+                yield where, _BadRow(f"not JSON: {e.msg} (column {e.colno}){hint}")
 
 
 def _parquet_objects(path: Path) -> Iterator[tuple[str, Any]]:
