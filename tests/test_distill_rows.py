@@ -146,6 +146,7 @@ BAD_JSONL = [  # (line, reason pattern)
     ('{"input_ids": [true]}', r'"input_ids" position 0: true is not an integer token id'),
     ('{"input_ids": [1, [2]]}', r'"input_ids" position 1: \[2\] is not an integer token id'),
     ('{"input_ids": [3, -1]}', r'"input_ids" position 1: token id -1 is outside the vocabulary \[0, VOCAB\)'),
+    ('{"input_ids": [1, 99999999999999999999999]}', r'position 1: token id 99999999999999999999999 is outside'),
     ('{"input_ids": [VOCAB]}', r'"input_ids" position 0: token id VOCAB is outside the vocabulary \[0, VOCAB\)'),
     ('{"text": "a", "messages": [{"role": "user", "content": "b"}]}',
      r'mixed row kinds: both "text" and "messages"; give one per row'),

@@ -180,13 +180,16 @@ def _check_ids(value: Any, vocab: int) -> np.ndarray:
         raise _BadRow(f'"input_ids" must be a list of integers, got {_json_kind(value)}')
     if not values:
         raise _BadRow('empty "input_ids"')
-    for j, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int):
-            shown = json.dumps(v) if _jsonable(v) else repr(v)
-            raise _BadRow(f'"input_ids" position {j}: {shown} is not an integer token id')
-        if not 0 <= v < vocab:
-            raise _BadRow(f'"input_ids" position {j}: token id {v} is outside the vocabulary [0, {vocab})')
-    return np.asarray(values, dtype=np.int32)
+    if set(map(type, values)) != {int}:  # exactly int: True and 2.0 are not token ids
+        j, v = next((j, v) for j, v in enumerate(values) if type(v) is not int)
+        shown = json.dumps(v) if _jsonable(v) else repr(v)
+        raise _BadRow(f'"input_ids" position {j}: {shown} is not an integer token id')
+    ids = np.asarray(values, dtype=object if max(values) >= 2**63 or min(values) < -2**63 else np.int64)
+    outside = (ids < 0) | (ids >= vocab)
+    if outside.any():
+        j = int(np.argmax(outside))
+        raise _BadRow(f'"input_ids" position {j}: token id {values[j]} is outside the vocabulary [0, {vocab})')
+    return ids.astype(np.int32)
 
 
 def _jsonable(v: Any) -> bool:
