@@ -41,7 +41,7 @@ FEATURES = """{%- set ns = namespace(turns=0) -%}
 
 {% endfor %}
 {% if add_generation_prompt %}[assistant {{ ns.turns + 1 }}]{% endif %}
-{{ dict(k=1, a='x') | tojson(sort_keys=True) }} {{ strftime_now('%Y') }}
+{{ dict(k=1, a='x') | tojson(sort_keys=True) }} {{ dict.fromkeys(['u', 'v'], 0) | tojson }} {{ strftime_now('%Y') }}
 """
 # TRL-style: the generated text (answer and end-of-turn token) is marked for the assistant mask.
 GENERATION = (
@@ -123,7 +123,7 @@ def test_features_template_details_match_transformers(demo):
     assert text.replace(year, "YEAR") == (
         '<|begin_of_text|>\n    [system 1]\n    Be brief.\n\n    [user 2]\n    Hi <b>&</b> 日本\n'
         ' {"k": "ü<>&\'", "n": [1, 2.5, null]} by ann\n    [assistant 3]\n(thinking: because)     ok\n\n'
-        '[assistant 4]{"a": "x", "k": 1} YEAR')
+        '[assistant 4]{"a": "x", "k": 1} {"u": 0, "v": 0} YEAR')
 
 
 def test_generation_blocks_give_transformers_assistant_mask(demo, rng):

@@ -124,8 +124,14 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _make_dict(*args: Any, **kwargs: Any) -> dict:
-    return dict(*args, **kwargs)
+class _Dict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without handing them the type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any) -> dict:
+        return dict.fromkeys(*args)
 
 
 def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -159,7 +165,7 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[_GenerationSpans, jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
-        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_make_dict,
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_Dict(),
                            namespace=_Namespace)
         try:
             self.template = env.from_string(source)
