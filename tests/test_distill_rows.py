@@ -355,3 +355,14 @@ def test_length_batches_refuses_bad_arguments():
     with pytest.raises(InputError, match="row 1 has length 0"):
         length_batches([1, 0], 10)
     assert length_batches([], 10) == []
+
+
+def test_tokenizer_ids_beyond_the_model_vocabulary(tmp_path, model, tok):
+    """A file whose tokenizer knows more tokens than the model has embedding rows."""
+    text = "The ferry leaves the north bank"
+    top = max(tok.encode(text))
+    small = dataclasses.replace(model, config=dataclasses.replace(model.config, vocab_size=top))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": text}])
+    with pytest.raises(InputError, match=rf"^{path}:1: the tokenizer gives token id {top}, outside the model's "
+                                         rf"vocabulary \[0, {top}\)$"):
+        read_all(path, small)

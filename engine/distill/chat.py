@@ -242,25 +242,25 @@ def token_mask(offsets: Sequence[Span], spans: Sequence[Span]) -> np.ndarray:
 def check_messages(messages: Any) -> list[Mapping[str, Any]]:
     """`messages` as a list of message objects, or InputError naming the first thing wrong with it."""
     if not isinstance(messages, (list, tuple)):
-        raise InputError(f'"messages" must be a list of {{"role", "content"}} objects, got {_kind(messages)}')
+        raise InputError(f'"messages" must be a list of {{"role", "content"}} objects, got {json_kind(messages)}')
     if not messages:
         raise InputError('"messages" is empty')
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise InputError(f"message {i} must be an object with \"role\" and \"content\", got {_kind(m)}")
+            raise InputError(f"message {i} must be an object with \"role\" and \"content\", got {json_kind(m)}")
         role = m.get("role")
         if not isinstance(role, str) or not role:
-            raise InputError(f'message {i}: "role" must be a non-empty string, got {_kind(role)}')
+            raise InputError(f'message {i}: "role" must be a non-empty string, got {json_kind(role)}')
         content = m.get("content")
         if content is None and m.get("tool_calls") is None:
             raise InputError(f'message {i} ({role}): no "content"')
         if content is not None and not isinstance(content, (str, list)):
-            raise InputError(f'message {i} ({role}): "content" must be a string or a list of parts, got {_kind(content)}')
+            raise InputError(f'message {i} ({role}): "content" must be a string or a list of parts, got {json_kind(content)}')
     return list(messages)
 
 
-def _kind(value: Any) -> str:
-    """A JSON-ish name for a value's type, for error messages."""
+def json_kind(value: Any) -> str:
+    """A JSON name for a value's type, for error messages ("a string", "null", ...)."""
     names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
              list: "a list", tuple: "a list", dict: "an object"}
     return names.get(type(value), f"a {type(value).__name__}")

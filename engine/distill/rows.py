@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import InputError
 from ..tensors import ModelFile
 from ..tokenizer import TextTokenizer, build_tokenizer
-from .chat import ChatTemplate, check_messages, encode_chat, model_chat_template
+from .chat import ChatTemplate, check_messages, encode_chat, json_kind, model_chat_template
 
 if TYPE_CHECKING:
     from ..provider import TeacherModel
@@ -129,7 +129,7 @@ class _Encoder:
     def encode(self, obj: Any) -> tuple[list[int] | np.ndarray, np.ndarray | None]:
         """(ids, target-token mask or None for "every token but the first") of one row object."""
         if not isinstance(obj, Mapping):
-            raise _BadRow(f"expected a JSON object with one of {_names(ROW_KINDS)}, got {_json_kind(obj)}")
+            raise _BadRow(f"expected a JSON object with one of {_names(ROW_KINDS)}, got {json_kind(obj)}")
         present = [k for k in ROW_KINDS if obj.get(k) is not None]
         if not present:
             others = [repr(k) for k, v in obj.items() if v is not None]
@@ -142,10 +142,10 @@ class _Encoder:
         value = obj[kind]
         if kind == "text":
             if not isinstance(value, str):
-                raise _BadRow(f'"text" must be a string, got {_json_kind(value)}')
+                raise _BadRow(f'"text" must be a string, got {json_kind(value)}')
             if not value:
                 raise _BadRow('empty "text"')
-            return self.tokenizer.encode(value, self.options.add_bos), None
+            return self._in_vocab(self.tokenizer.encode(value, self.options.add_bos)), None
         if kind == "input_ids":
             return _check_ids(value, self.vocab), None
         template, tokenizer = self.template, self.tokenizer  # a missing template is the model's problem, not the row's
@@ -157,18 +157,19 @@ class _Encoder:
             raise _BadRow("the chat template renders this conversation as no tokens")
         if mask is not None and not mask.any():
             raise _BadRow("no assistant tokens in the rendered conversation (--assistant-only)")
-        return ids, mask
+        return self._in_vocab(ids), mask
+
+    def _in_vocab(self, ids: list[int]) -> list[int]:
+        """A file whose tokenizer knows more tokens than the model has rows must not feed it those."""
+        top = max(ids)
+        if top >= self.vocab:
+            raise _BadRow(f"the tokenizer gives token id {top}, outside the model's vocabulary [0, {self.vocab})")
+        return ids
 
 
 def _names(keys: Sequence[str], last: str = "or") -> str:
     quoted = [f'"{k}"' for k in keys]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} {last} {quoted[-1]}"
-
-
-def _json_kind(value: Any) -> str:
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "a list", dict: "an object"}
-    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _check_ids(value: Any, vocab: int) -> np.ndarray:
@@ -177,7 +178,7 @@ def _check_ids(value: Any, vocab: int) -> np.ndarray:
     elif isinstance(value, list):
         values = value
     else:
-        raise _BadRow(f'"input_ids" must be a list of integers, got {_json_kind(value)}')
+        raise _BadRow(f'"input_ids" must be a list of integers, got {json_kind(value)}')
     if not values:
         raise _BadRow('empty "input_ids"')
     if set(map(type, values)) != {int}:  # exactly int: True and 2.0 are not token ids
