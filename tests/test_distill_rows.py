@@ -366,3 +366,32 @@ def test_tokenizer_ids_beyond_the_model_vocabulary(tmp_path, model, tok):
     with pytest.raises(InputError, match=rf"^{path}:1: the tokenizer gives token id {top}, outside the model's "
                                          rf"vocabulary \[0, {top}\)$"):
         read_all(path, small)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**20) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["text", "input_ids", "messages", "role", "content", "x"]), inner, max_size=3),
+    max_leaves=10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(_json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=20)),
+                min_size=1, max_size=6))
+def test_any_line_is_a_row_or_one_line_error(tmp_path_factory, model, lines):
+    """Whatever a line holds, reading gives rows or an InputError naming that line, never a crash."""
+    path = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    stats = RowStats()
+    try:
+        for r in read_rows(path, model, RowOptions(), stats):
+            assert len(r.input_ids) >= 1 and r.input_ids.dtype == np.int32
+            assert ((r.input_ids >= 0) & (r.input_ids < model.config.vocab_size)).all()
+    except InputError as e:
+        assert re.match(rf"{re.escape(str(path))}(:\d+)?: ", str(e)) and "\n" not in str(e), str(e)
+    stats = RowStats()  # skipping: every line is a row, a skipped bad row or a blank line
+    try:
+        assert sum(1 for _ in read_rows(path, model, RowOptions(skip_bad_lines=True), stats)) == stats.rows
+    except InputError as e:
+        assert str(e).startswith(f"{path}: no rows") and stats.rows == 0
+    assert stats.rows + stats.skipped_bad + stats.blank_lines == len(lines)

@@ -291,7 +291,7 @@ def _column_problem(name: str, t: Any) -> str | None:
 
     is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
     if name == "text":
-        return None if pa.types.is_string(t) or pa.types.is_large_string(t) else "expected string"
+        return None if _is_string(t) else "expected string"
     if name == "input_ids":
         return None if is_list and pa.types.is_integer(t.value_type) else "expected list<integer>"
     if not is_list or not pa.types.is_struct(t.value_type):
@@ -299,9 +299,16 @@ def _column_problem(name: str, t: Any) -> str | None:
     fields = {t.value_type.field(i).name: t.value_type.field(i).type for i in range(t.value_type.num_fields)}
     if "role" not in fields or "content" not in fields:
         return "expected list<struct<role: string, content: string>> (the structs need role and content)"
-    if not (pa.types.is_string(fields["role"]) or pa.types.is_large_string(fields["role"])):
+    if not _is_string(fields["role"]):
         return "expected a string role"
     return None
+
+
+def _is_string(t: Any) -> bool:
+    import pyarrow as pa
+
+    view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or view(t)
 
 
 def _model_file(source: "TeacherModel | ModelFile") -> tuple[ModelFile, TextTokenizer | None]:
