@@ -196,6 +196,18 @@ def _add_special(tk: Tokenizer, spec: TokenizerSpec, allowed, vocab: dict[str, i
         tk.add_tokens(user)
 
 
+def text_problem(text: object) -> str | None:
+    """Why `text` cannot be tokenized (not a str, or not valid Unicode: JSON's "\\ud800" escapes give
+    lone surrogates, which no UTF-8 tokenizer takes), or None."""
+    if not isinstance(text, str):
+        return f"is a {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate ({text[e.start]!r} at character {e.start}), not valid Unicode"
+    return None
+
+
 @dataclass
 class TextTokenizer:
     """encode/decode for one model; `backend` is the underlying tokenizers.Tokenizer."""
@@ -212,8 +224,8 @@ class TextTokenizer:
     def encode_batch(self, texts: Iterable[str], add_bos: bool | None = None) -> list[list[int]]:
         texts = list(texts)
         for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise InputError(f"text {i} is a {type(t).__name__}, not a string")
+            if (problem := text_problem(t)) is not None:
+                raise InputError(f"text {i} {problem}")
         bos = self.add_bos if add_bos is None else add_bos
         prefix = [self.bos_id] if bos and self.bos_id is not None else []
         return [prefix + enc.ids for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -223,8 +235,8 @@ class TextTokenizer:
 
         Several tokens share one span where a character is split into byte tokens; chat rendering
         uses the spans to tell which tokens came from which part of the rendered conversation."""
-        if not isinstance(text, str):
-            raise InputError(f"text is a {type(text).__name__}, not a string")
+        if (problem := text_problem(text)) is not None:
+            raise InputError(f"text {problem}")
         bos = self.add_bos if add_bos is None else add_bos
         enc = self.backend.encode(text, add_special_tokens=False)
         if bos and self.bos_id is not None:

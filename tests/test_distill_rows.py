@@ -153,6 +153,8 @@ BAD_JSONL = [  # (line, reason pattern)
     ('{"text": "a", "input_ids": [1]}', r'mixed row kinds: both "text" and "input_ids"'),
     ("{}", r'empty row: no "text", "input_ids" or "messages"$'),
     ('{"prompt": "x", "text": null}', r"empty row: no .* \(keys: 'prompt'\)"),
+    ('{"text": "a\\ud800b"}', r'"text" holds a lone surrogate \(.\\ud800. at character 1\), not valid Unicode'),
+    ('{"messages": [{"role": "user", "content": "\\udfff"}]}', r"the rendered conversation holds a lone surrogate"),
     ('{"messages": []}', r'"messages" is empty'),
     ('{"messages": {"role": "user"}}', r'"messages" must be a list of \{"role", "content"\} objects, got an object'),
     ('{"messages": ["hi"]}', r'message 0 must be an object with "role" and "content", got a string'),

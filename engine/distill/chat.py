@@ -47,7 +47,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..tensors import ModelFile
-from ..tokenizer import TextTokenizer
+from ..tokenizer import TextTokenizer, text_problem
 
 ASSISTANT = "assistant"
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -289,6 +289,8 @@ def encode_chat(template: ChatTemplate, tokenizer: TextTokenizer, messages: Sequ
     """(token ids, assistant-token mask or None) of a rendered conversation; no BOS is added."""
     rendered = template.render(messages, add_generation_prompt=add_generation_prompt,
                                assistant_spans=assistant_mask, **kwargs)
+    if (problem := text_problem(rendered.text)) is not None:
+        raise InputError(f"the rendered conversation {problem}")
     if not assistant_mask:
         return tokenizer.encode(rendered.text, add_bos=False), None
     ids, offsets = tokenizer.encode_offsets(rendered.text, add_bos=False)

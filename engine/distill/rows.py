@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..tensors import ModelFile
-from ..tokenizer import TextTokenizer, build_tokenizer
+from ..tokenizer import TextTokenizer, build_tokenizer, text_problem
 from .chat import ChatTemplate, check_messages, encode_chat, json_kind, model_chat_template
 
 if TYPE_CHECKING:
@@ -145,6 +145,8 @@ class _Encoder:
                 raise _BadRow(f'"text" must be a string, got {json_kind(value)}')
             if not value:
                 raise _BadRow('empty "text"')
+            if (problem := text_problem(value)) is not None:
+                raise _BadRow(f'"text" {problem}')
             return self._in_vocab(self.tokenizer.encode(value, self.options.add_bos)), None
         if kind == "input_ids":
             return _check_ids(value, self.vocab), None
