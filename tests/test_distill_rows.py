@@ -292,6 +292,17 @@ def test_bad_parquet_rows_name_the_row(tmp_path, model):
     ]
 
 
+def test_parquet_strings_that_are_not_utf8(tmp_path, model):
+    """pyarrow neither checks UTF-8 when it writes raw buffers nor when it reads them back."""
+    raw = pa.array([b"fine", b"caf\xe9", b"also fine"], type=pa.binary())
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 3, raw.buffers())}), path)
+    with pytest.raises(InputError, match=rf'^{path}:row 1: column "text": not UTF-8 \(byte 0xe9 at byte 4 of a string\)$'):
+        read_all(path, model)
+    out, stats = read_all(path, model, skip_bad_lines=True)
+    assert [r.index for r in out] == [0, 2] and stats.skipped_bad == 1
+
+
 def test_rows_stream(tmp_path, model, monkeypatch):
     """A bad line late in the file is reported when it is reached: the rows before it come first,
     one line (or one Parquet batch) at a time."""

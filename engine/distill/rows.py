@@ -276,15 +276,32 @@ def _parquet_rows(path: Path, pf: Any, columns: list[str]) -> Iterator[tuple[str
             ids = values.get("input_ids")
             ids_lists = None if ids is None else [None if v is None else np.asarray(v) for v in
                                                   ids.to_numpy(zero_copy_only=False)]
-            other = {name: col.to_pylist() for name, col in values.items() if name != "input_ids"}
+            other = {name: _py_values(name, col) for name, col in values.items() if name != "input_ids"}
             for r in range(batch.num_rows):
                 obj = {name: col[r] for name, col in other.items()}
+                bad = next((v for v in obj.values() if isinstance(v, _BadRow)), None)
                 if ids_lists is not None:
                     obj["input_ids"] = ids_lists[r]
-                yield f"{path}:row {index}", obj
+                yield f"{path}:row {index}", bad or obj
                 index += 1
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}:row {index}: cannot read ({e})") from None
+
+
+def _py_values(name: str, column: Any) -> list[Any]:
+    """A column's values as Python objects; a value whose strings are not UTF-8 becomes a _BadRow
+    (Parquet writers do not all check, and pyarrow does not on read)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # rare: find the culprits one by one
+        values: list[Any] = []
+        for v in column:
+            try:
+                values.append(v.as_py())
+            except UnicodeDecodeError as e:
+                values.append(_BadRow(f'column "{name}": not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} '
+                                      "of a string)"))
+        return values
 
 
 def _column_problem(name: str, t: Any) -> str | None:
