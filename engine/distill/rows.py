@@ -102,10 +102,14 @@ class _BadRow(Exception):
 class _Encoder:
     """What turning a row into ids needs from the model; the tokenizer and template are built on first use."""
 
-    model: ModelFile
+    source: "TeacherModel | ModelFile"
     options: RowOptions
     tokenizer_: TextTokenizer | None = None
     template_: ChatTemplate | None = None
+
+    @property
+    def model(self) -> ModelFile:
+        return self.source if isinstance(self.source, ModelFile) else self.source.model
 
     @property
     def vocab(self) -> int:
@@ -117,7 +121,9 @@ class _Encoder:
             if self.model.tokenizer is None:
                 raise InputError(f"{self.model.path.name}: text and chat rows need the model's tokenizer, "
                                  "and the file carries none (give input_ids rows)")
-            self.tokenizer_ = build_tokenizer(self.model.tokenizer, self.model.config.arch)
+            # A teacher keeps its tokenizer: building one for a 262k vocabulary takes seconds.
+            self.tokenizer_ = (build_tokenizer(self.model.tokenizer, self.model.config.arch)
+                               if isinstance(self.source, ModelFile) else self.source.tokenizer)
         return self.tokenizer_
 
     @property
@@ -330,14 +336,6 @@ def _is_string(t: Any) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or view(t)
 
 
-def _model_file(source: "TeacherModel | ModelFile") -> tuple[ModelFile, TextTokenizer | None]:
-    if isinstance(source, ModelFile):
-        return source, None
-    # A TeacherModel: reuse its tokenizer (building one for a 262k vocabulary takes seconds).
-    has_tokenizer = source.model.tokenizer is not None
-    return source.model, source.tokenizer if has_tokenizer else None
-
-
 def read_rows(path: Path | str, source: "TeacherModel | ModelFile", options: RowOptions = RowOptions(),
               stats: RowStats | None = None) -> Iterator[Row]:
     """Stream the rows of a JSONL or Parquet file as token ids and target masks (module docstring).
@@ -346,7 +344,8 @@ def read_rows(path: Path | str, source: "TeacherModel | ModelFile", options: Row
     length decide the rows. `stats`, when given, is filled while iterating."""
     path = Path(path)
     stats = stats if stats is not None else RowStats()
-    model, tokenizer = _model_file(source)  # checks run now, before the first row is asked for
+    encoder = _Encoder(source, options)
+    model = encoder.model  # the checks below run now, before the first row is asked for
     context = model.config.context_length
     limit = options.max_seq_len
     if limit is not None:
@@ -362,7 +361,7 @@ def read_rows(path: Path | str, source: "TeacherModel | ModelFile", options: Row
     else:
         known = ", ".join(JSONL_SUFFIXES + tuple(s + ".gz" for s in JSONL_SUFFIXES) + PARQUET_SUFFIXES)
         raise InputError(f"{path}: unknown dataset type {path.suffix!r} (use {known})")
-    return _rows(path, objects, _Encoder(model, options, tokenizer), context, stats)
+    return _rows(path, objects, encoder, context, stats)
 
 
 def _rows(path: Path, objects: Iterator[tuple[str, Any]], encoder: _Encoder, context: int,
