@@ -408,3 +408,19 @@ def test_any_line_is_a_row_or_one_line_error(tmp_path_factory, model, lines):
     except InputError as e:
         assert str(e).startswith(f"{path}: no rows") and stats.rows == 0
     assert stats.rows + stats.skipped_bad + stats.blank_lines == len(lines)
+
+
+def test_teacher_as_source(tmp_path, rng):
+    """read_rows takes the teacher itself (its tokenizer reused) and gives what its ModelFile gives."""
+    import q4k_engine
+    from q4k_engine.synthetic import write_synthetic
+
+    teacher = q4k_engine.load(write_synthetic(tmp_path / "m.apr", "qwen2"), device="cpu")
+    rows = mixed_rows(12, teacher.vocab_size, int(rng.integers(1 << 31)))
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    a = list(read_rows(path, teacher, RowOptions(max_seq_len=64)))
+    b = list(read_rows(path, teacher.model, RowOptions(max_seq_len=64)))
+    assert [(r.input_ids.tolist(), r.target_mask.tolist(), r.truncated) for r in a] == \
+        [(r.input_ids.tolist(), r.target_mask.tolist(), r.truncated) for r in b]
+    assert a[0].input_ids.tolist() == teacher.encode(rows[0]["text"])[:64]
+    assert a[2].input_ids.tolist() == teacher.apply_chat_template(rows[2]["messages"])[:64]
