@@ -4,6 +4,7 @@ tokenizer), assistant spans without {% generation %} blocks, and one-line errors
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 
 import numpy as np
@@ -239,6 +240,29 @@ def test_model_without_template_is_one_line():
     assert model_chat_template(bare, CHATML).source == CHATML
     with pytest.raises(InputError, match="carries none"):
         model_chat_template(dataclasses.replace(model, tokenizer=None))
+
+
+def test_read_chat_template_file(tmp_path):
+    from q4k_engine.distill.chat import read_chat_template
+
+    (tmp_path / "t.jinja").write_text(CHATML, encoding="utf-8")
+    assert read_chat_template(tmp_path / "t.jinja") == CHATML
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": ALTERNATE}))
+    assert read_chat_template(tmp_path / "tokenizer_config.json") == ALTERNATE
+    named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": GENERATION}]
+    (tmp_path / "named.json").write_text(json.dumps({"chat_template": named}))
+    assert read_chat_template(tmp_path / "named.json") == GENERATION
+    (tmp_path / "none.json").write_text(json.dumps({"chat_template": named[:1]}))
+    with pytest.raises(InputError, match=r'none.json: no "default" among the named chat templates \(tool_use\)'):
+        read_chat_template(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(InputError, match=r'bad.json: not a JSON object with a "chat_template"'):
+        read_chat_template(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(InputError, match=r'empty.json: no "chat_template" string in it'):
+        read_chat_template(tmp_path / "empty.json")
+    with pytest.raises(InputError, match="missing.jinja: no such chat template file"):
+        read_chat_template(tmp_path / "missing.jinja")
 
 
 def test_teacher_apply_chat_template(tmp_path):

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import jinja2
@@ -264,6 +265,33 @@ def json_kind(value: Any) -> str:
     names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
              list: "a list", tuple: "a list", dict: "an object"}
     return names.get(type(value), f"a {type(value).__name__}")
+
+
+def read_chat_template(path: Path | str) -> str:
+    """A chat template's source from a file: a Jinja file (e.g. `chat_template.jinja`) as it is, or a
+    Hugging Face `tokenizer_config.json` / `chat_template.json`, whose "chat_template" holds the
+    template (or a list of named ones, of which "default" is taken)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such chat template file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the chat template ({e})") from None
+    if path.suffix.lower() != ".json":
+        return text
+    try:
+        found = json.loads(text).get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise InputError(f"{path}: not a JSON object with a \"chat_template\" ({e})") from None
+    if isinstance(found, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in found if isinstance(t, dict)}
+        found = named.get("default")
+        if found is None:
+            raise InputError(f"{path}: no \"default\" among the named chat templates ({', '.join(map(str, named))})")
+    if not isinstance(found, str):
+        raise InputError(f"{path}: no \"chat_template\" string in it")
+    return found
 
 
 def model_chat_template(model: ModelFile, override: str | None = None) -> ChatTemplate:
