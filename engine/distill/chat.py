@@ -295,7 +295,7 @@ def read_chat_template(path: Path | str) -> str:
 
 
 def model_chat_template(model: ModelFile, override: str | None = None) -> ChatTemplate:
-    """The model file's chat template (or `override`, e.g. read from --chat-template), with its BOS/EOS text.
+    """The model file's chat template (or `override`, a template's source), with its BOS/EOS text.
 
     InputError when there is neither: rendering messages some other way would give the teacher a
     prompt format it was never trained on."""
@@ -305,7 +305,8 @@ def model_chat_template(model: ModelFile, override: str | None = None) -> ChatTe
     source = override if override is not None else spec.chat_template
     if source is None:
         raise InputError(f"{model.path.name}: chat messages need a chat template, and the model file has none "
-                         "(no tokenizer.chat_template); give one explicitly (--chat-template FILE)")
+                         "(no tokenizer.chat_template); give one explicitly (a .jinja file or a Hugging Face "
+                         "tokenizer_config.json, read by distill.chat.read_chat_template)")
     token = lambda i: spec.tokens[i] if i is not None else None  # noqa: E731
     where = "the given chat template" if override is not None else f"{model.path.name}: tokenizer.chat_template"
     return ChatTemplate(source, bos_token=token(spec.bos_id), eos_token=token(spec.eos_id), where=where)
