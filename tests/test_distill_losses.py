@@ -181,9 +181,10 @@ def test_vocabulary_crop_and_pad(rng):
 
 def test_topk_ids_outside_the_student_vocabulary(rng):
     s, t, mask = _inputs(rng, (3, 4), 30, teacher_vocab=36)
-    t[..., 33] += 8.0  # id 33 leads every top-k list
+    t[..., 33] += 3.0  # id 33 in (nearly) every top-k list, without taking all the mass
     ids, lp, tail = _topk(t, 5, 1.0)
-    with pytest.raises(InputError, match="id 33 .* outside the student's vocabulary of 30"):
+    assert (ids >= 30).any()
+    with pytest.raises(InputError, match=r"id 3\d \(position \d+\) is outside the student's vocabulary of 30"):
         kl_div_topk(s, ids, lp, tail, mask)
     # crop: ids >= 30 dropped and the teacher's remaining buckets renormalised
     keep = ids < 30
