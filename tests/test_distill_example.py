@@ -68,3 +68,22 @@ def test_topk_and_offline_start_from_the_online_loss(example, epoch, tmp_path):
     # the top-k + tail KL is a lower bound of the dense one, the same whether stored or computed now
     assert offline_topk["loss"][0] == pytest.approx(online_topk["loss"][0], rel=1e-5)
     assert 0 < online_topk["loss"][0] <= first * (1 + 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_epoch(example, tmp_path):
+    """On the GPU the teacher's logits reach the student through DLPack on the device; the epoch
+    completes with a falling loss and reports the teacher's and the student's device memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    teacher = q4k_engine.load("demo", device="cuda")
+    arr = teacher.logits_per_position([[1, 2, 3]], output="dlpack")[0]
+    t = torch.from_dlpack(arr)
+    assert t.is_cuda and t.data_ptr() == arr.data.ptr
+    report = example.main(["--device", "cuda", "--report-json", str(tmp_path / "r.json")])
+    assert report["loss_last_quarter"] < 0.85 * report["loss_first_quarter"], report["loss"]
+    m = report["memory"]
+    assert m["teacher_pool_peak_bytes"] > 0 and m["student_max_allocated"] > 0
+    assert 0 < report["teacher_share"] < 1
