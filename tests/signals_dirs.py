@@ -30,22 +30,29 @@ def topk_columns(logits: np.ndarray, k: int, temperature: float) -> tuple[np.nda
 
 def write_signals(directory: Path, rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], kind: str, *,
                   k: int = 8, temperature: float = 1.0, shard_rows: int = 3, dtype: str = "float32",
-                  complete: bool = True) -> Path:
-    """rows: (input_ids [T], target_mask [T], raw logits [T, V]) per dataset row."""
+                  complete: bool = True, indices: Sequence[int] | None = None) -> Path:
+    """rows: (input_ids [T], target_mask [T], raw logits [T, V]) per stored row; indices: their dataset
+    row indices (default 0, 1, ...; gaps are bad rows a run skipped). Shard i covers the indices
+    [i * shard_rows, (i + 1) * shard_rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = rows[0][2].shape[1]
+    indices = np.arange(len(rows)) if indices is None else np.asarray(indices)
+    total = int(indices[-1]) + 1
     shards = []
-    for n, start in enumerate(range(0, len(rows), shard_rows)):
-        part = rows[start:start + shard_rows]
+    for n, start in enumerate(range(0, total, shard_rows)):
+        end = min(total, start + shard_rows)
+        sel = np.flatnonzero((indices >= start) & (indices < end))
+        part = [rows[i] for i in sel]
+        index = indices[sel].astype(np.int64)
         if kind == "topk":
             name = f"shard-{n:05d}.parquet"
             cols = [topk_columns(lg, k, temperature) for _, _, lg in part]
             table = pa.table({
-                "row_index": pa.array(np.arange(start, start + len(part)), pa.int64()),
+                "row_index": pa.array(index, pa.int64()),
                 "input_ids": pa.array([ids.astype(np.int32) for ids, _, _ in part], pa.list_(pa.int32())),
                 "target_token_ids": pa.array([list(c[0]) for c in cols], pa.list_(pa.list_(pa.int32()))),
                 "target_logprobs": pa.array([list(c[1].astype(dtype)) for c in cols],
@@ -61,11 +68,11 @@ def write_signals(directory: Path, rows: Sequence[tuple[np.ndarray, np.ndarray, 
                 "logits": np.concatenate([lg for _, _, lg in part]).astype(dtype),
                 "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                 "input_ids": np.concatenate([ids for ids, _, _ in part]).astype(np.int32),
-                "row_index": np.arange(start, start + len(part), dtype=np.int64),
+                "row_index": index,
                 "target_mask": np.concatenate([m for _, m, _ in part]).astype(np.uint8),
             }, str(directory / name), metadata={"temperature": "1.0", "vocab_size": str(vocab)})
         data = (directory / name).read_bytes()
-        shards.append({"file": name, "rows": [start, start + len(part)], "tokens": sum(len(r[0]) for r in part),
+        shards.append({"file": name, "rows": [start, end], "n_rows": len(part), "tokens": sum(len(r[0]) for r in part),
                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
         "format": "q4k-engine-signals", "format_version": 1, "q4k_engine_version": "0.1.0",

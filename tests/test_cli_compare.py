@@ -96,7 +96,7 @@ def test_bad_input(tmp_path, rng, teachers):
     for args, message in (
         ((a, other_path), "is a directory and"),
         ((a, t), "holds dense signals and .* topk"),
-        ((a, fewer), "has 9 rows, .* 8: not the same dataset"),
+        ((a, fewer), r"has 9 rows \(of 9\), .* 8 \(of 8\): not the same dataset"),
         ((a, a, "--tokens", "1,2"), "are for two model files"),
         (("demo", other_path), "give exactly one input"),
         ((tmp_path / "missing.gguf", "demo", "--tokens", "1,2"), "no such model file"),

@@ -55,6 +55,20 @@ def test_dense_rows_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(r.logits, logits)
 
 
+@pytest.mark.parametrize("kind", ["topk", "dense"])
+def test_skipped_rows_keep_their_indices(tmp_path, rng, kind):
+    """Bad rows a run skipped (--skip-bad-lines) leave gaps in row_index; shards still cover fixed ranges."""
+    rows = _rows(rng, n=6)
+    indices = [0, 2, 3, 7, 8, 9]  # rows 1, 4, 5, 6 skipped: shards of 3 indices hold 2, 1, 2, 1 rows
+    sig = open_signals(write_signals(tmp_path / kind, rows, kind, indices=indices), verify=True)
+    assert len(sig) == 6 and sig.manifest.rows == 10
+    assert [s.n_rows for s in sig.manifest.shards] == [2, 1, 2, 1]
+    got = list(sig.rows())
+    assert [r.row_index for r in got] == indices
+    for (ids, _, _), r in zip(rows, got):
+        np.testing.assert_array_equal(r.input_ids, ids)
+
+
 def test_batches_pad_like_the_engine(tmp_path, rng):
     rows = _rows(rng, n=5)
     sig = open_signals(write_signals(tmp_path / "s", rows, "topk", k=4))
@@ -133,5 +147,5 @@ def test_shard_disagreeing_with_its_manifest(tmp_path, rng):
     d = write_signals(tmp_path / "d2", _rows(rng), "dense")  # shards 0 and 1 swapped in the manifest
     _edit_manifest(d, lambda m: [a.update(file=f) for a, f in zip(m["shards"], ("shard-00001.safetensors",
                                                                               "shard-00000.safetensors"))])
-    with pytest.raises(FormatError, match="shard-00001.safetensors: row 0 of the dataset is stored as row_index 3"):
+    with pytest.raises(FormatError, match=r"shard-00001.safetensors: stored row 0 has row_index 3, .* rows \[0, 3\)"):
         list(open_signals(d).rows())

@@ -40,8 +40,9 @@ def compare_signals(a: Signals, b: Signals) -> KLReport:
         raise InputError(f"{ma.directory} holds {ma.kind} signals and {mb.directory} {mb.kind}: compare two of one kind")
     if ma.vocab_size != mb.vocab_size:
         raise InputError(f"vocabularies differ: {ma.vocab_size} ({ma.directory}) vs {mb.vocab_size} ({mb.directory})")
-    if ma.rows != mb.rows:
-        raise InputError(f"{ma.directory} has {ma.rows} rows, {mb.directory} {mb.rows}: not the same dataset")
+    if (ma.rows, ma.stored_rows) != (mb.rows, mb.stored_rows):
+        raise InputError(f"{ma.directory} has {ma.stored_rows} rows (of {ma.rows}), {mb.directory} {mb.stored_rows} "
+                         f"(of {mb.rows}): not the same dataset")
     topk = ma.kind == "topk"
     if topk and ma.temperature != mb.temperature:
         raise InputError(f"top-k signals at different temperatures ({ma.temperature:g} vs {mb.temperature:g})")
@@ -52,7 +53,7 @@ def compare_signals(a: Signals, b: Signals) -> KLReport:
         if ma.temperature != 1.0:
             notes.append(f"log-probs at temperature {ma.temperature:g}, so PPL is that of the tempered distributions")
     acc = KLDivergence(temperature=ma.temperature if topk else 1.0, lower_bound=topk)
-    for ra, rb in zip(a.rows(), b.rows()):
+    for ra, rb in zip(a.rows(), b.rows(), strict=True):
         pos = _pair(ra, rb)
         if not len(pos):
             continue

@@ -46,8 +46,9 @@ PARQUET_BATCH_ROWS = 64  # rows per Parquet record batch read: bounds memory for
 @dataclass(frozen=True)
 class ShardInfo:
     file: str
-    start: int  # first dataset row
+    start: int  # first dataset row index the shard covers
     end: int  # one past the last
+    n_rows: int  # rows stored: fewer than end - start where bad rows were skipped (--skip-bad-lines)
     tokens: int
     bytes: int
     sha256: str
@@ -68,7 +69,12 @@ class Manifest:
 
     @property
     def rows(self) -> int:
+        """Dataset row indices covered (bad rows a run skipped included)."""
         return self.shards[-1].end if self.shards else 0
+
+    @property
+    def stored_rows(self) -> int:
+        return sum(s.n_rows for s in self.shards)
 
     @property
     def tokens(self) -> int:
@@ -164,7 +170,10 @@ def read_manifest(directory: str | Path) -> Manifest:
         name = _need(s, "file", str, w)
         if Path(name).name != name:
             raise FormatError(f"{w}: file {name!r} must be a plain name inside the directory")
-        shards.append(ShardInfo(name, rows[0], rows[1], _need(s, "tokens", int, w), _need(s, "bytes", int, w),
+        n_rows = s.get("n_rows", rows[1] - rows[0])
+        if not isinstance(n_rows, int) or isinstance(n_rows, bool) or not 0 <= n_rows <= rows[1] - rows[0]:
+            raise FormatError(f"{w}: n_rows {n_rows!r} does not fit rows {rows!r}")
+        shards.append(ShardInfo(name, rows[0], rows[1], n_rows, _need(s, "tokens", int, w), _need(s, "bytes", int, w),
                                 _need(s, "sha256", str, w)))
         expect = rows[1]
     return Manifest(d, kind, k, temperature, vocab, dict(raw.get("model") or {}), options, tuple(shards),
@@ -216,7 +225,8 @@ class Signals:
         return self.manifest.kind
 
     def __len__(self) -> int:
-        return self.manifest.rows
+        """Rows stored (and yielded by rows())."""
+        return self.manifest.stored_rows
 
     def verify(self) -> None:
         """Every shard's size and sha256 against the manifest (FormatError naming the first that differs)."""
@@ -248,12 +258,14 @@ class Signals:
             yield pad_rows(group, pad_id)
 
     # --- one shard -------------------------------------------------------------------------------
-    def _check_rows(self, where: str, s: ShardInfo, row_index: np.ndarray, first: int) -> None:
-        want = np.arange(first, first + len(row_index))
-        if not np.array_equal(row_index, want):
-            bad = int(np.argmax(row_index != want))
-            raise FormatError(f"{where}: row {first + bad} of the dataset is stored as row_index {int(row_index[bad])} "
-                              f"(the manifest gives this shard rows [{s.start}, {s.end}))")
+    def _check_rows(self, where: str, s: ShardInfo, row_index: np.ndarray, after: int) -> None:
+        """row_index increasing (gaps are skipped bad rows), after `after`, inside [start, end)."""
+        prev = np.concatenate([[after], row_index[:-1]])
+        bad = (row_index <= prev) | (row_index < s.start) | (row_index >= s.end)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise FormatError(f"{where}: stored row {i} has row_index {int(row_index[i])}, out of order or outside "
+                              f"the rows [{s.start}, {s.end}) the manifest gives this shard")
 
     def _topk_rows(self, s: ShardInfo) -> Iterator[SignalRow]:
         import pyarrow.parquet as pq
@@ -268,47 +280,48 @@ class Signals:
         missing = [c for c in TOPK_COLUMNS if c not in f.schema_arrow.names]
         if missing:
             raise FormatError(f"{where}: missing column(s) {', '.join(missing)}")
-        if f.metadata.num_rows != s.end - s.start:
-            raise FormatError(f"{where}: {f.metadata.num_rows} rows, the manifest says {s.end - s.start}")
-        row = s.start
+        if f.metadata.num_rows != s.n_rows:
+            raise FormatError(f"{where}: {f.metadata.num_rows} rows, the manifest says {s.n_rows}")
+        last = s.start - 1
         for rb in f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(TOPK_COLUMNS)):
             col = {name: rb.column(name) for name in TOPK_COLUMNS}
             row_index = _values(col["row_index"], where, "row_index").astype(np.int64)
-            self._check_rows(where, s, row_index, row)
+            self._check_rows(where, s, row_index, last)
+            last = int(row_index[-1]) if len(row_index) else last
             off, ids_vals = _list_parts(col["input_ids"], where, "input_ids")
             input_ids = _values(ids_vals, where, "input_ids").astype(np.int32)
             per_pos = {}
             for name in ("tail_logmass", "target_mask"):
                 o, v = _list_parts(col[name], where, name)
                 if not np.array_equal(o, off):
-                    raise FormatError(f"{where}: {name} and input_ids differ in length at row {row + int(np.argmax(o != off))}")
+                    raise FormatError(f"{where}: {name} and input_ids differ in length at row "
+                                      f"{int(row_index[np.argmax(o != off) - 1])}")
                 per_pos[name] = _values(v, where, name)
             nested = {}
             for name in ("target_token_ids", "target_logprobs"):
                 o, inner = _list_parts(col[name], where, name)
                 if not np.array_equal(o, off):
-                    raise FormatError(f"{where}: {name} and input_ids differ in length at row {row + int(np.argmax(o != off))}")
+                    raise FormatError(f"{where}: {name} and input_ids differ in length at row "
+                                      f"{int(row_index[np.argmax(o != off) - 1])}")
                 io, v = _list_parts(inner, where, name)
                 lens = np.diff(io)
                 if (lens != k).any():
                     pos = int(np.argmax(lens != k))
                     r = int(np.searchsorted(off, pos, side="right")) - 1
-                    raise FormatError(f"{where}: row {row + r}, position {pos - off[r]}: {lens[pos]} {name}, the "
+                    raise FormatError(f"{where}: row {int(row_index[r])}, position {pos - off[r]}: {lens[pos]} {name}, the "
                                       f"manifest says k = {k}")
                 nested[name] = _values(v, where, name).reshape(-1, k)
             ids = nested["target_token_ids"].astype(np.int32)
             if len(ids) and (ids.max() >= self.manifest.vocab_size or ids.min() < -1):
-                raise FormatError(f"{where}: token ids outside [0, {self.manifest.vocab_size}) in rows {row}..")
+                raise FormatError(f"{where}: token ids outside [0, {self.manifest.vocab_size}) in rows "
+                                  f"{int(row_index[0])}..{int(row_index[-1])}")
             for b in range(len(row_index)):
                 a, e = off[b], off[b + 1]
                 if e == a:
-                    raise FormatError(f"{where}: row {row + b} is empty")
+                    raise FormatError(f"{where}: row {int(row_index[b])} is empty")
                 yield SignalRow(int(row_index[b]), input_ids[a:e], per_pos["target_mask"][a:e].astype(bool),
                                 token_ids=ids[a:e], logprobs=nested["target_logprobs"][a:e],
                                 tail=per_pos["tail_logmass"][a:e].astype(np.float32))
-            row += len(row_index)
-        if row != s.end:
-            raise FormatError(f"{where}: ends at row {row}, the manifest says {s.end}")
 
     def _dense_rows(self, s: ShardInfo) -> Iterator[SignalRow]:
         from safetensors import SafetensorError, safe_open
@@ -327,11 +340,11 @@ class Signals:
                 target_mask = f.get_tensor("target_mask").astype(bool)
                 logits = f.get_slice("logits")
                 shape = logits.get_shape()
-                n_rows = s.end - s.start
+                n_rows = s.n_rows
                 if len(row_index) != n_rows or offsets.shape != (n_rows + 1,):
                     raise FormatError(f"{where}: {len(row_index)} rows and {len(offsets)} offsets; the manifest "
                                       f"says {n_rows} rows")
-                self._check_rows(where, s, row_index, s.start)
+                self._check_rows(where, s, row_index, s.start - 1)
                 n = int(offsets[-1])
                 if offsets[0] != 0 or (np.diff(offsets) < 1).any() or len(input_ids) != n or len(target_mask) != n:
                     raise FormatError(f"{where}: offsets do not split {len(input_ids)} tokens into non-empty rows")
