@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vocab, n_rows, seq_len = teacher.vocab_size, len(rows), max(map(len, rows))
         batches = online_batches(rows, args.batch, args.device)
         source = f"{teacher!r}"
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls for the student on the GPU
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the student
     student = student_model(args.student_size, vocab, seq_len, args.device, args.seed)
     params = sum(p.numel() for p in student.parameters())
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
