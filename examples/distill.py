@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{100 * report['teacher_share']:.1f}% of step time")
     if report.get("memory"):
         m = report["memory"]
-        print(f"device memory: teacher {m['teacher']}; student peak allocated {m['student_max_allocated'] / 1e9:.2f} GB")
+        print(f"device memory: teacher pool peak {m['teacher_pool_peak_bytes'] / 1e9:.2f} GB, student peak allocated "
+              f"{m['student_max_allocated'] / 1e9:.2f} GB (GB = 1e9 bytes); engine report: {m['teacher']}")
     if args.report_json:
         args.report_json.write_text(json.dumps(report, indent=2))
     return report
@@ -294,11 +295,15 @@ def summarize(args: argparse.Namespace, losses: list[float], steps: list[dict[st
         "teacher_share": teacher_s / step_s if step_s > 0 else math.nan, "step_times": steps,
     }
     if args.device == "cuda":
+        # The teacher's figure is its CuPy pool's high-water mark (its weights, activations and the
+        # logits it handed over); the process figure also holds the student and both CUDA runtimes.
         mem = teacher.backend.memory_report() if teacher is not None else None
+        free, total = torch.cuda.mem_get_info()
         report["memory"] = {
             "teacher": str(mem) if mem is not None else "offline (no teacher on the device)",
             "teacher_pool_peak_bytes": mem.pool_peak_held if mem is not None else 0,
-            "device_used_bytes": mem.device_used if mem is not None else torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0],
+            "process_device_bytes": mem.process_used if mem is not None else None,
+            "device_used_bytes": total - free,
             "student_max_allocated": torch.cuda.max_memory_allocated(),
         }
     return report
