@@ -51,6 +51,8 @@ def compare(a: str, b: str, input_path: Path | None, tokens: tuple[str, ...], te
     else:
         from q4k_engine.cli.logits import _sequences
 
+        if sum(bool(x) for x in (input_path, tokens, texts)) != 1:  # before any model is loaded
+            raise InputError("two model files: give exactly one input: --input, --tokens or --text")
         ta = load(a, device=device)
         tb = load(b, device=device)
         report = compare_teachers(ta, tb, _sequences(ta, tokens, texts, input_path), batch_tokens=batch_tokens)

@@ -98,7 +98,7 @@ def test_bad_input(tmp_path, rng, teachers):
         ((a, t), "holds dense signals and .* topk"),
         ((a, fewer), r"has 9 rows \(of 9\), .* 8 \(of 8\): not the same dataset"),
         ((a, a, "--tokens", "1,2"), "are for two model files"),
-        (("demo", other_path), "give exactly one input"),
+        (("demo", other_path), "two model files: give exactly one input"),
         ((tmp_path / "missing.gguf", "demo", "--tokens", "1,2"), "no such model file"),
     ):
         code, out = _run(*args)
