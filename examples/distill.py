@@ -125,11 +125,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- data ----------------------------------------------------------------------------------------
 
 
-def dataset(teacher: Any, rows: int | None, seq_len: int, rng: np.random.Generator) -> list[np.ndarray]:
+def dataset(teacher: Any, rows: int | None, seq_len: int, seed: int) -> list[np.ndarray]:
     sentences = TEXT.splitlines()
     if teacher.model.tokenizer is None:
         print(f"note: {teacher.model.path.name} has no tokenizer: rows are seeded random token ids", file=sys.stderr)
         lengths = [seq_len] * rows if rows else [min(seq_len, 8 + len(s) // 4) for s in sentences]
+        rng = np.random.default_rng(seed)
         return [rng.integers(0, teacher.vocab_size, n).astype(np.int32) for n in lengths]
     encoded = [np.array(teacher.encode(s), np.int32) for s in sentences]
     if not rows:
@@ -209,7 +210,6 @@ def distill_loss(student_logits: torch.Tensor, target: dict[str, Any], mask: tor
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
     clock = Clock(args.device)
     t_start = clock()
     signals = None
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = f"{args.shards} ({signals.kind} signals of {signals.manifest.model.get('file', '?')})"
     else:
         teacher = q4k_engine.load(args.teacher, device=args.device)
-        rows = dataset(teacher, args.rows, args.seq_len, rng)
+        rows = dataset(teacher, args.rows, args.seq_len, args.seed)
         vocab, n_rows, seq_len = teacher.vocab_size, len(rows), max(map(len, rows))
         batches = online_batches(rows, args.batch, args.device)
         source = f"{teacher!r}"

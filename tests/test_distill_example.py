@@ -37,7 +37,7 @@ def epoch(example):
 
 def test_one_epoch_with_falling_loss(epoch, example, capsys):
     losses = epoch["loss"]
-    rows = len(example.dataset(q4k_engine.load("demo", device="cpu"), None, 64, np.random.default_rng(0)))
+    rows = len(example.dataset(q4k_engine.load("demo", device="cpu"), None, 64, seed=0))
     assert epoch["steps"] == -(-rows // 2) >= 12  # the whole epoch, batch 2
     assert all(np.isfinite(losses)) and min(losses) > 0
     # fixed seed: the student's init and the data order are the same every run; the margin is wide
@@ -58,7 +58,7 @@ def test_prints_every_step(example, capsys, tmp_path):
 
 def test_topk_and_offline_start_from_the_online_loss(example, epoch, tmp_path):
     teacher = q4k_engine.load("demo", device="cpu")
-    rows = teacher_rows(teacher, example.dataset(teacher, None, 64, np.random.default_rng(0)))
+    rows = teacher_rows(teacher, example.dataset(teacher, None, 64, seed=0))
     first = epoch["loss"][0]
     dense = example.main(["--shards", str(write_signals(tmp_path / "d", rows, "dense")), "--steps", "2"])
     assert dense["loss"][0] == pytest.approx(first, rel=1e-5)
