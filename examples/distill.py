@@ -194,8 +194,9 @@ def teacher_signals(teacher: Any, b: Batch, args: argparse.Namespace) -> dict[st
     if b.signals is not None:
         return b.signals
     if args.top_k:
-        values, ids = teacher.topk_logprobs(b.rows, args.top_k, args.temperature, output="torch")
-        return {"token_ids": ids, "logprobs": values, "tail": None}  # None: the loss computes log(1 - sum p)
+        top = teacher.topk_logprobs(b.rows, args.top_k, args.temperature, output="torch")
+        # (values, indices, ...); the tail None: the loss computes log(1 - sum p) from the K log-probs
+        return {"token_ids": top[1], "logprobs": top[0], "tail": None}
     logits, _ = teacher.logits_per_position(b.rows, output="torch")
     return {"logits": logits}
 
