@@ -191,6 +191,7 @@ def bench_model(path: str | None) -> None:
 
     from q4k_engine.backend import Batch
     from q4k_engine.backend_cuda import CudaBackend
+    from q4k_engine.distill.stats import compare_logits
     from q4k_engine.forward import forward, upload
     from q4k_engine.loader import open_model
 
@@ -262,10 +263,8 @@ def bench_model(path: str | None) -> None:
         cp.get_default_memory_pool().free_all_blocks()
         with torch.inference_mode():
             hf_logits = hfm(torch.from_numpy(check_ids[None].astype(np.int64)).cuda()).logits[0].float().cpu().numpy()
-            agree = float((hf_logits.argmax(-1) == dense_logits.argmax(-1)).mean())
-            lp, lq = (z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
-                      for z in (dense_logits.astype(np.float64), hf_logits.astype(np.float64)))
-            kl = float((np.exp(lp) * (lp - lq)).sum(1).mean())
+            r = compare_logits(dense_logits, hf_logits)
+            agree, kl = r.same_top_p, r.kld.mean
             # A random 7B has nearly flat next-token distributions, so bf16 rounding flips many
             # near-tied top-1s; the KL says whether HF computes the same model.
             hf_note = (f"HF bf16 (SDPA) vs engine dense-f16 on 256 tokens: mean KL {kl:.2e}, "

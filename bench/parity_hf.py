@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from hf_reference import TABLE_HEADER, hf_logits, hf_model, parity  # noqa: E402
+from hf_reference import TABLE_HEADER, hf_logits, hf_model, parity, table_row  # noqa: E402
 
 import q4k_engine  # noqa: E402
 from q4k_engine.synthetic import write_synthetic  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
             teacher = q4k_engine.load(path, device="cpu")
             seqs = [teacher.encode(p) for p in PROMPTS[: args.prompts]]
             p, t_ours, t_ref = measure(path, seqs, args.device)
-            rows.append(p.row(name))
+            rows.append(table_row(name, p))
             print(f"{name}: ours {t_ours:.1f}s, transformers {t_ref:.1f}s", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in SYNTHETIC_ARCHS:
@@ -84,7 +84,7 @@ def main() -> None:
             vocab = q4k_engine.load(path, device="cpu").vocab_size
             seqs = [rng.integers(0, vocab, n).tolist() for n in (48, 13, 30)]
             p, _, _ = measure(path, seqs, args.device)
-            rows.append(p.row(name))
+            rows.append(table_row(name, p))
     print(TABLE_HEADER)
     print("\n".join(rows))
 

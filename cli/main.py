@@ -324,11 +324,13 @@ def convert(source: str, dest: Path, quantize: str | None, fmt: str | None, name
 
 # Commands written in their own modules join the group here (after `main` exists: they may import
 # helpers from this module).
+from q4k_engine.cli.compare import compare  # noqa: E402
 from q4k_engine.cli.generate import generate  # noqa: E402
 from q4k_engine.cli.logits import logits  # noqa: E402
 
 main.add_command(logits)
 main.add_command(generate)
+main.add_command(compare)
 
 if __name__ == "__main__":
     main()

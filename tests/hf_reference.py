@@ -1,5 +1,5 @@
 """Hugging Face transformers as the independent reference for whole-model logits, and the parity
-statistics llama.cpp's `llama-perplexity --kl-divergence` prints.
+statistics llama.cpp's `llama-perplexity --kl-divergence` prints (computed by q4k_engine.distill.stats).
 
 Used by tests/test_parity_hf.py and bench/parity_hf.py (which puts tests/ on sys.path).
 
@@ -15,11 +15,12 @@ weights dequantized by gguf-py and Q/K un-permuted exactly as transformers does 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from q4k_engine.distill.stats import KLReport, compare_logits
 
 HF_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # transformers' own GGUF loader handles these
 
@@ -131,40 +132,16 @@ def hf_logits(model, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
     return out
 
 
-@dataclass(frozen=True)
-class Parity:
-    """Ours against a reference over a set of positions (llama.cpp's KL-divergence statistics)."""
-
-    positions: int
-    max_abs: float  # max |logit difference|
-    logit_scale: float  # max |reference logit|, to read max_abs against
-    kld_mean: float  # KL(reference || ours), nats
-    kld_p99: float
-    kld_max: float
-    top1: float  # fraction of positions whose argmax agrees
-
-    def row(self, name: str) -> str:
-        return (f"| {name} | {self.positions} | {self.max_abs:.3g} | {self.logit_scale:.3g} | {self.kld_mean:.3g} | "
-                f"{self.kld_p99:.3g} | {self.kld_max:.3g} | {100 * self.top1:.2f}% |")
-
-
 TABLE_HEADER = ("| model | positions | max abs dlogit | max abs logit | mean KLD | p99 KLD | max KLD | top-1 |\n"
                 "|---|---|---|---|---|---|---|---|")
 
 
-def _log_softmax64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def parity(ref: Sequence[np.ndarray], ours: Sequence[np.ndarray]) -> KLReport:
+    """KL(reference || ours) and the rest of llama.cpp's statistics over every position of every
+    sequence (arrays [T, vocab] paired up), from the project's one statistics module."""
+    return compare_logits(list(ref), list(ours))
 
 
-def parity(ref: Sequence[np.ndarray], ours: Sequence[np.ndarray]) -> Parity:
-    """Statistics over every position of every sequence (arrays [T, vocab] paired up)."""
-    r = np.concatenate([np.asarray(x, np.float64) for x in ref])
-    o = np.concatenate([np.asarray(x, np.float64) for x in ours])
-    assert r.shape == o.shape, (r.shape, o.shape)
-    lp, lq = _log_softmax64(r), _log_softmax64(o)
-    kld = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
-    return Parity(positions=r.shape[0], max_abs=float(np.abs(r - o).max()), logit_scale=float(np.abs(r).max()),
-                  kld_mean=float(kld.mean()), kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
-                  top1=float((r.argmax(-1) == o.argmax(-1)).mean()))
+def table_row(name: str, r: KLReport) -> str:
+    return (f"| {name} | {r.positions} | {r.max_abs_dlogit:.3g} | {r.max_abs_logit:.3g} | {r.kld.mean:.3g} | "
+            f"{r.kld.p99:.3g} | {r.kld.max:.3g} | {100 * r.same_top_p:.2f}% |")

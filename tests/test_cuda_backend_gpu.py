@@ -7,6 +7,7 @@ import pytest
 
 from q4k_engine.backend import Batch
 from q4k_engine.binio import UNITS, human_bytes
+from q4k_engine.distill.stats import compare_logits
 from q4k_engine.dtypes import GGMLType
 from q4k_engine.errors import DeviceError
 from q4k_engine.tensors import QTensor
@@ -180,17 +181,6 @@ def test_kernel_limits_refused_before_any_upload(module_seed):
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
-def _kl_stats(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
-    """(top-1 agreement, mean KL(ref || got), max |delta logit|) over rows."""
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    lp = ref - ref.max(1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
-    lq = got - got.max(1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
-    kl = (np.exp(lp) * (lp - lq)).sum(1)
-    return float((ref.argmax(1) == got.argmax(1)).mean()), float(kl.mean()), float(np.abs(ref - got).max())
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def synthetic_model(request, tmp_path_factory):
     synthetic = pytest.importorskip("q4k_engine.synthetic")
@@ -212,7 +202,8 @@ def test_forward_parity_with_numpy(backend, synthetic_model, rng):
     cpu = NumpyBackend()
     ref = forward(cfg, upload(synthetic_model, cpu), cpu, ids, batch)
     got = backend.to_numpy(forward(cfg, upload(synthetic_model, backend), backend, ids, batch))
-    top1, kl, dmax = _kl_stats(ref, got)
+    r = compare_logits(ref, got)
+    top1, kl, dmax = r.same_top_p, r.kld.mean, r.max_abs_dlogit
     print(f"{cfg.arch}: top-1 {top1:.4f}, mean KL {kl:.2e}, max |dlogit| {dmax:.2e} over {batch.n_tokens} positions")
     # Random synthetic models have near-tied top logits; f16 GEMM operands move logits by ~1e-3,
     # so top-1 must agree wherever the reference's top-2 margin is clearly above that.
@@ -244,7 +235,8 @@ def test_decode_with_cache_matches_full_forward(backend, synthetic_model, rng):
             got[b].append(backend.to_numpy(step[b]))
     for b in range(2):
         rows = full[starts[b] + prefix[b] - 1: starts[b] + prefix[b] - 1 + len(got[b])]
-        _, kl, dmax = _kl_stats(rows, np.stack(got[b]))
+        r = compare_logits(rows, np.stack(got[b]))
+        kl, dmax = r.kld.mean, r.max_abs_dlogit
         assert kl <= 1e-5 and dmax < 1e-2, f"sequence {b}: KL {kl}, max |dlogit| {dmax}"
     half = forward(cfg, w, backend, np.concatenate(ids), Batch.from_lengths(lengths), dtype=np.float16)
     assert half.dtype == np.float16

@@ -17,7 +17,7 @@ from q4k_engine.convert import save_model
 from q4k_engine.loader import open_model
 from q4k_engine.synthetic import synthetic_model
 
-from hf_reference import TABLE_HEADER, hf_logits, hf_model, parity
+from hf_reference import TABLE_HEADER, hf_logits, hf_model, parity, table_row
 from realmodels import gemma_path, smollm_path
 
 pytest.importorskip("transformers")
@@ -55,9 +55,9 @@ def test_synthetic_matches_transformers(arch, synthetic_files, rng):
     seqs = [rng.integers(0, teacher.vocab_size, n).tolist() for n in (45, 12, 29)]
     ours = ours_all_positions(teacher, seqs)
     p = parity(hf_logits(hf_model(gguf_path), seqs), ours)
-    print(TABLE_HEADER, p.row(f"synthetic-{arch}"), sep="\n")
-    assert p.max_abs <= 1e-4 * max(1.0, p.logit_scale)
-    assert p.kld_mean <= 1e-8 and p.top1 == 1.0
+    print(TABLE_HEADER, table_row(f"synthetic-{arch}", p), sep="\n")
+    assert p.max_abs_dlogit <= 1e-4 * max(1.0, p.max_abs_logit)
+    assert p.kld.mean <= 1e-8 and p.same_top_p == 1.0
     # the same tensors in APR give the same logits, bit for bit
     apr = ours_all_positions(q4k_engine.load(apr_path, device="cpu"), seqs)
     assert all(np.array_equal(a, b) for a, b in zip(apr, ours))
@@ -72,10 +72,10 @@ def test_real_model_matches_transformers(which, tmp_path):
     assert min(len(s) for s in seqs) >= 12
     ours = ours_all_positions(teacher, seqs)
     p = parity(hf_logits(hf_model(path), seqs), ours)
-    print(TABLE_HEADER, p.row(which), sep="\n")
-    assert p.kld_mean <= 1e-4, p
-    assert p.top1 == 1.0, p
-    assert p.max_abs <= 1e-3 * p.logit_scale, p
+    print(TABLE_HEADER, table_row(which, p), sep="\n")
+    assert p.kld.mean <= 1e-4, p
+    assert p.same_top_p == 1.0, p
+    assert p.max_abs_dlogit <= 1e-3 * p.max_abs_logit, p
     if which == "smollm2-135m":  # converted to APR: the very same logits
         apr = save_model(tmp_path / "smollm.apr", open_model(path), "apr", keep_ggml_codes=True)
         assert all(np.array_equal(a, b) for a, b in zip(ours_all_positions(q4k_engine.load(apr, device="cpu"), seqs), ours))
