@@ -134,7 +134,7 @@ def _token_text(teacher: TeacherModel, token_id: int) -> str:
 
 
 def print_topk(teacher: TeacherModel, seqs: list[list[int]], positions: str, k: int) -> None:
-    vals, idx = teacher.topk_logprobs(seqs, k, positions=positions, output="numpy")
+    vals, idx, *_ = teacher.topk_logprobs(seqs, k, positions=positions, output="numpy")
     for b, seq in enumerate(seqs):
         click.echo(f"sequence {b} ({len(seq)} tokens)")
         rows = range(len(seq)) if positions == "all" else [len(seq) - 1]

@@ -218,6 +218,13 @@ class NumpyBackend:
         z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
         return z.astype(np.float32)
 
+    def logsumexp(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        z = x.astype(np.float64) / temperature
+        m = z.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf sums to 0: its log is -inf, not NaN
+        with np.errstate(divide="ignore"):
+            return (np.log(np.exp(z - m).sum(axis=-1)) + m[..., 0]).astype(np.float32)
+
     def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = x.shape[-1]
         if not 1 <= k <= n:

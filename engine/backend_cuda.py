@@ -435,6 +435,9 @@ class CudaBackend:
     def log_softmax(self, x: Any, temperature: float = 1.0) -> Any:
         return self._ops.log_softmax(x, temperature)
 
+    def logsumexp(self, x: Any, temperature: float = 1.0) -> Any:
+        return self._ops.logsumexp(x, temperature)
+
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:
         return self._ops.topk(x, k)
 

@@ -37,7 +37,7 @@ def test_print_top_k_per_position(demo):
     lines = r.stdout.splitlines()
     assert lines[0] == f"sequence 0 ({len(ids)} tokens)"
     assert len(lines) == 1 + len(ids)
-    vals, idx = demo.topk_logprobs([ids], 3)
+    vals, idx, *_ = demo.topk_logprobs([ids], 3)
     last = lines[-1]
     assert f"{vals[0, -1, 0]:.3f}" in last and last.count(" -> ") == 1
     assert json.dumps(demo.tokenizer.token_text(int(idx[0, -1, 0])), ensure_ascii=False) in last
