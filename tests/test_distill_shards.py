@@ -307,3 +307,15 @@ def test_option_conflicts_are_one_line(dataset, tmp_path):
     assert_one_line_error(invoke("--input", str(dataset), "--out", str(tmp_path / "x.csv")), "unknown output type")
     assert_one_line_error(invoke("--input", str(dataset), "--out", d, "--top-k", str(10**6)), "--top-k")
     assert not list(tmp_path.glob("o/shard-*"))
+
+
+def test_progress_bar_and_foreign_shards(demo, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "p.jsonl", mixed_rows(9, demo.vocab_size, fresh_seed("progress dataset")))
+    opts = SignalOptions(k=2, shard_rows=3, rows=RowOptions(max_seq_len=8))
+    s = write_signals(demo, data, tmp_path / "out", opts, progress=True, log=lambda _: None)
+    err = capsys.readouterr().err
+    assert s.shards == 3 and "9/9" in err and "row" in err and "tokens/s" in err  # rows done/total, the rate
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "shard-00000.parquet").write_bytes(b"someone else's")
+    with pytest.raises(q4k_engine.InputError, match="shard files but no manifest"):
+        write_signals(demo, data, tmp_path / "other", opts)

@@ -403,6 +403,8 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     manifest_path = out / MANIFEST
     if not resume and manifest_path.exists():
         raise InputError(f"{out}: already holds {MANIFEST}; pass --resume to continue it, or choose another directory")
+    if not resume and any(out.glob("shard-*")):
+        raise InputError(f"{out}: holds shard files but no {MANIFEST}; choose another directory")
     stats = RowStats()
     rows_iter = read_rows(input_path, teacher, opts.rows, stats)  # checks the file and options now
     model = {"file": teacher.model.path.name, "sha256": model_sha256 or sha256_file(teacher.model.path),
