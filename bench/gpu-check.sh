@@ -33,6 +33,7 @@ STAGES=(
   "cli-cuda|bash bench/cli-cuda.sh"
   "decode|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py && python3 bench/bench_decode.py --out $LOG/decode.md"
   "large-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_large_gpu.py"
+  "distill|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_shards.py && set -o pipefail && python3 bench/bench_distill.py | tee $LOG/distill.md"
 )
 # Run only when named (bash bench/gpu-check.sh large-72b): each writes a 20-47 GB GGUF to /tmp first
 # (minutes) and removes it at the end; the two do not fit on a 64 GB disk together.

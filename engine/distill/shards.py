@@ -164,8 +164,9 @@ def bytes_per_token(opts: SignalOptions, out_vocab: int) -> int:
 
 
 def compute_shard(teacher: "TeacherModel", opts: SignalOptions, index: int, start: int, end: int,
-                  rows: list[Row]) -> ShardData:
-    """Run the teacher over a shard's rows, a length-sorted group per forward."""
+                  rows: list[Row], done: Callable[[int, int], None] = lambda rows, tokens: None) -> ShardData:
+    """Run the teacher over a shard's rows, a length-sorted group per forward; done(rows, tokens)
+    after each group (the progress bar)."""
     lengths = [len(r.input_ids) for r in rows]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n = int(offsets[-1])
@@ -195,6 +196,7 @@ def compute_shard(teacher: "TeacherModel", opts: SignalOptions, index: int, star
                 arrays["values"][s:s + len(c.logits)] = c.logits
                 if cropping:
                     dropped[s:s + len(c.logits)] = c.dropped
+        done(len(group), sum(lengths[i] for i in group))
     data = ShardData(index, start, end, rows, offsets, arrays)
     if cropping and n:
         data.dropped_sum, data.dropped_max = float(dropped.astype(np.float64).sum()), float(dropped.max())
@@ -381,8 +383,8 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     """Stream the teacher's signals over a dataset into shards in `out` (module docstring).
 
     `out` is created if need be (prepare_out_dir, which a CLI runs before loading the model).
-    Without `resume` a directory that already holds a
-    manifest is refused; with it, the run continues a matching manifest. InputError (one line)
+    Without `resume` a directory that already holds a manifest is refused; with it, the run
+    continues a matching manifest. InputError (one line)
     for every problem of the input, the options or the destination (disk full included: the
     shards written so far stay listed and --resume continues from them)."""
     from tqdm import tqdm
@@ -429,7 +431,15 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     per_token = bytes_per_token(opts, out_vocab)
     cropping = out_vocab < teacher.vocab_size
     bar = tqdm(total=count_rows(input_path), unit="row", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr, initial=resume_row)
+               file=sys.stderr, initial=sum(s["n_rows"] for s in done))
+    t_compute = time.perf_counter()
+
+    def advance(rows: int, tokens: int) -> None:
+        summary.computed_tokens += tokens
+        bar.update(rows)
+        rate = summary.computed_tokens / max(time.perf_counter() - t_compute, 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     pending: Future | None = None
 
@@ -452,15 +462,11 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     try:
         for index, start, end, shard_rows in _shards(rows_iter, opts, per_token, len(done), resume_row):
             snapshot = _row_stats(stats)
-            data = compute_shard(teacher, opts, index, start, end, shard_rows)
+            data = compute_shard(teacher, opts, index, start, end, shard_rows, advance)
             data.row_stats = snapshot
-            summary.computed_tokens += int(data.offsets[-1])
             if pending is not None:
                 pending.result()  # at most one shard waits for the writer: bounded host memory
             pending = pool.submit(write, data)
-            bar.update(end - start if bar.total else len(shard_rows))
-            rate = summary.computed_tokens / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
             del data
         if pending is not None:
             pending.result()
