@@ -4,6 +4,8 @@ against the same engine's bare forward on the same rows and batches (issue 11, "
     python bench/bench_distill.py                       # the 7B (bench/make_7b.py) on the GPU
     python bench/bench_distill.py --model demo --device cpu --rows 12 --min-len 8 --max-len 40 --dense-rows 3
 
+First, one sequence of --max-len tokens: device memory of all-position top-K (+ tail) and of fp16
+logits delivered by `logits_chunks`, both reduced / delivered in chunks of positions (issue 12).
 Rows are `input_ids` rows of seeded random lengths in [--min-len, --max-len], written as JSONL. In
 the order run (after a warm-up forward that pays kernel compilation):
   (b) the shard writer, `write_signals` (what `q4k-engine logits --out DIR/ --top-k K` runs):
@@ -114,6 +116,20 @@ def main() -> None:
     teacher.topk_logprobs([np.arange(a.min_len) % teacher.vocab_size], a.k, tail=True)
     synchronize()
     reset = getattr(be, "reset_peak", lambda: None)
+
+    # issue 12 item 5: all positions of one long sequence, reduced (top-k) or delivered (fp16 chunks)
+    # chunk by chunk on the device, never [T, vocab] float32 whole
+    one = [np.random.default_rng(a.seed).integers(0, teacher.vocab_size, a.max_len)]
+    reset()
+    teacher.topk_logprobs(one, a.k, tail=True, output="dlpack")
+    synchronize()
+    print(f"1x{a.max_len} top-{a.k} + tail, {teacher.chunk_tokens} positions per LM-head chunk:")
+    print(memory("1 sequence top-k"))
+    reset()
+    for c in teacher.logits_chunks(one, dtype="float16", output="dlpack"):
+        c.logits.sum()  # a consumer that uses each chunk and lets it go
+    synchronize()
+    print(memory("1 sequence logits_chunks fp16"))
 
     t0 = time.perf_counter()
     model_sha = sha256_file(teacher.model.path)
