@@ -210,12 +210,15 @@ class NumpyBackend:
     def lm_head(self, x: np.ndarray, w: QTensor, dtype=np.float32) -> np.ndarray:
         return self.matmul(x, w).astype(dtype, copy=False)
 
-    def log_softmax(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    def log_softmax(self, x: np.ndarray, temperature: float = 1.0, inplace: bool = False) -> np.ndarray:
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
         z = x.astype(np.float64) / temperature
         z -= z.max(axis=-1, keepdims=True)
         z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        if inplace and x.dtype == np.float32 and x.flags.c_contiguous:
+            x[...] = z
+            return x
         return z.astype(np.float32)
 
     def logsumexp(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -332,8 +332,8 @@ class TeacherModel:
         be = self.backend
         seqs = self.validate(batch)
 
-        def reduce(z: Any) -> tuple:
-            return (self._fit_vocab(be.log_softmax(self._crop(z, n_out), t), n_out, float("-inf")),)
+        def reduce(z: Any) -> tuple:  # z is this chunk's own logits: overwritten by its log-probs
+            return (self._fit_vocab(be.log_softmax(self._crop(z, n_out), t, inplace=True), n_out, float("-inf")),)
 
         (x,) = self._compute(seqs, last, reduce, (float("-inf"),), checked=1)
         return PerPosition(self._emit(x, output, dtype), self._lengths(seqs, output))
@@ -357,13 +357,13 @@ class TeacherModel:
         seqs = self.validate(batch)
         cropping = n_out < self.vocab_size
 
-        def reduce(z: Any) -> tuple:
+        def reduce(z: Any) -> tuple:  # z is this chunk's own logits: overwritten by its log-probs
             dropped = self._dropped(z, n_out, t)
-            y = be.log_softmax(self._crop(z, n_out), t)
+            y = be.log_softmax(self._crop(z, n_out), t, inplace=True)
             vals, idx = be.topk(y, int(k))
             out = [vals, idx.astype(xp.int64)]
             if tail:
-                y[xp.arange(y.shape[0])[:, None], idx] = -np.inf  # y is ours: the rest of the row is the tail
+                y[xp.arange(y.shape[0])[:, None], idx] = -np.inf  # the rest of the row is the tail
                 out.append(be.logsumexp(y))
             if cropping:
                 out.append(dropped)
