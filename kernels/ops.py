@@ -326,7 +326,8 @@ def logsumexp(x, temperature: float = 1.0):
     y = cp.empty(x2.shape[0], cp.float32)
     chunk = max(1, (64 << 20) // max(1, x2.shape[1] * 4))
     for s in range(0, x2.shape[0], chunk):
-        z = x2[s:s + chunk].astype(cp.float32) * np.float32(1.0 / temperature)
+        z = x2[s:s + chunk].astype(cp.float32)  # a copy (x is never written)
+        z *= np.float32(1.0 / temperature)
         m = z.max(axis=1, keepdims=True)
         m = cp.where(cp.isfinite(m), m, np.float32(0.0))
         z -= m
