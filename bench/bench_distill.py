@@ -16,9 +16,10 @@ the order run (after a warm-up forward that pays kernel compilation):
   (c) dense float16 safetensors shards of the first --dense-rows rows only: a 7B's dense logits are
       300 KB per token, so the dense run is bounded (24 rows of ~1,100 tokens: ~8 GB on disk, deleted after).
 Printed: tokens/s of each, the ratio (b)/(a) (target >= 0.85), peak host RSS after each phase
-(getrusage: a high-water mark, so it only grows), device memory used by the process (the drop in
-free memory from before the teacher loaded, via nvidia-smi so the CUDA context counts) and the
-engine's pool peak per phase.
+(getrusage: a high-water mark, so it only grows; it counts the model file's pages mapped while
+uploading), the device memory the process took (CudaBackend.memory_report: the drop in free memory
+since the backend started, CUDA context included where NVML is available) and the pool's peak per
+phase (reset before each).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,16 +35,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b beside this file
-
-
-def device_used_bytes() -> int | None:
-    """Memory in use on GPU 0 as the driver reports it (every process, contexts included)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, check=True).stdout
-        return int(out.strip().splitlines()[0]) << 20
-    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
-        return None
 
 
 def rss_gb() -> float:
@@ -76,7 +66,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where data and shards go (default: a temporary directory)")
     a = ap.parse_args()
 
-    used0 = device_used_bytes() if a.device != "cpu" else None  # before this process touches the GPU
     import q4k_engine
     from q4k_engine.distill.rows import RowOptions, length_batches, read_rows
     from q4k_engine.distill.shards import SignalOptions, _shards, bytes_per_token, sha256_file, write_signals
@@ -104,12 +93,11 @@ def main() -> None:
     def memory(phase: str) -> str:
         parts = [f"host RSS peak {rss_gb():.2f} GB"]
         report = getattr(be, "memory_report", None)
-        if report is not None:
+        if report is not None:  # the pool keeps its blocks cached, so the process's figure is its peak too
             m = report()
-            parts.append(f"pool peak {m.pool_peak_held / 1e9:.2f} GB held ({m.pool_peak_used / 1e9:.2f} GB in arrays)")
-        used = device_used_bytes()
-        if used0 is not None and used is not None:
-            parts.append(f"device used by the process {(used - used0) / 1e9:.2f} GB (nvidia-smi drop)")
+            parts.append(f"device memory of the process {m.process_used / 1e9:.2f} GB "
+                         f"({'CUDA context included' if m.context_counted else 'CUDA context not counted: no NVML'}); "
+                         f"pool peak {m.pool_peak_held / 1e9:.2f} GB held ({m.pool_peak_used / 1e9:.2f} GB in arrays)")
         return f"  memory after {phase}: " + "; ".join(parts)
 
     # warm-up: kernel compilation and cuBLAS set-up are not the steady state
