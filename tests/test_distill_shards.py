@@ -210,7 +210,7 @@ def test_resume_refuses_a_different_run(dataset, tmp_path, change, fragment):
 
 def test_resume_refuses_another_input_or_nothing(demo, dataset, tmp_path):
     out = tmp_path / "run"
-    other = write_jsonl(tmp_path / "data.jsonl", mixed_rows(10, demo.vocab_size, 1))  # same name, other rows
+    other = write_jsonl(tmp_path / "data.jsonl", mixed_rows(10, demo.vocab_size, fresh_seed("other")))  # same name
     assert invoke("--input", str(dataset), "--max-seq-len", "16", "--out", str(out)).exit_code == 0
     assert_one_line_error(invoke("--input", str(other), "--max-seq-len", "16", "--out", str(out), "--resume"),
                           "cannot resume", "input file differs")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -121,9 +120,8 @@ def prepare_out_dir(out: Path) -> None:
         raise InputError(f"{out}: parent directory {out.parent} does not exist")
     try:
         out.mkdir(exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check.")
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(dir=out):  # a nameless file: nothing to clean up, whatever happens
+            pass
     except OSError as e:
         raise InputError(f"{out}: cannot write there ({e.strerror or e})") from None
 
