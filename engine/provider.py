@@ -242,7 +242,7 @@ class TeacherModel:
     @property
     def pad_id(self) -> int | None:
         """The padding token the model file declares (GGUF tokenizer.ggml.padding_token_id, APR
-        tokenizer.pad_token_id), or None when it declares none. For padding inputs; the outputs
+        tokenizer.padding_token_id), or None when it declares none. For padding inputs; the outputs
         here mark their padding themselves (lengths, -inf log-probs, -1 ids)."""
         spec = self.model.tokenizer
         return None if spec is None else spec.pad_id
