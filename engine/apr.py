@@ -88,6 +88,7 @@ TOKENIZER_KEYS: dict[str, str] = {
     "token_types": "tokenizer.token_type",
     "bos_id": "tokenizer.bos_token_id",
     "eos_id": "tokenizer.eos_token_id",
+    "pad_id": "tokenizer.padding_token_id",  # aprender's spelling (GGUF_KEY_SPELLINGS)
     "add_bos": "tokenizer.add_bos_token",
     "pre": "tokenizer.pre_type",
     "chat_template": "tokenizer.chat_template",

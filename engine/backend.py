@@ -92,6 +92,8 @@ class Backend(Protocol):
 
     # --- logits (the LM head is the largest matrix: outputs may be big, reductions stay on device) ---
     def lm_head(self, x: Array, w: Any, dtype: Any = np.float32) -> Array: ...  # matmul, output in dtype (f32/f16)
-    def log_softmax(self, x: Array, temperature: float = 1.0) -> Array: ...  # of x / temperature over the last dim, float32
+    def log_softmax(self, x: Array, temperature: float = 1.0, inplace: bool = False) -> Array: ...
+    # of x / temperature over the last dim, float32; inplace: into x when it is float32 and contiguous
+    def logsumexp(self, x: Array, temperature: float = 1.0) -> Array: ...  # log(sum(exp(x / t))) over the last dim, float32; -inf for a row of -inf
     def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...
     # the k largest of each row of x [..., n], descending, ties to the lower index; indices int32

@@ -210,13 +210,23 @@ class NumpyBackend:
     def lm_head(self, x: np.ndarray, w: QTensor, dtype=np.float32) -> np.ndarray:
         return self.matmul(x, w).astype(dtype, copy=False)
 
-    def log_softmax(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    def log_softmax(self, x: np.ndarray, temperature: float = 1.0, inplace: bool = False) -> np.ndarray:
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
         z = x.astype(np.float64) / temperature
         z -= z.max(axis=-1, keepdims=True)
         z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        if inplace and x.dtype == np.float32 and x.flags.c_contiguous:
+            x[...] = z
+            return x
         return z.astype(np.float32)
+
+    def logsumexp(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        z = x.astype(np.float64) / temperature
+        m = z.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)  # a row of -inf sums to 0: its log is -inf, not NaN
+        with np.errstate(divide="ignore"):
+            return (np.log(np.exp(z - m).sum(axis=-1)) + m[..., 0]).astype(np.float32)
 
     def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = x.shape[-1]

@@ -432,8 +432,13 @@ class CudaBackend:
         x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
         return self._mm.matmul(x, w, out=self._cp.empty((x.shape[0], w.rows), dtype))
 
-    def log_softmax(self, x: Any, temperature: float = 1.0) -> Any:
-        return self._ops.log_softmax(x, temperature)
+    def log_softmax(self, x: Any, temperature: float = 1.0, inplace: bool = False) -> Any:
+        # in place: the provider's chunk of logits becomes its log-probs, no second [rows, vocab] buffer
+        own = inplace and x.dtype == self._cp.float32 and x.flags.c_contiguous
+        return self._ops.log_softmax(x, temperature, out=x if own else None)
+
+    def logsumexp(self, x: Any, temperature: float = 1.0) -> Any:
+        return self._ops.logsumexp(x, temperature)
 
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:
         return self._ops.topk(x, k)

@@ -124,7 +124,10 @@ def carried_metadata(model: ModelFile) -> dict[str, Any]:
     if model.format == "apr":
         back = {apr: gguf for gguf, apr in GGUF_KEY_SPELLINGS.items()}
         meta = {back.get(k, k): v for k, v in meta.items() if k in back or k.startswith(GGUF_KEY_PREFIXES)}
-    own = {*GGUF_TOKENIZER_KEYS.values(), "general.architecture", "general.alignment"}
+    # The TokenizerSpec writes its own fields; one it lacks (a padding id absent from the spec) is carried.
+    spec = model.tokenizer
+    written = {key for field, key in GGUF_TOKENIZER_KEYS.items() if spec is not None and getattr(spec, field) is not None}
+    own = {*written, "general.architecture", "general.alignment"}
     return {k: v for k, v in meta.items() if k.startswith(GGUF_KEY_PREFIXES) and k not in own and v is not None}
 
 

@@ -134,10 +134,15 @@ def last_rows(batch: Batch) -> np.ndarray:
 
 
 def forward(cfg: ModelConfig, w: Weights, be: Backend, ids: np.ndarray, batch: Batch,
-            cache: KVCache | None = None, last_only: bool = False, dtype: Any = np.float32) -> Array:
+            cache: KVCache | None = None, last_only: bool = False, dtype: Any = np.float32,
+            head: bool = True) -> Array:
     """Logits of packed token ids [N] (int32, on the host or already a backend array): [N, vocab],
     or [B, vocab] with `last_only` (the LM head then runs on the B last rows only), in `dtype`
     (float32 or float16).
+
+    head=False returns the final normed hidden states instead ([N or B, hidden], float32): the
+    caller then runs `be.lm_head(x[rows], w.output, dtype)` on chunks of rows, so that [N, vocab]
+    never exists whole (provider.py reduces each chunk to top-k / log-probs on the device).
 
     With `cache` (from `be.new_cache`), sequence b's new tokens are appended after its
     `batch.past_lens[b]` cached ones and attend to them.
@@ -160,4 +165,4 @@ def forward(cfg: ModelConfig, w: Weights, be: Backend, ids: np.ndarray, batch: B
         h, x = be.add_rmsnorm(h, _mlp_block(cfg, lw, be, x), norms[i + 1], cfg.rms_eps)
     if last_only:
         x = x[be.asarray(last_rows(batch))]
-    return be.lm_head(x, w.output, dtype)
+    return be.lm_head(x, w.output, dtype) if head else x

@@ -40,6 +40,7 @@ TOKENIZER_KEYS: dict[str, str] = {
     "token_types": "tokenizer.ggml.token_type",
     "bos_id": "tokenizer.ggml.bos_token_id",
     "eos_id": "tokenizer.ggml.eos_token_id",
+    "pad_id": "tokenizer.ggml.padding_token_id",
     "add_bos": "tokenizer.ggml.add_bos_token",
     "pre": "tokenizer.ggml.pre",
     "chat_template": "tokenizer.chat_template",

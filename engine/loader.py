@@ -484,7 +484,7 @@ def tokenizer_from_metadata(
     if tokens is None:
         return None
     merges = str_list("merges")
-    ids = {f: get(f) for f in ("bos_id", "eos_id")}
+    ids = {f: get(f) for f in ("bos_id", "eos_id", "pad_id")}
     for field, value in ids.items():
         if value is not None:  # a token id of the vocabulary
             meta_int(value, keys[field], where, 0, len(tokens) - 1)
@@ -496,6 +496,7 @@ def tokenizer_from_metadata(
         token_types=parallel("token_types", True, -(2**31), 2**31 - 1),  # as int32
         bos_id=ids["bos_id"],
         eos_id=ids["eos_id"],
+        pad_id=ids["pad_id"],
         add_bos=bool(optional("add_bos", bool)),
         pre=optional("pre", str),
         chat_template=optional("chat_template", str),
@@ -506,7 +507,7 @@ def tokenizer_to_metadata(spec: TokenizerSpec, keys: Mapping[str, str]) -> dict[
     values = {
         "model": spec.model, "tokens": spec.tokens, "merges": spec.merges, "scores": spec.scores,
         "token_types": spec.token_types, "bos_id": spec.bos_id, "eos_id": spec.eos_id,
-        "add_bos": spec.add_bos, "pre": spec.pre, "chat_template": spec.chat_template,
+        "pad_id": spec.pad_id, "add_bos": spec.add_bos, "pre": spec.pre, "chat_template": spec.chat_template,
     }
     return {keys[f]: v for f, v in values.items() if v is not None}
 

@@ -1,18 +1,26 @@
 """The teacher a distillation loop talks to: `q4k_engine.load(path)` -> TeacherModel.
 
 Inputs are batches of token-id sequences of any lengths (a list of lists, or a 2-D integer array
-whose rows are sequences). Outputs:
+whose rows are sequences). Row t of a sequence's output predicts token t + 1. Outputs:
 
 - `logits_for_batch(batch)` -> [B, vocab]: the logits at each sequence's last position
   (aprender's TeacherLogitsProvider contract); the LM head runs on those B rows only.
-- `logits_per_position(batch)` -> (logits [B, T_max, vocab], lengths [B]): row t of sequence b
-  predicts token t + 1; rows t >= lengths[b] are padding and hold **0.0** (finite on purpose: a
-  trainer that computes a loss over the padded block and multiplies by a mask built from
-  `lengths` gets exact zeros, where NaN padding would turn the whole loss into NaN).
-- `log_softmax(batch, temperature, positions)` and `topk_logprobs(batch, k, temperature,
-  positions)`: computed by the backend (on the GPU for the cuda device, never moving [T, vocab]
-  to the host); positions="all" pads like `logits_per_position` (log-probs 0.0, indices 0),
-  positions="last" gives one row per sequence.
+- `logits_per_position(batch)` -> PerPosition(values [B, T_max, vocab], lengths [B]): rows
+  t >= lengths[b] are padding and hold **0.0** (finite on purpose: a trainer that computes a loss
+  over the padded block and multiplies by a mask built from `lengths` gets exact zeros).
+- `log_softmax(batch, temperature, positions)` -> PerPosition and `topk_logprobs(batch, k,
+  temperature, positions, tail=...)` -> TopK: log-probs normalised over the FULL vocabulary of
+  logits / temperature (or over the first `vocab_size` tokens when a student's smaller vocabulary
+  crops it), computed by the backend on the device. positions="all" pads: padded log-probs are
+  -inf and padded top-k ids -1 (never a real token or probability 1); positions="last" gives one
+  row per sequence.
+- `logits_chunks(batch)`: all-position logits delivered chunk by chunk (LogitsChunk), for callers
+  that consume them that way; [T, vocab] is never held whole.
+
+Every all-position output is reduced in chunks of positions: the forward returns the final hidden
+states and the LM head plus the reduction run on `chunk_tokens` rows at a time, so a float32
+[T, vocab] never exists whole on the device (for a 7B teacher at 2048 tokens it would be 1.2 GB,
+and its log-softmax as much again).
 
 `output` picks the array type: "numpy" (host), "cupy" (device), "torch" (a torch.Tensor through
 DLPack, on the GPU without a copy for the cuda device), "dlpack" (the backend's own array,
@@ -24,8 +32,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -48,6 +57,59 @@ POSITIONS = ("all", "last")
 # Tokens per forward call: sequences are grouped up to this many tokens (a longer sequence runs
 # alone). Bounds the activations and the [tokens, vocab] logits of one call.
 DEFAULT_MAX_BATCH_TOKENS = 4096
+# float32 logits per LM-head chunk: the head and every reduction run on this many bytes of
+# positions at a time (a 7B teacher's 152k vocabulary: 441 positions). Larger chunks amortise the
+# head's dequantization over more rows; smaller ones bound device memory.
+HEAD_CHUNK_BYTES = 256 << 20
+
+
+class PerPosition(NamedTuple):
+    """values [B, T_max, ...] (positions="all"; rows t >= lengths[b] are padding) or [B, ...]
+    (positions="last"); lengths [B] int64, the number of real positions of each sequence."""
+
+    values: Any
+    lengths: Any
+
+
+class TopK(NamedTuple):
+    """The k most likely next tokens per position, descending (ties to the lower id).
+
+    values: log-probs [B, T_max, k] or [B, k] (padding -inf); indices: token ids, int64 (padding
+    -1); lengths [B]; tail: log(1 - sum(exp(values))), the log-mass of every other token, computed
+    on the device as the logsumexp of the non-top-k log-probs (stable where 1 - sum underflows;
+    -inf when k covers the vocabulary; padding -inf), or None unless tail=True; dropped: the
+    probability mass of the tokens a `vocab_size` crop removed, at the same temperature (padding
+    0.0), or None unless the call crops.
+    """
+
+    values: Any
+    indices: Any
+    lengths: Any
+    tail: Any = None
+    dropped: Any = None
+
+
+@dataclass(frozen=True)
+class LogitsChunk:
+    """Positions start .. start + n - 1 of sequence `sequence` of the batch: logits [n, vocab]
+    (row t predicts token t + 1), and with a `vocab_size` crop the probability mass it dropped
+    per position ([n], at temperature 1), else None."""
+
+    sequence: int
+    start: int
+    logits: Any
+    dropped: Any = None
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Rows row0 .. row0 + n - 1 of a head chunk are positions start .. start + n - 1 of
+    sequence `seq` (positions="last": one row per sequence, at its last position)."""
+
+    seq: int
+    start: int
+    row0: int
+    n: int
 
 
 class LogitsProvider(Protocol):
@@ -148,7 +210,7 @@ class TeacherModel:
     """A frozen teacher: one model file, one backend, weights uploaded once in their stored dtype."""
 
     def __init__(self, model: ModelFile, backend: Backend, *, output: str = "numpy", dtype: str = "float32",
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, chunk_tokens: int | None = None):
         self.model = model
         self.config = model.config
         self.backend = backend
@@ -157,6 +219,10 @@ class TeacherModel:
         if max_batch_tokens < 1:
             raise InputError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise InputError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        # positions per LM-head chunk (see HEAD_CHUNK_BYTES)
+        self.chunk_tokens = chunk_tokens or max(1, HEAD_CHUNK_BYTES // (4 * model.config.vocab_size))
         backend.check_model(model)  # before any upload: one clear error, nothing half-loaded
         self.weights = upload(model, backend)
 
@@ -172,6 +238,14 @@ class TeacherModel:
     @property
     def device(self) -> str:
         return self.backend.name
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding token the model file declares (GGUF tokenizer.ggml.padding_token_id, APR
+        tokenizer.padding_token_id), or None when it declares none. For padding inputs; the outputs
+        here mark their padding themselves (lengths, -inf log-probs, -1 ids)."""
+        spec = self.model.tokenizer
+        return None if spec is None else spec.pad_id
 
     # --- text ------------------------------------------------------------------------------------
     @functools.cached_property
@@ -216,35 +290,92 @@ class TeacherModel:
     def logits_for_batch(self, batch: Sequence[Sequence[int]], *, output: str | None = None,
                          dtype: str | None = None) -> Any:
         """Last-position logits [B, vocab]."""
-        (x,) = self._compute(self.validate(batch), True, dtype=self._dtype(dtype))
+        (x,) = self._compute(self.validate(batch), True, lambda z: (z,), (0.0,), dtype=self._dtype(dtype))
         return self._emit(x, output, dtype)
 
     def logits_per_position(self, batch: Sequence[Sequence[int]], *, output: str | None = None,
-                            dtype: str | None = None) -> tuple[Any, Any]:
-        """(logits [B, T_max, vocab], lengths [B]); padded rows are 0.0."""
+                            dtype: str | None = None) -> PerPosition:
+        """PerPosition(logits [B, T_max, vocab], lengths [B]): row t of sequence b predicts token
+        t + 1; rows t >= lengths[b] are 0.0. Holds [B, T_max, vocab] whole: for long sequences
+        and large vocabularies, `logits_chunks` delivers the same values chunk by chunk."""
         seqs = self.validate(batch)
-        (x,) = self._compute(seqs, False, dtype=self._dtype(dtype))
-        return self._emit(x, output, dtype), self._emit_ints(np.array([len(s) for s in seqs], np.int64), output)
+        (x,) = self._compute(seqs, False, lambda z: (z,), (0.0,), dtype=self._dtype(dtype))
+        return PerPosition(self._emit(x, output, dtype), self._lengths(seqs, output))
+
+    def logits_chunks(self, batch: Sequence[Sequence[int]], *, output: str | None = None,
+                      dtype: str | None = None, vocab_size: int | None = None) -> Iterator[LogitsChunk]:
+        """All-position logits, chunk by chunk (LogitsChunk: a run of positions of one sequence,
+        in batch order, positions ascending). At most one LM-head chunk of positions is on the
+        device at a time, so [T, vocab] never exists whole; a consumer that keeps a chunk past the
+        next one holds it itself. vocab_size crops the logits to the first N tokens (the chunk
+        reports the probability mass dropped) or pads them with -inf (zero probability)."""
+        seqs = self.validate(batch)
+        n_out = self._vocab(vocab_size)
+        for spans, z in self._head_chunks(seqs, False, self._dtype(dtype)):
+            dropped = self._dropped(z, n_out, 1.0)
+            z = self._fit_vocab(z, n_out, float("-inf"))
+            for sp in spans:
+                rows = slice(sp.row0, sp.row0 + sp.n)
+                yield LogitsChunk(sp.seq, sp.start, self._emit(z[rows], output, dtype),
+                                  None if dropped is None else self._emit(dropped[rows], output, "float32"))
+            del z, dropped  # before the next chunk is computed
 
     def log_softmax(self, batch: Sequence[Sequence[int]], temperature: float = 1.0, positions: str = "all", *,
-                    output: str | None = None, dtype: str | None = None) -> Any:
-        """log_softmax(logits / temperature): [B, T_max, vocab] (padded rows 0.0) or [B, vocab]."""
+                    output: str | None = None, dtype: str | None = None,
+                    vocab_size: int | None = None) -> PerPosition:
+        """PerPosition(log_softmax(logits / temperature) [B, T_max, vocab] (padding -inf) or
+        [B, vocab], lengths), normalised over the full vocabulary; vocab_size crops (normalised
+        over the first N tokens) or pads (-inf columns) to a student's vocabulary."""
         t = self._temperature(temperature)
         last = _check_choice("positions", positions, POSITIONS) == "last"
-        (x,) = self._compute(self.validate(batch), last, lambda z: (self.backend.log_softmax(z, t),))
-        return self._emit(x, output, dtype)
+        n_out = self._vocab(vocab_size)
+        be = self.backend
+        seqs = self.validate(batch)
+
+        def reduce(z: Any) -> tuple:  # z is this chunk's own logits: overwritten by its log-probs
+            return (self._fit_vocab(be.log_softmax(self._crop(z, n_out), t, inplace=True), n_out, float("-inf")),)
+
+        (x,) = self._compute(seqs, last, reduce, (float("-inf"),), checked=1)
+        return PerPosition(self._emit(x, output, dtype), self._lengths(seqs, output))
 
     def topk_logprobs(self, batch: Sequence[Sequence[int]], k: int, temperature: float = 1.0, positions: str = "all",
-                      *, output: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-        """(values, indices) of the k most likely next tokens under log_softmax(logits / temperature),
-        descending (ties to the lower id): [B, T_max, k] (padded rows: values 0.0, indices 0) or [B, k]."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.vocab_size:
-            raise InputError(f"k must be an integer in [1, {self.vocab_size}], got {k!r}")
+                      *, output: str | None = None, dtype: str | None = None, tail: bool = False,
+                      vocab_size: int | None = None) -> TopK:
+        """TopK(values, indices, lengths, tail, dropped): the k most likely next tokens under
+        log_softmax(logits / temperature), normalised over the full vocabulary (or over the first
+        vocab_size tokens when that crops it; padding a larger vocab_size changes nothing, its
+        extra tokens have probability 0), descending, ties to the lower id: [B, T_max, k]
+        (padding: values -inf, indices -1) or [B, k]. tail=True adds the tail log-mass
+        log(1 - sum(exp(values))) per position, computed on the device (see TopK)."""
+        n_out = self._vocab(vocab_size)
+        limit = min(self.vocab_size, n_out)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
+            raise InputError(f"k must be an integer in [1, {limit}], got {k!r}")
         t = self._temperature(temperature)
         last = _check_choice("positions", positions, POSITIONS) == "last"
-        be = self.backend
-        vals, idx = self._compute(self.validate(batch), last, lambda z: be.topk(be.log_softmax(z, t), int(k)))
-        return self._emit(vals, output, dtype), self._emit_ints(idx.astype(be.xp.int64), output)
+        be, xp = self.backend, self.backend.xp
+        seqs = self.validate(batch)
+        cropping = n_out < self.vocab_size
+
+        def reduce(z: Any) -> tuple:  # z is this chunk's own logits: overwritten by its log-probs
+            dropped = self._dropped(z, n_out, t)
+            y = be.log_softmax(self._crop(z, n_out), t, inplace=True)
+            vals, idx = be.topk(y, int(k))
+            out = [vals, idx.astype(xp.int64)]
+            if tail:
+                y[xp.arange(y.shape[0])[:, None], idx] = -np.inf  # the rest of the row is the tail
+                out.append(be.logsumexp(y))
+            if cropping:
+                out.append(dropped)
+            return tuple(out)
+
+        fills = (float("-inf"), -1) + ((float("-inf"),) if tail else ()) + ((0.0,) if cropping else ())
+        ys = list(self._compute(seqs, last, reduce, fills, checked=1))
+        vals, idx = ys.pop(0), ys.pop(0)
+        tail_x = self._emit(ys.pop(0), output, "float32") if tail else None
+        dropped_x = self._emit(ys.pop(0), output, "float32") if cropping else None
+        return TopK(self._emit(vals, output, dtype), self._emit_ints(idx, output), self._lengths(seqs, output),
+                    tail_x, dropped_x)
 
     # --- generation ------------------------------------------------------------------------------
     def generate(self, batch: Sequence[Sequence[int]], max_new_tokens: int, *, ignore_eos: bool = False,
@@ -292,61 +423,90 @@ class TeacherModel:
         if group:
             yield group
 
-    def _compute(self, seqs: list[np.ndarray], last_only: bool, reduce: Callable[[Any], tuple] = lambda z: (z,),
-                 dtype: Any = np.float32) -> tuple[Any, ...]:
-        """reduce(logits) of every sequence, forward by forward; reduce maps logits rows to a tuple
-        of arrays with the same rows. last_only: each array [B, ...]; else zero-padded [B, T_max, ...]."""
-        xp = self.backend.xp
-        t_max = max(len(s) for s in seqs)
-        groups = list(self._groups(seqs))
-        parts: list[tuple] = []
-        padded: list[Any] | None = None
-        for g in groups:
-            chunk = [seqs[i] for i in g]
-            lengths = [len(c) for c in chunk]
+    def _head_chunks(self, seqs: list[np.ndarray], last_only: bool, dtype: Any) -> Iterator[tuple[list[_Span], Any]]:
+        """(spans, logits [n, vocab]) for every LM-head chunk of every forward: the forward stops
+        at the final hidden states and the head runs on `chunk_tokens` rows at a time."""
+        be, w = self.backend, self.weights
+        for g in self._groups(seqs):
+            lens = np.array([len(seqs[i]) for i in g], np.int64)
             with np.errstate(over="ignore", invalid="ignore"):  # no NumPy warnings: NaN/Inf are refused in one line
-                logits = forward(self.config, self.weights, self.backend, np.concatenate(chunk),
-                                 Batch.from_lengths(lengths), last_only=last_only, dtype=dtype)
-                self._refuse_nonfinite(logits, "logits", g, lengths, last_only)  # before a reduction sees NaN
-                ys = reduce(logits)
-            for y in ys:
-                if y is not logits:
-                    self._refuse_nonfinite(y, "log-probs", g, lengths, last_only)
-            del logits
-            if last_only:
-                parts.append(ys)
-                continue
-            if len(groups) == 1 and all(len(c) == t_max for c in chunk):
-                # One forward of equal lengths: the packed rows already are [B, T, ...], no padded copy
-                # (for a 7B teacher at 2048 tokens that copy would be another 600 MB of fp16 logits).
-                return tuple(y.reshape((len(seqs), t_max) + y.shape[1:]) for y in ys)
-            if padded is None:
-                padded = [xp.zeros((len(seqs), t_max) + y.shape[1:], y.dtype) for y in ys]
-            start = 0
-            for i, c in zip(g, chunk):
-                for out, y in zip(padded, ys):
-                    out[i, :len(c)] = y[start:start + len(c)]
-                start += len(c)
-        if last_only:
-            return tuple(xp.concatenate(col, axis=0) for col in zip(*parts))
-        return tuple(padded)
+                hidden = forward(self.config, w, be, np.concatenate([seqs[i] for i in g]), Batch.from_lengths(lens),
+                                 last_only=last_only, head=False)
+            # packed row range [cu[j], cu[j + 1]) of each sequence of the group, and its first position
+            cu = np.arange(len(g) + 1) if last_only else np.concatenate([[0], np.cumsum(lens)])
+            first_pos = lens - 1 if last_only else np.zeros(len(g), np.int64)
+            for s in range(0, hidden.shape[0], self.chunk_tokens):
+                e = min(s + self.chunk_tokens, hidden.shape[0])
+                first, stop = np.searchsorted(cu, s, "right") - 1, np.searchsorted(cu, e, "left")
+                spans = [_Span(g[j], int(first_pos[j] + max(s, cu[j]) - cu[j]), int(max(s, cu[j]) - s),
+                               int(min(e, cu[j + 1]) - max(s, cu[j]))) for j in range(first, stop)]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    logits = be.lm_head(hidden[s:e], w.output, dtype)
+                self._refuse_nonfinite(logits, "logits", spans)  # every chunk, before any reduction or caller sees it
+                yield spans, logits
+                del logits  # before the next chunk's head: one chunk on the device at a time
 
-    def _refuse_nonfinite(self, y: Any, what: str, seq_ids: list[int], lengths: list[int], last_only: bool) -> None:
-        """NaN/Inf never reach a caller (a trainer would learn from them). `y` holds one forward's
-        rows, one per sequence (last_only) or packed per token; it is checked on the device, and
-        the sequence and position are looked for only when a value is bad."""
+    def _compute(self, seqs: list[np.ndarray], last_only: bool, reduce: Callable[[Any], tuple],
+                 fills: tuple[float, ...], dtype: Any = np.float32, checked: int = 0) -> tuple[Any, ...]:
+        """reduce(logits chunk) of every sequence: reduce maps a chunk's rows to a tuple of arrays
+        with the same rows, gathered into [B, ...] (last_only) or [B, T_max, ...] arrays whose
+        padding holds `fills` (one value per array). The first `checked` of them must be finite
+        (log-probs; a top-k tail may be -inf)."""
+        xp = self.backend.xp
+        t_out = 1 if last_only else max(len(s) for s in seqs)
+        outs: list[Any] | None = None
+        for spans, logits in self._head_chunks(seqs, last_only, dtype):
+            with np.errstate(over="ignore", invalid="ignore"):  # a too small temperature is refused below
+                ys = reduce(logits)
+            for y in ys[:checked]:  # the model's vocabulary only: a student's padding is -inf on purpose
+                self._refuse_nonfinite(y[:, :self.vocab_size], "log-probs", spans)
+            del logits
+            if outs is None:
+                outs = [xp.full((len(seqs), t_out) + y.shape[1:], fill, y.dtype) for y, fill in zip(ys, fills)]
+            for sp in spans:
+                col = 0 if last_only else sp.start
+                for out, y in zip(outs, ys):
+                    out[sp.seq, col:col + sp.n] = y[sp.row0:sp.row0 + sp.n]
+        return tuple(o[:, 0] if last_only else o for o in outs)
+
+    # --- vocabulary of a student -------------------------------------------------------------------
+    def _vocab(self, vocab_size: int | None) -> int:
+        """The output vocabulary: the model's, or a student's (crop or pad)."""
+        if vocab_size is None:
+            return self.vocab_size
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+            raise InputError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        return int(vocab_size)
+
+    def _crop(self, z: Any, n_out: int) -> Any:
+        return z[:, :n_out] if n_out < z.shape[1] else z
+
+    def _fit_vocab(self, z: Any, n_out: int, fill: float) -> Any:
+        """z cropped to n_out columns, or padded with `fill` (zero probability) up to n_out."""
+        if n_out <= z.shape[1]:
+            return self._crop(z, n_out)
+        xp = self.backend.xp
+        return xp.concatenate([z, xp.full((z.shape[0], n_out - z.shape[1]), fill, z.dtype)], axis=1)
+
+    def _dropped(self, z: Any, n_out: int, temperature: float) -> Any | None:
+        """Probability mass (at `temperature`) of the tokens >= n_out a crop removes, per row."""
+        if n_out >= z.shape[1]:
+            return None
+        be, xp = self.backend, self.backend.xp
+        return xp.exp(be.logsumexp(z[:, n_out:], temperature) - be.logsumexp(z, temperature))
+
+    def _refuse_nonfinite(self, y: Any, what: str, spans: list[_Span]) -> None:
+        """NaN/Inf never reach a caller (a trainer would learn from them). `y` holds one head
+        chunk's rows (`spans` say whose); it is checked on the device, and the sequence and
+        position are looked for only when a value is bad."""
         xp = self.backend.xp
         if y.dtype.kind != "f" or all_finite(xp, y):
             return
         bad = self.backend.to_numpy(xp.flatnonzero(~xp.isfinite(y.reshape(y.shape[0], -1)).all(axis=1)))
         first = int(bad[0])
-        if last_only:
-            seq, pos = first, lengths[first] - 1
-        else:
-            ends = np.cumsum(lengths)
-            seq = int(np.searchsorted(ends, first, side="right"))
-            pos = first - int(ends[seq] - lengths[seq])
-        at = f"sequence {seq_ids[seq]}, position {pos}" + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else "")
+        sp = next(sp for sp in spans if sp.row0 <= first < sp.row0 + sp.n)
+        at = (f"sequence {sp.seq}, position {sp.start + first - sp.row0}"
+              + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""))
         path = self.model.path
         if what == "logits":
             raise FormatError(f"{path}: the model computed non-finite logits (NaN or Inf) at {at}: the file may be "
@@ -359,6 +519,9 @@ class TeacherModel:
 
     def _emit(self, x: Any, output: str | None, dtype: str | None) -> Any:
         return self._convert(x.astype(self._dtype(dtype), copy=False), output)
+
+    def _lengths(self, seqs: list[np.ndarray], output: str | None) -> Any:
+        return self._emit_ints(np.array([len(s) for s in seqs], np.int64), output)
 
     def _emit_ints(self, x: Any, output: str | None) -> Any:
         return self._convert(self.backend.xp.asarray(x), output)
@@ -383,17 +546,20 @@ class TeacherModel:
 
 
 def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype: str = "float32",
-         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, verify: bool = False) -> TeacherModel:
+         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, chunk_tokens: int | None = None,
+         verify: bool = False) -> TeacherModel:
     """Open a .gguf/.apr file (or "demo", the synthetic demo model) as a teacher on `device`.
 
     device: "cpu" (NumPy reference), "cuda" (CuPy; DeviceError without CuPy and a GPU), or "auto"
     (cuda when CuPy, a GPU and the CUDA backend all work, else cpu with a FallbackWarning naming
     why). `output` and `dtype` are the defaults of every call; each call may override them.
-    verify=True first reads the whole file (engine/verify.py: the APR footer CRC, every tensor
-    decodes to finite values) and raises a FormatError naming the first failure; it costs a full
-    read and decode on the CPU.
+    max_batch_tokens: tokens per forward; chunk_tokens: positions per LM-head chunk (default:
+    HEAD_CHUNK_BYTES of float32 logits). verify=True first reads the whole file (engine/verify.py:
+    the APR footer CRC, every tensor decodes to finite values) and raises a FormatError naming the
+    first failure; it costs a full read and decode on the CPU.
     """
     model = open_model(resolve_model(path))
     if verify:
         verify_model(model).raise_if_failed()
-    return TeacherModel(model, make_backend(device), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens)
+    return TeacherModel(model, make_backend(device), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens,
+                        chunk_tokens=chunk_tokens)

@@ -55,6 +55,7 @@ class TokenizerSpec:
     token_types: list[int] | None = None
     bos_id: int | None = None
     eos_id: int | None = None
+    pad_id: int | None = None
     add_bos: bool = False
     pre: str | None = None
     chat_template: str | None = None

@@ -315,6 +315,26 @@ def log_softmax(x, temperature: float = 1.0, out=None):
     return y.reshape(x.shape)
 
 
+def logsumexp(x, temperature: float = 1.0):
+    """log(sum(exp(x / temperature))) over the last dim, float32 [...]; -inf for a row of -inf (a
+    top-k tail that K covers). Row-chunked like log_softmax: x may be a strided view (a crop of
+    the vocabulary) and no temporary exceeds 64 MB."""
+    cp = _cupy()
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = cp.empty(x2.shape[0], cp.float32)
+    chunk = max(1, (64 << 20) // max(1, x2.shape[1] * 4))
+    for s in range(0, x2.shape[0], chunk):
+        z = x2[s:s + chunk].astype(cp.float32)  # a copy (x is never written)
+        z *= np.float32(1.0 / temperature)
+        m = z.max(axis=1, keepdims=True)
+        m = cp.where(cp.isfinite(m), m, np.float32(0.0))
+        z -= m
+        y[s:s + chunk] = cp.log(cp.exp(z, out=z).sum(axis=1)) + m[:, 0]
+    return y.reshape(x.shape[:-1])
+
+
 def topk(x, k: int):
     """The k largest values of each row of x [..., n] (descending, ties to the lower index) and
     their indices (int32)."""

@@ -37,7 +37,7 @@ def test_print_top_k_per_position(demo):
     lines = r.stdout.splitlines()
     assert lines[0] == f"sequence 0 ({len(ids)} tokens)"
     assert len(lines) == 1 + len(ids)
-    vals, idx = demo.topk_logprobs([ids], 3)
+    vals, idx, *_ = demo.topk_logprobs([ids], 3)
     last = lines[-1]
     assert f"{vals[0, -1, 0]:.3f}" in last and last.count(" -> ") == 1
     assert json.dumps(demo.tokenizer.token_text(int(idx[0, -1, 0])), ensure_ascii=False) in last
@@ -90,6 +90,8 @@ def test_npy_refuses_ragged_all_positions(tmp_path):
     (["--tokens", "1,2,100000"], ["sequence 0, position 2", "100000 is outside"]),
     (["--tokens", "-3"], ["sequence 0, position 0", "-3"]),
     (["--tokens", " , "], ["no token ids"]),
+    (["--tokens", "1,,2"], ["--tokens #0, position 1", "empty entry"]),
+    (["--tokens", "1,2,"], ["--tokens #0, position 2", "empty entry"]),
     (["--tokens", "1", "--text", "hi"], ["exactly one input"]),
     ([], ["exactly one input"]),
 ])
@@ -101,11 +103,12 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, args, fragments):
 
 @pytest.mark.parametrize("content, fragments", [
     ('{"text": "ok"}\nnot json\n', [":2:", "not JSON"]),
-    ('{"text": "ok"}\n{"input_ids": [1, "a"]}\n', ["sequence 1, position 1"]),
+    ('{"text": "ok"}\n{"input_ids": [1, "a"]}\n', ["in.jsonl:2:", "position 1"]),  # file:line, not "sequence 1"
+    ('{"text": "ok"}\n{"input_ids": [1, 99999]}\n', ["in.jsonl:2:", "99999"]),
     ('{"input_ids": 5}\n', [":1:", "input_ids"]),
-    ('{"text": "a", "input_ids": [1]}\n', [":1:", "exactly one"]),
+    ('{"text": "a", "input_ids": [1]}\n', [":1:", "mixed row kinds"]),
     ('{"text": 3}\n', ['"text" must be a string']),
-    ("\n\n", ["no sequences"]),
+    ("\n\n", ["no rows"]),
 ])
 def test_bad_jsonl(tmp_path, content, fragments):
     src = tmp_path / "in.jsonl"
@@ -147,3 +150,49 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     out.write_bytes(b"old")  # an existing file is replaced only by a complete new one
     assert_one_line_error(invoke("--model", "demo", "--tokens", "1,2", "--out", str(out)), "cannot write", "disk full")
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]
+
+
+def test_tokens_separators():
+    from q4k_engine.cli.logits import parse_tokens
+
+    assert parse_tokens("1,2,3", "t") == parse_tokens(" 1, 2 ,3 ", "t") == parse_tokens("1 2  3", "t") == [1, 2, 3]
+
+
+def test_top_k_with_a_logits_file_is_refused(tmp_path):
+    """--top-k used to be silently ignored with --out FILE: now one line, before any work."""
+    out = tmp_path / "x.npz"
+    assert_one_line_error(invoke("--model", "demo", "--tokens", "1,2", "--top-k", "3", "--out", str(out)),
+                          "--top-k", "--out DIR/")
+    assert not out.exists()
+
+
+def test_sequence_longer_than_the_context(demo, tmp_path):
+    n = demo.config.context_length + 3
+    ids = ",".join(["5"] * n)
+    assert_one_line_error(invoke("--model", "demo", "--tokens", ids), f"{n} tokens", "context length", "--max-seq-len")
+    src = tmp_path / "long.jsonl"
+    src.write_text(json.dumps({"input_ids": [5] * n}) + "\n")
+    assert_one_line_error(invoke("--model", "demo", "--input", str(src), "--positions", "last"), "long.jsonl:1:",
+                          "context length")
+    r = invoke("--model", "demo", "--tokens", ids, "--tokens", "1,2", "--max-seq-len", "4", "--positions", "last")
+    assert r.exit_code == 0, r.output
+    assert "truncated 1 of 2 sequence(s) to --max-seq-len 4" in r.stderr
+    assert r.stdout.splitlines()[0] == "sequence 0 (4 tokens)"
+
+
+@pytest.mark.parametrize("tokens, seconds, expect", [
+    (3, 1000.0, "0.00300 tokens/s, 333333 ms/token"),
+    (12345, 2.0, "6172 tokens/s, 0.162 ms/token"),
+    (5, 0.5, "10.0 tokens/s, 100 ms/token"),
+])
+def test_rate_never_reads_zero(tokens, seconds, expect):
+    from q4k_engine.cli.logits import rate
+
+    assert rate(tokens, seconds) == expect
+
+
+def test_rate_line_after_a_run():
+    r = invoke("--model", "demo", "--tokens", "1,2,3")
+    assert r.exit_code == 0
+    line = [ln for ln in r.stderr.splitlines() if "tokens/s" in ln][0]
+    assert " 0 tokens/s" not in line and "ms/token" in line

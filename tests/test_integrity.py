@@ -26,7 +26,7 @@ from q4k_engine.errors import FormatError, InputError
 from q4k_engine.gguf_file import read_gguf
 from q4k_engine.convert import save_model
 from q4k_engine.loader import open_model
-from q4k_engine.provider import TeacherModel, all_finite, make_backend
+from q4k_engine.provider import TeacherModel, _Span, all_finite, make_backend
 from q4k_engine.synthetic import synthetic_model
 from q4k_engine.verify import verify_model
 
@@ -78,6 +78,8 @@ def test_nonfinite_logits_are_refused(clean, rng, max_batch_tokens):
         "last": lambda: teacher.logits_for_batch(batch),
         "log_softmax": lambda: teacher.log_softmax(batch),
         "top-k last": lambda: teacher.topk_logprobs(batch, 3, positions="last"),
+        "top-k all, chunked": lambda: TeacherModel(teacher.model, teacher.backend, chunk_tokens=2).topk_logprobs(batch, 3),
+        "logits chunks": lambda: list(teacher.logits_chunks(batch)),
     }
     for what, call in calls.items():
         with pytest.raises(FormatError) as e:
@@ -95,15 +97,17 @@ def test_nonfinite_logits_are_refused(clean, rng, max_batch_tokens):
 @pytest.mark.parametrize("last_only,row,expect", [(False, 5, "sequence 9, position 1 "), (False, 0, "sequence 4, position 0 "),
                                                   (True, 1, "sequence 9, position 2:")])
 def test_nonfinite_row_is_located(clean, last_only, row, expect):
-    """Packed rows (4 + 3 tokens of the batch's sequences 4 and 9) or one row per sequence."""
+    """A head chunk of packed rows (4 + 3 tokens of the batch's sequences 4 and 9) or of one row
+    per sequence (their last positions, 3 and 2): the spans say whose rows they are."""
     teacher = TeacherModel(clean, NumpyBackend())
+    spans = ([_Span(4, 3, 0, 1), _Span(9, 2, 1, 1)] if last_only else [_Span(4, 0, 0, 4), _Span(9, 0, 4, 3)])
     y = np.zeros((2 if last_only else 7, 11), np.float32)
     y[row, 3] = np.inf
     y[-1, 0] = np.nan
     with pytest.raises(FormatError, match=expect.replace("(", r"\(")):
-        teacher._refuse_nonfinite(y, "logits", [4, 9], [4, 3], last_only)
-    teacher._refuse_nonfinite(np.zeros((7, 11), np.float32), "logits", [4, 9], [4, 3], False)
-    teacher._refuse_nonfinite(np.zeros((7, 11), np.int64), "logits", [4, 9], [4, 3], False)
+        teacher._refuse_nonfinite(y, "logits", spans)
+    teacher._refuse_nonfinite(np.zeros((7, 11), np.float32), "logits", spans)
+    teacher._refuse_nonfinite(np.zeros((7, 11), np.int64), "logits", spans)
 
 
 def test_all_finite_chunks(monkeypatch, rng):

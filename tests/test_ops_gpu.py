@@ -264,6 +264,12 @@ def test_log_softmax_and_topk(cp, ops, rng):
     ref_idx = np.argsort(-x, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(idx.get(), ref_idx)
     np.testing.assert_array_equal(vals.get(), np.take_along_axis(x, ref_idx, 1))
+    # logsumexp, also of a strided crop of the vocabulary and of rows that are all -inf
+    lse = ops.logsumexp(cp.asarray(x)[:, 1000:], temperature=t).get()
+    z = x[:, 1000:].astype(np.float64) / t
+    m = z.max(1, keepdims=True)
+    assert np.abs(lse - (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]).max() < 1e-4
+    assert ops.logsumexp(cp.full((2, 9), -np.inf, cp.float32)).get().tolist() == [-np.inf, -np.inf]
     # ties resolve to the lower index
     y = np.zeros((1, 300), np.float32)
     y[0, [17, 5, 250]] = 1.0

@@ -63,26 +63,136 @@ def test_accepts_arrays(teacher, rng):
     assert np.array_equal(teacher.logits_for_batch(torch.tensor(arr)), teacher.logits_for_batch(arr))
 
 
+def _log_softmax64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
 def test_log_softmax_and_topk(teacher, rng):
     batch = random_batch(rng, teacher.vocab_size)
     full, lengths = teacher.logits_per_position(batch)
     t = float(rng.uniform(0.5, 3.0))
-    ls = teacher.log_softmax(batch, temperature=t)
-    x = full.astype(np.float64) / t
-    ref = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+    ls, ls_lengths = teacher.log_softmax(batch, temperature=t)
+    assert np.array_equal(ls_lengths, lengths)
+    ref = _log_softmax64(full / t)
     k = 7
-    vals, idx = teacher.topk_logprobs(batch, k, temperature=t)
+    top = teacher.topk_logprobs(batch, k, temperature=t)
+    vals, idx = top.values, top.indices
     assert vals.shape == idx.shape == (4, 17, k) and idx.dtype == np.int64
+    assert top.tail is None and top.dropped is None and top.lengths.tolist() == lengths.tolist()
     for b, n in enumerate(lengths):
         assert np.abs(ls[b, :n] - ref[b, :n]).max() < 1e-5
-        assert np.all(ls[b, n:] == 0.0) and np.all(vals[b, n:] == 0.0) and np.all(idx[b, n:] == 0)
+        # padding is never a real token or probability 1
+        assert np.all(ls[b, n:] == -np.inf) and np.all(vals[b, n:] == -np.inf) and np.all(idx[b, n:] == -1)
         order = np.argsort(-full[b, :n], axis=-1, kind="stable")[:, :k]
         assert np.array_equal(idx[b, :n], order)
         assert np.abs(vals[b, :n] - np.take_along_axis(ref[b, :n], order, -1)).max() < 1e-5
-    lv, li = teacher.topk_logprobs(batch, k, temperature=t, positions="last")
-    assert lv.shape == (4, k)
-    assert np.array_equal(li, idx[np.arange(4), lengths - 1])
-    assert np.array_equal(teacher.log_softmax(batch, t, positions="last"), ls[np.arange(4), lengths - 1])
+    last = teacher.topk_logprobs(batch, k, temperature=t, positions="last")
+    assert last.values.shape == (4, k)
+    assert np.array_equal(last.indices, idx[np.arange(4), lengths - 1])
+    assert np.array_equal(teacher.log_softmax(batch, t, positions="last").values, ls[np.arange(4), lengths - 1])
+
+
+def test_topk_tail_log_mass(teacher, rng):
+    """tail = log(1 - sum p(top-k)) from the logsumexp of the other tokens: right where the naive
+    1 - sum cancels (a sharp distribution at a low temperature) and -inf when k covers the vocabulary."""
+    batch = random_batch(rng, teacher.vocab_size)
+    full, lengths = teacher.logits_per_position(batch)
+    for t, k in ((float(rng.uniform(0.5, 2.0)), 5), (0.01, 3)):
+        top = teacher.topk_logprobs(batch, k, temperature=t, tail=True)
+        assert top.tail.shape == (4, 17) and top.tail.dtype == np.float32
+        for b, n in enumerate(lengths):
+            lp = _log_softmax64(full[b, :n] / t)
+            rest = lp.copy()
+            np.put_along_axis(rest, top.indices[b, :n], -np.inf, -1)
+            m = rest.max(-1, keepdims=True)
+            ref = (m + np.log(np.exp(rest - m).sum(-1, keepdims=True)))[:, 0]
+            assert np.abs(top.tail[b, :n] - ref).max() < 1e-4, (t, k)
+            assert np.all(top.tail[b, n:] == -np.inf)
+            # the definition, where the float32 top-k values still tell 1 - sum from 0
+            with np.errstate(invalid="ignore", divide="ignore"):
+                naive = np.log1p(-np.exp(top.values[b, :n].astype(np.float64)).sum(-1))
+            ok = naive > -8
+            assert np.all(np.abs(top.tail[b, :n][ok] - naive[ok]) < 1e-3)
+    everything = teacher.topk_logprobs(batch, teacher.vocab_size, tail=True)
+    assert np.all(everything.tail == -np.inf)
+
+
+def test_position_chunks_change_nothing(teacher, rng):
+    """The LM head and every reduction run on chunks of positions; any chunk size gives the same
+    values, and logits_chunks delivers exactly logits_per_position's rows."""
+    batch = random_batch(rng, teacher.vocab_size)
+    chunked = q4k_engine.TeacherModel(teacher.model, teacher.backend, chunk_tokens=int(rng.integers(1, 6)),
+                                      max_batch_tokens=int(rng.integers(5, 40)))
+    full, lengths = teacher.logits_per_position(batch)
+    assert np.array_equal(chunked.logits_per_position(batch).values, full)
+    assert np.array_equal(chunked.logits_for_batch(batch), teacher.logits_for_batch(batch))
+    a, b = teacher.topk_logprobs(batch, 4, tail=True), chunked.topk_logprobs(batch, 4, tail=True)
+    for x, y in zip(a[:4], b[:4]):
+        assert np.array_equal(x, y)
+    assert np.array_equal(teacher.log_softmax(batch).values, chunked.log_softmax(batch).values)
+    seen = {b: np.zeros(n, bool) for b, n in enumerate(lengths)}
+    order = []
+    for c in chunked.logits_chunks(batch, dtype="float16"):
+        n = c.logits.shape[0]
+        assert c.logits.dtype == np.float16 and c.dropped is None and n <= chunked.chunk_tokens
+        assert np.array_equal(c.logits, full[c.sequence, c.start:c.start + n].astype(np.float16))
+        assert not seen[c.sequence][c.start:c.start + n].any()
+        seen[c.sequence][c.start:c.start + n] = True
+        order.append((c.sequence, c.start))
+    assert all(v.all() for v in seen.values()) and order == sorted(order)
+
+
+def test_student_vocab_crop_and_pad(teacher, rng):
+    batch = random_batch(rng, teacher.vocab_size)
+    full, lengths = teacher.logits_per_position(batch)
+    t = float(rng.uniform(0.5, 2.0))
+    n = int(rng.integers(50, teacher.vocab_size - 10))
+    crop = teacher.topk_logprobs(batch, 6, temperature=t, tail=True, vocab_size=n)
+    ls = teacher.log_softmax(batch, t, vocab_size=n).values
+    assert ls.shape == (4, 17, n) and crop.dropped.shape == (4, 17)
+    for b, m in enumerate(lengths):
+        ref = _log_softmax64(full[b, :m, :n] / t)  # renormalised over the kept tokens
+        assert np.abs(ls[b, :m] - ref).max() < 1e-5
+        assert np.array_equal(crop.indices[b, :m], np.argsort(-full[b, :m, :n], -1, kind="stable")[:, :6])
+        assert crop.indices[b, :m].max() < n
+        gone = np.exp(_log_softmax64(full[b, :m] / t))[:, n:].sum(-1)
+        assert np.abs(crop.dropped[b, :m] - gone).max() < 1e-5
+        assert np.all(crop.dropped[b, m:] == 0.0)
+    big = teacher.vocab_size + int(rng.integers(1, 50))
+    pad = teacher.log_softmax(batch, t, vocab_size=big).values
+    assert pad.shape == (4, 17, big) and np.all(pad[:, :, teacher.vocab_size:] == -np.inf)
+    assert np.array_equal(pad[:, :, :teacher.vocab_size], teacher.log_softmax(batch, t).values)
+    same = teacher.topk_logprobs(batch, 6, temperature=t, tail=True, vocab_size=big)
+    plain = teacher.topk_logprobs(batch, 6, temperature=t, tail=True)
+    assert same.dropped is None and all(np.array_equal(x, y) for x, y in zip(same[:4], plain[:4]))
+    chunks = list(teacher.logits_chunks(batch, vocab_size=n))
+    for c in chunks:
+        rows = full[c.sequence, c.start:c.start + c.logits.shape[0]]
+        assert np.array_equal(c.logits, rows[:, :n])
+        assert np.abs(c.dropped - np.exp(_log_softmax64(rows))[:, n:].sum(-1)).max() < 1e-5
+    c = next(iter(teacher.logits_chunks(batch, vocab_size=big)))
+    assert c.logits.shape[1] == big and np.all(c.logits[:, teacher.vocab_size:] == -np.inf)
+    with pytest.raises(InputError, match="k must be"):
+        teacher.topk_logprobs(batch, n + 1, vocab_size=n)
+    with pytest.raises(InputError, match="vocab_size"):
+        teacher.log_softmax(batch, vocab_size=0)
+
+
+def test_pad_id(tmp_path, module_seed):
+    model = synthetic_model("llama", seed=module_seed)
+    assert q4k_engine.TeacherModel(model, teacher_backend()).pad_id is None
+    spec = dataclasses.replace(model.tokenizer, pad_id=3)
+    for fmt in ("gguf", "apr"):
+        path = save_model(tmp_path / f"pad.{fmt}", dataclasses.replace(model, tokenizer=spec), fmt)
+        assert q4k_engine.load(path, device="cpu").pad_id == 3
+
+
+def teacher_backend():
+    from q4k_engine.provider import make_backend
+
+    return make_backend("cpu")
 
 
 def test_output_kinds_and_dtypes(teacher, rng):
@@ -97,8 +207,9 @@ def test_output_kinds_and_dtypes(teacher, rng):
     assert np.array_equal(torch.from_dlpack(d).numpy(), ref)
     x, lengths = teacher.logits_per_position(batch, output="torch", dtype="float16")
     assert x.dtype == torch.float16 and lengths.dtype == torch.int64 and lengths.tolist() == [3, 5]
-    v, i = teacher.topk_logprobs(batch, 3, output="torch")
-    assert i.dtype == torch.int64  # ready for torch.gather
+    top = teacher.topk_logprobs(batch, 3, output="torch", tail=True)
+    assert top.indices.dtype == torch.int64 and top.lengths.dtype == torch.int64  # ready for torch.gather
+    assert top.tail.dtype == torch.float32 and top.tail.shape == (2, 5)
     default16 = q4k_engine.TeacherModel(teacher.model, teacher.backend, output="torch", dtype="float16")
     assert default16.logits_for_batch(batch).dtype == torch.float16
 

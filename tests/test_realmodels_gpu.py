@@ -61,11 +61,17 @@ def test_logits_reach_torch_without_copy(teachers):
 def test_topk_logprobs_on_gpu(teachers):
     cpu, gpu = teachers
     seqs = [cpu.encode(p) for p in PROMPTS]
-    vals, idx = gpu.topk_logprobs(seqs, 5, temperature=2.0, positions="last", output="cupy")
-    assert type(vals).__module__.startswith("cupy")  # reduced on the device
-    rvals, ridx = cpu.topk_logprobs(seqs, 5, temperature=2.0, positions="last")
+    vals, idx, _, tail, _ = gpu.topk_logprobs(seqs, 5, temperature=2.0, positions="last", output="cupy", tail=True)
+    assert type(vals).__module__.startswith("cupy") and type(tail).__module__.startswith("cupy")  # on the device
+    rvals, ridx, _, rtail, _ = cpu.topk_logprobs(seqs, 5, temperature=2.0, positions="last", tail=True)
     np.testing.assert_array_equal(idx.get()[:, 0], ridx[:, 0])
     np.testing.assert_allclose(vals.get(), rvals, atol=1e-2)
+    np.testing.assert_allclose(tail.get(), rtail, atol=1e-2)
+    # all positions, reduced in chunks of positions on the device: the same as one chunk
+    small = q4k_engine.TeacherModel(gpu.model, gpu.backend, chunk_tokens=3)
+    a, b = gpu.topk_logprobs(seqs, 5, tail=True), small.topk_logprobs(seqs, 5, tail=True)
+    for x, y in zip(a[:4], b[:4]):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_weights_stay_quantized(teachers):

@@ -1,0 +1,491 @@
+"""Teacher signals out, streamed: a directory of bounded shards and one manifest.
+
+    DIR/manifest.json        what was run and what is done (below)
+    DIR/shard-00000.parquet  top-k: one Parquet row per dataset row, in dataset order
+    DIR/shard-00000.safetensors   dense: the logits of every real position, packed
+
+Top-k Parquet (Axolotl's KD field names, read with pyarrow alone):
+  row_index int64; input_ids list<int32> [T]; target_token_ids list<list<int32>> [T][K];
+  target_logprobs list<list<float16|float32>> [T][K]: log_softmax(logits / temperature) over the
+  full (output) vocabulary, descending; tail_logmass list<float32> [T]: log(1 - sum(exp(...))),
+  the log-mass of every other token (-inf when K covers the vocabulary); target_mask list<bool> [T]
+  (rows.py: position t is a target when token t + 1 is). Row t predicts token t + 1.
+Dense safetensors: logits [N, V] (float16/float32, raw: temperature 1, real positions only, the
+  rows of the shard concatenated in dataset order), offsets int64 [R + 1] (row r is logits
+  offsets[r]:offsets[r + 1]), input_ids int32 [N], row_index int64 [R], target_mask uint8 [N];
+  metadata: format, temperature "1.0", vocab_size.
+A student vocabulary (`vocab_size`) crops (top-k renormalised over the kept tokens, dense columns
+cut; the probability mass dropped is reported) or pads (zero probability: never in the top-k,
+-inf dense columns).
+
+Shard boundaries depend only on the dataset and the options: a shard covers the dataset rows of
+indices [start, end): it closes after `shard_rows` indices (bad rows skipped with --skip-bad-lines
+count) or before a row that would take its output past `shard_bytes` (a single larger row makes a
+shard alone). Within
+a shard, rows are grouped by length (rows.length_batches) into forwards of at most `batch_tokens`.
+So a resumed run computes every shard exactly as an uninterrupted one does and writes the same
+bytes; the manifest holds nothing that depends on time or on where the run stopped.
+
+Each shard and each manifest update is written atomically (binio.atomic_output) by one writer
+thread while the teacher computes the next shard (at most one shard waits), so host memory is
+about three shards whatever the dataset's size. The manifest lists a shard only once its file is
+in place; `resume` checks the manifest matches this run (model sha256, input sha256, every
+option), checks each listed shard's size and sha256, and continues after the last good one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from ..binio import atomic_output
+from ..errors import InputError
+from .rows import Row, RowOptions, RowStats, length_batches, read_rows
+
+if TYPE_CHECKING:
+    from ..provider import TeacherModel
+
+FORMAT = "q4k-engine-signals"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = {"topk": ".parquet", "dense": ".safetensors"}
+DEFAULT_SHARD_ROWS = 1000
+DEFAULT_SHARD_BYTES = 512 << 20
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a model or dataset file
+
+
+@dataclass(frozen=True)
+class SignalOptions:
+    kind: str = "topk"  # "topk" (Parquet) or "dense" (safetensors)
+    k: int | None = 64  # top-k only
+    temperature: float = 1.0  # top-k only: dense logits are raw
+    vocab_size: int | None = None  # a student's vocabulary (crop or pad); None: the model's
+    dtype: str = "float32"  # of log-probs (top-k) or logits (dense)
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    batch_tokens: int = 4096
+    rows: RowOptions = field(default_factory=RowOptions)
+
+
+@dataclass
+class RunSummary:
+    shards: int = 0  # shards in the directory at the end
+    written: int = 0  # shards this run wrote (the rest were already there: resume)
+    rows: int = 0
+    tokens: int = 0
+    computed_tokens: int = 0  # tokens this run put through the teacher
+    bytes: int = 0
+    seconds: float = 0.0
+    dropped_mean: float | None = None  # with a vocabulary crop: probability mass removed
+    dropped_max: float | None = None
+    row_stats: RowStats = field(default_factory=RowStats)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in chunks (a 7B model is never in memory at once)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(HASH_CHUNK):
+                h.update(block)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
+def package_version() -> str:
+    try:
+        return version("q4k-engine")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from .. import __version__
+
+        return __version__
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create `out` (its parent must exist) and prove a file can be written there: the check runs
+    before any work, so a bad destination costs nothing. InputError, one line, otherwise."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if not out.parent.is_dir():
+        raise InputError(f"{out}: parent directory {out.parent} does not exist")
+    try:
+        out.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # a nameless file: nothing to clean up, whatever happens
+            pass
+    except OSError as e:
+        raise InputError(f"{out}: cannot write there ({e.strerror or e})") from None
+
+
+def _remove_partials(out: Path) -> None:
+    """Temporary files a killed run left (binio.atomic_output names them .NAME.*.part)."""
+    for p in out.glob(".*.part"):
+        if p.name.startswith((".shard-", f".{MANIFEST}.")):
+            p.unlink(missing_ok=True)
+
+
+def shard_name(kind: str, i: int) -> str:
+    return f"shard-{i:05d}{KINDS[kind]}"
+
+
+# --- one shard's signals ---------------------------------------------------------------------------
+@dataclass
+class ShardData:
+    """The signals of one shard's rows, packed in dataset order (offsets into the positions)."""
+
+    index: int
+    start: int  # first dataset row index it covers
+    end: int  # one past the last
+    rows: list[Row]
+    offsets: np.ndarray  # int64 [R + 1]
+    arrays: dict[str, np.ndarray]  # per position: "values" [N, K or V], "ids" [N, K], "tail" [N]
+    dropped_sum: float = 0.0
+    dropped_max: float = 0.0
+    row_stats: dict[str, int] = field(default_factory=dict)  # RowStats when the shard closed
+
+
+def bytes_per_token(opts: SignalOptions, out_vocab: int) -> int:
+    """Output bytes per position, to bound shards by size before computing them."""
+    item = np.dtype(opts.dtype).itemsize
+    if opts.kind == "dense":
+        return out_vocab * item + 4 + 1
+    return opts.k * (item + 4) + 4 + 4 + 1
+
+
+def compute_shard(teacher: "TeacherModel", opts: SignalOptions, index: int, start: int, end: int,
+                  rows: list[Row], done: Callable[[int, int], None] = lambda rows, tokens: None) -> ShardData:
+    """Run the teacher over a shard's rows, a length-sorted group per forward; done(rows, tokens)
+    after each group (the progress bar)."""
+    lengths = [len(r.input_ids) for r in rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    out_vocab = opts.vocab_size or teacher.vocab_size
+    cropping = out_vocab < teacher.vocab_size
+    dropped = np.zeros(n, np.float32) if cropping else None
+    if opts.kind == "topk":
+        arrays = {"values": np.empty((n, opts.k), opts.dtype), "ids": np.empty((n, opts.k), np.int32),
+                  "tail": np.empty(n, np.float32)}
+    else:
+        arrays = {"values": np.empty((n, out_vocab), opts.dtype)}
+    for group in length_batches(lengths, opts.batch_tokens):
+        batch = [rows[i].input_ids for i in group]
+        if opts.kind == "topk":
+            top = teacher.topk_logprobs(batch, opts.k, opts.temperature, output="numpy", dtype=opts.dtype,
+                                        tail=True, vocab_size=opts.vocab_size)
+            for b, i in enumerate(group):
+                s, e = offsets[i], offsets[i + 1]
+                arrays["values"][s:e] = top.values[b, :lengths[i]]
+                arrays["ids"][s:e] = top.indices[b, :lengths[i]]
+                arrays["tail"][s:e] = top.tail[b, :lengths[i]]
+                if cropping:
+                    dropped[s:e] = top.dropped[b, :lengths[i]]
+        else:
+            for c in teacher.logits_chunks(batch, output="numpy", dtype=opts.dtype, vocab_size=opts.vocab_size):
+                s = offsets[group[c.sequence]] + c.start
+                arrays["values"][s:s + len(c.logits)] = c.logits
+                if cropping:
+                    dropped[s:s + len(c.logits)] = c.dropped
+        done(len(group), sum(lengths[i] for i in group))
+    data = ShardData(index, start, end, rows, offsets, arrays)
+    if cropping and n:
+        data.dropped_sum, data.dropped_max = float(dropped.astype(np.float64).sum()), float(dropped.max())
+    return data
+
+
+def _ids_and_mask(data: ShardData) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([r.input_ids for r in data.rows]).astype(np.int32, copy=False)
+    mask = np.concatenate([r.target_mask for r in data.rows]).astype(bool, copy=False)
+    return ids, mask
+
+
+def write_parquet(path: Path, data: ShardData) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids, mask = _ids_and_mask(data)
+    n, k = data.arrays["ids"].shape
+    offsets = pa.array(data.offsets.astype(np.int32))
+    inner = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+
+    def per_position(values: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(values))
+
+    def per_candidate(values: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.ListArray.from_arrays(inner, pa.array(values.reshape(-1))))
+
+    table = pa.table({
+        "row_index": pa.array(np.array([r.index for r in data.rows], np.int64)),
+        "input_ids": per_position(ids),
+        "target_token_ids": per_candidate(data.arrays["ids"]),
+        "target_logprobs": per_candidate(data.arrays["values"]),
+        "tail_logmass": per_position(data.arrays["tail"]),
+        "target_mask": per_position(mask),
+    })
+    pq.write_table(table, path, compression="zstd")
+
+
+def write_dense(path: Path, data: ShardData, vocab_size: int) -> None:
+    from safetensors.numpy import save_file
+
+    ids, mask = _ids_and_mask(data)
+    tensors = {
+        "logits": np.ascontiguousarray(data.arrays["values"]),
+        "offsets": data.offsets,
+        "input_ids": ids,
+        "row_index": np.array([r.index for r in data.rows], np.int64),
+        "target_mask": mask.astype(np.uint8),
+    }
+    save_file(tensors, str(path), metadata={"format": FORMAT, "temperature": "1.0", "vocab_size": str(vocab_size)})
+
+
+# --- the manifest ------------------------------------------------------------------------------------
+def manifest_options(teacher: "TeacherModel", opts: SignalOptions, input_path: Path, input_sha: str) -> dict:
+    """Every option that decides the shards' bytes: a resume must match all of them."""
+    template = opts.rows.chat_template
+    if template is None and teacher.model.tokenizer is not None:
+        template = teacher.model.tokenizer.chat_template
+    return {
+        "kind": opts.kind,
+        "k": opts.k if opts.kind == "topk" else None,
+        "temperature": opts.temperature if opts.kind == "topk" else 1.0,
+        "vocab_size": opts.vocab_size or teacher.vocab_size,
+        "dtype": opts.dtype,
+        "max_seq_len": opts.rows.max_seq_len,
+        "assistant_only": opts.rows.assistant_only,
+        "skip_bad_lines": opts.rows.skip_bad_lines,
+        "add_bos": opts.rows.add_bos,
+        "chat_template": None if template is None else hashlib.sha256(template.encode()).hexdigest(),
+        "shard_rows": opts.shard_rows,
+        "shard_bytes": opts.shard_bytes,
+        "batch_tokens": opts.batch_tokens,
+        "device": teacher.device,
+        "input": {"file": input_path.name, "sha256": input_sha},
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+
+
+def _stats(manifest: dict, row_stats: dict[str, int]) -> dict:
+    shards = manifest["shards"]
+    stats: dict[str, Any] = dict(row_stats)
+    tokens = sum(s["tokens"] for s in shards)
+    if manifest["options"]["vocab_size"] < manifest["model"]["vocab_size"]:
+        stats["dropped_mass"] = {
+            "mean": sum(s["dropped_mass"]["sum"] for s in shards) / max(tokens, 1),
+            "max": max((s["dropped_mass"]["max"] for s in shards), default=0.0),
+        }
+    return stats
+
+
+def _row_stats(stats: RowStats) -> dict[str, int]:
+    return {k: v for k, v in asdict(stats).items() if k != "bad"}
+
+
+def load_resumable(out: Path, options: dict, model: dict) -> tuple[dict, str | None]:
+    """The manifest in `out` with its good shards, if this run may continue it; else InputError.
+    Returns (manifest, note): the note says which listed shards had to be dropped."""
+    path = out / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{out}: nothing to resume (no {MANIFEST}); run without --resume") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    if manifest.get("q4k_engine_version") != package_version():
+        raise InputError(f"{out}: cannot resume: the manifest was written by q4k-engine "
+                         f"{manifest.get('q4k_engine_version')}, this is {package_version()}")
+    if manifest.get("model", {}).get("sha256") != model["sha256"]:
+        raise InputError(f"{out}: cannot resume: the manifest was made with another model file "
+                         f"({manifest.get('model', {}).get('file')}, sha256 {str(manifest.get('model', {}).get('sha256'))[:12]}...)")
+    theirs = manifest.get("options", {})
+    for key in list(options) + [k for k in theirs if k not in options]:
+        if theirs.get(key) != options.get(key):
+            what = "input file" if key == "input" else f"option {key}"
+            raise InputError(f"{out}: cannot resume: {what} differs from the manifest's "
+                             f"({json.dumps(theirs.get(key))} there, {json.dumps(options.get(key))} now)")
+    good = []
+    note = None
+    for s in manifest.get("shards", []):
+        f = out / s["file"]
+        if not f.is_file() or f.stat().st_size != s["bytes"] or sha256_file(f) != s["sha256"]:
+            note = f"{s['file']} does not match the manifest: recomputing from row {s['rows'][0]}"
+            break
+        good.append(s)
+    manifest["shards"] = good
+    manifest["complete"] = manifest.get("complete", False) and note is None
+    return manifest, note
+
+
+# --- the run -----------------------------------------------------------------------------------------
+def _shards(rows: Iterator[Row], opts: SignalOptions, per_token: int, first: int,
+            start: int) -> Iterator[tuple[int, int, int, list[Row]]]:
+    """(index, start, end, rows) of each shard from row index `start` on (the rows before it are
+    read and dropped: they belong to shards already written)."""
+    index, current, size = first, [], 0
+    for row in rows:
+        if row.index < start:
+            continue
+        while row.index >= start + opts.shard_rows:  # the shard's index range is full
+            if current:
+                yield index, start, start + opts.shard_rows, current
+                index, current, size = index + 1, [], 0
+            start += opts.shard_rows
+        cost = len(row.input_ids) * per_token
+        if current and size + cost > opts.shard_bytes:  # the shard is full: this row starts the next
+            yield index, start, row.index, current
+            index, current, size, start = index + 1, [], 0, row.index
+        current.append(row)
+        size += cost
+    if current:
+        yield index, start, current[-1].index + 1, current
+
+
+def count_rows(path: Path) -> int | None:
+    """A quick upper bound of the dataset's rows for the progress bar (None when unknown)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            n, last = 0, b"\n"
+            with open(path, "rb") as f:
+                while block := f.read(HASH_CHUNK):
+                    n += block.count(b"\n")
+                    last = block[-1:]
+            return n + (last != b"\n")
+    except Exception:  # a bar without a total is fine; read_rows reports the real problem
+        return None
+    return None
+
+
+def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: SignalOptions, *,
+                  resume: bool = False, progress: bool = False,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                  model_sha256: str | None = None) -> RunSummary:
+    """Stream the teacher's signals over a dataset into shards in `out` (module docstring).
+
+    `out` is created if need be (prepare_out_dir, which a CLI runs before loading the model).
+    Without `resume` a directory that already holds a manifest is refused; with it, the run
+    continues a matching manifest. InputError (one line)
+    for every problem of the input, the options or the destination (disk full included: the
+    shards written so far stay listed and --resume continues from them)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    input_path = Path(input_path)
+    if opts.kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(KINDS)}, got {opts.kind!r}")
+    out_vocab = opts.vocab_size or teacher.vocab_size
+    if opts.kind == "topk" and not 1 <= (opts.k or 0) <= min(out_vocab, teacher.vocab_size):
+        raise InputError(f"--top-k must be in [1, {min(out_vocab, teacher.vocab_size)}], got {opts.k}")
+    for name in ("shard_rows", "shard_bytes", "batch_tokens"):
+        if getattr(opts, name) < 1:
+            raise InputError(f"{name} must be >= 1, got {getattr(opts, name)}")
+    if not input_path.is_file():
+        raise InputError(f"{input_path}: no such input file")
+    prepare_out_dir(out)
+    manifest_path = out / MANIFEST
+    if not resume and manifest_path.exists():
+        raise InputError(f"{out}: already holds {MANIFEST}; pass --resume to continue it, or choose another directory")
+    if not resume and any(out.glob("shard-*")):
+        raise InputError(f"{out}: holds shard files but no {MANIFEST}; choose another directory")
+    stats = RowStats()
+    rows_iter = read_rows(input_path, teacher, opts.rows, stats)  # checks the file and options now
+    model = {"file": teacher.model.path.name, "sha256": model_sha256 or sha256_file(teacher.model.path),
+             "arch": teacher.config.arch, "vocab_size": teacher.vocab_size}
+    options = manifest_options(teacher, opts, input_path, sha256_file(input_path))
+    if resume:
+        manifest, note = load_resumable(out, options, model)
+        if note:
+            log(note)
+    else:
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "q4k_engine_version": package_version(),
+                    "model": model, "options": options, "shards": [], "complete": False, "stats": {}}
+    _remove_partials(out)
+    summary = RunSummary(row_stats=stats)
+    if manifest["complete"]:
+        log(f"{out}: already complete ({len(manifest['shards'])} shards); nothing to do")
+        return _finish(summary, manifest, t0)
+    done = list(manifest["shards"])
+    resume_row = done[-1]["rows"][1] if done else 0
+    manifest["complete"] = False
+    _write_json(manifest_path, manifest)  # a new run is resumable (and its directory claimed) at once
+    per_token = bytes_per_token(opts, out_vocab)
+    cropping = out_vocab < teacher.vocab_size
+    bar = tqdm(total=count_rows(input_path), unit="row", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr, initial=sum(s["n_rows"] for s in done))
+    t_compute = time.perf_counter()
+
+    def advance(rows: int, tokens: int) -> None:
+        summary.computed_tokens += tokens
+        bar.update(rows)
+        rate = summary.computed_tokens / max(time.perf_counter() - t_compute, 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: Future | None = None
+
+    def write(data: ShardData) -> None:
+        name = shard_name(opts.kind, data.index)
+        with atomic_output(out / name) as tmp:
+            if opts.kind == "topk":
+                write_parquet(tmp, data)
+            else:
+                write_dense(tmp, data, out_vocab)
+        entry = {"file": name, "rows": [data.start, data.end], "n_rows": len(data.rows),
+                 "tokens": int(data.offsets[-1]), "bytes": (out / name).stat().st_size,
+                 "sha256": sha256_file(out / name)}
+        if cropping:
+            entry["dropped_mass"] = {"sum": data.dropped_sum, "max": data.dropped_max}
+        manifest["shards"].append(entry)
+        manifest["stats"] = _stats(manifest, data.row_stats)
+        _write_json(manifest_path, manifest)
+
+    try:
+        for index, start, end, shard_rows in _shards(rows_iter, opts, per_token, len(done), resume_row):
+            snapshot = _row_stats(stats)
+            data = compute_shard(teacher, opts, index, start, end, shard_rows, advance)
+            data.row_stats = snapshot
+            if pending is not None:
+                pending.result()  # at most one shard waits for the writer: bounded host memory
+            pending = pool.submit(write, data)
+            del data
+        if pending is not None:
+            pending.result()
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+    manifest["complete"] = True
+    manifest["stats"] = _stats(manifest, _row_stats(stats))
+    _write_json(manifest_path, manifest)
+    summary.written = len(manifest["shards"]) - len(done)
+    return _finish(summary, manifest, t0)
+
+
+def _finish(summary: RunSummary, manifest: dict, t0: float) -> RunSummary:
+    shards = manifest["shards"]
+    summary.shards = len(shards)
+    summary.rows = sum(s["n_rows"] for s in shards)
+    summary.tokens = sum(s["tokens"] for s in shards)
+    summary.bytes = sum(s["bytes"] for s in shards)
+    dropped = manifest.get("stats", {}).get("dropped_mass")
+    if dropped:
+        summary.dropped_mean, summary.dropped_max = dropped["mean"], dropped["max"]
+    summary.seconds = time.perf_counter() - t0
+    return summary
