@@ -149,3 +149,39 @@ def test_shard_disagreeing_with_its_manifest(tmp_path, rng):
                                                                               "shard-00000.safetensors"))])
     with pytest.raises(FormatError, match=r"shard-00001.safetensors: stored row 0 has row_index 3, .* rows \[0, 3\)"):
         list(open_signals(d).rows())
+
+
+@pytest.mark.parametrize("kind", ["topk", "dense"])
+def test_round_trip_through_the_writer(tmp_path, rng, kind):
+    """Shards written by `q4k-engine logits --out` (engine/distill/shards.py) read back to the
+    teacher's own values, with the rows' target masks and indices (a bad row skipped)."""
+    import q4k_engine
+    from q4k_engine.distill.rows import RowOptions, read_rows
+    from q4k_engine.distill.shards import SignalOptions, write_signals as write_shards
+
+    from distill_data import mixed_rows, write_jsonl
+
+    teacher = q4k_engine.load("demo", device="cpu")
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, mixed_rows(10, teacher.vocab_size, int(rng.integers(2**31))))
+    lines = data.read_text().splitlines()
+    lines.insert(4, "not json")  # dataset row 4: skipped
+    data.write_text("\n".join(lines) + "\n")
+    options = RowOptions(skip_bad_lines=True)
+    opts = SignalOptions(kind=kind, k=5, temperature=1.5, shard_rows=3, rows=options)
+    write_shards(teacher, data, tmp_path / "out", opts, log=lambda _: None)
+    sig = open_signals(tmp_path / "out", verify=True)
+    want = list(read_rows(data, teacher, options))
+    got = list(sig.rows())
+    assert [r.row_index for r in got] == [r.index for r in want] and 4 not in [r.row_index for r in got]
+    assert sig.manifest.temperature == (1.5 if kind == "topk" else 1.0)
+    for w, r in zip(want, got):
+        np.testing.assert_array_equal(r.input_ids, w.input_ids)
+        np.testing.assert_array_equal(r.target_mask, w.target_mask)
+        if kind == "topk":
+            top = teacher.topk_logprobs([w.input_ids], 5, 1.5, tail=True)
+            np.testing.assert_array_equal(r.token_ids, top.indices[0])
+            np.testing.assert_allclose(r.logprobs, top.values[0], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(r.tail, top.tail[0], rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_allclose(r.logits, teacher.logits_per_position([w.input_ids])[0][0], rtol=1e-6, atol=1e-6)
