@@ -12,11 +12,12 @@ the loss is q4k_engine.distill.kl_div_dense, or kl_div_topk on the teacher's top
 --top-k K. Offline (--shards DIR): the rows and the teacher's signals come from the shard directory
 (dense or top-k, as its manifest says; the temperature is the one the signals were written at).
 
-The dataset: without --rows, each sentence of a built-in text is a row (rows of different lengths,
+The dataset: --data PATH reads a JSONL or Parquet dataset as `q4k-engine logits` does (rows of
+text, input_ids or chat messages, with their target masks; cut to --seq-len). Otherwise, without --rows, each sentence of a built-in text is a row (rows of different lengths,
 padded per batch, padding masked out of the loss); with --rows N, N rows of exactly --seq-len tokens
 packed from that text (repeated as needed). A teacher without a tokenizer gets seeded random token
-ids instead, and says so. Target positions are every real position but the last of a row (position
-t predicts token t + 1), the rule `q4k-engine logits` writes.
+ids instead, and says so. Target positions there are every real position but the last of a row
+(position t predicts token t + 1), the rule `q4k-engine logits` writes.
 
 Printed: the loss of every step; then tokens/s, the teacher's share of the step time (with
 --device cuda every phase is timed between torch.cuda.synchronize() calls, which wait for the
@@ -90,7 +91,7 @@ class Batch:
     """One step's input: ids [B, T] (0 beyond each row's length), attention and target masks, and
     (offline) the teacher's signals as torch tensors."""
 
-    rows: list[np.ndarray]
+    rows: list[np.ndarray]  # online: the token ids the teacher runs on
     ids: torch.Tensor
     attention: torch.Tensor
     targets: torch.Tensor
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shards", type=Path, default=None, help="train offline from this signals directory")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="teacher and student device")
     ap.add_argument("--student-size", default="tiny", choices=tuple(STUDENTS))
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a dataset (JSONL/Parquet rows of text, input_ids or chat messages) instead of the built-in text")
     ap.add_argument("--rows", type=int, default=None, help="rows of --seq-len tokens packed from the built-in text")
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: the whole epoch)")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per row (the cut of a sentence row)")
@@ -125,37 +128,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- data ----------------------------------------------------------------------------------------
 
 
-def dataset(teacher: Any, rows: int | None, seq_len: int, seed: int) -> list[np.ndarray]:
+def dataset(teacher: Any, rows: int | None, seq_len: int, seed: int,
+            data: Path | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, target_mask) of every row: from --data through q4k_engine.distill.rows (cut to
+    seq_len), else from the built-in text (see the module docstring)."""
+    if data is not None:
+        from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
+
+        stats = RowStats()
+        out = [(r.input_ids, r.target_mask) for r in read_rows(data, teacher, RowOptions(max_seq_len=seq_len), stats)]
+        print(f"{data}: {stats.summary()}", file=sys.stderr)
+        return out
     sentences = TEXT.splitlines()
     if teacher.model.tokenizer is None:
         print(f"note: {teacher.model.path.name} has no tokenizer: rows are seeded random token ids", file=sys.stderr)
         lengths = [seq_len] * rows if rows else [min(seq_len, 8 + len(s) // 4) for s in sentences]
         rng = np.random.default_rng(seed)
-        return [rng.integers(0, teacher.vocab_size, n).astype(np.int32) for n in lengths]
-    encoded = [np.array(teacher.encode(s), np.int32) for s in sentences]
-    if not rows:
-        return [e[:seq_len] for e in encoded if len(e) >= 2]
-    stream = np.concatenate(encoded)
-    stream = np.tile(stream, -(-rows * seq_len // len(stream)))
-    return [stream[i * seq_len:(i + 1) * seq_len] for i in range(rows)]
+        ids = [rng.integers(0, teacher.vocab_size, n).astype(np.int32) for n in lengths]
+    else:
+        encoded = [np.array(teacher.encode(s), np.int32) for s in sentences]
+        if rows:
+            stream = np.concatenate(encoded)
+            stream = np.tile(stream, -(-rows * seq_len // len(stream)))
+            ids = [stream[i * seq_len:(i + 1) * seq_len] for i in range(rows)]
+        else:
+            ids = [e[:seq_len] for e in encoded if len(e) >= 2]
+    return [(x, np.arange(len(x)) < len(x) - 1) for x in ids]  # every position but the last is a target
 
 
-def pad(rows: list[np.ndarray], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention mask, target mask) [B, T_max]: targets are every real position but the last."""
-    t = max(map(len, rows))
+def pad(rows: list[tuple[np.ndarray, np.ndarray]], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, target mask) [B, T_max], padded with id 0 and False."""
+    t = max(len(ids) for ids, _ in rows)
     ids = np.zeros((len(rows), t), np.int64)
     attention = np.zeros((len(rows), t), bool)
     targets = np.zeros((len(rows), t), bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], attention[i, :len(r)], targets[i, :len(r) - 1] = r, True, True
+    for i, (r, m) in enumerate(rows):
+        ids[i, :len(r)], attention[i, :len(r)], targets[i, :len(r)] = r, True, m
     return (torch.from_numpy(ids).to(device), torch.from_numpy(attention).to(device),
             torch.from_numpy(targets).to(device))
 
 
-def online_batches(rows: list[np.ndarray], batch: int, device: str) -> Iterator[Batch]:
+def online_batches(rows: list[tuple[np.ndarray, np.ndarray]], batch: int, device: str) -> Iterator[Batch]:
     for s in range(0, len(rows), batch):
         part = rows[s:s + batch]
-        yield Batch(part, *pad(part, device))
+        yield Batch([ids for ids, _ in part], *pad(part, device))
 
 
 def offline_batches(signals: Any, batch: int, device: str) -> Iterator[Batch]:
@@ -194,9 +210,8 @@ def teacher_signals(teacher: Any, b: Batch, args: argparse.Namespace) -> dict[st
     if b.signals is not None:
         return b.signals
     if args.top_k:
-        top = teacher.topk_logprobs(b.rows, args.top_k, args.temperature, output="torch")
-        # (values, indices, ...); the tail None: the loss computes log(1 - sum p) from the K log-probs
-        return {"token_ids": top[1], "logprobs": top[0], "tail": None}
+        top = teacher.topk_logprobs(b.rows, args.top_k, args.temperature, output="torch", tail=True)
+        return {"token_ids": top.indices, "logprobs": top.values, "tail": top.tail}
     logits, _ = teacher.logits_per_position(b.rows, output="torch")
     return {"logits": logits}
 
@@ -226,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = f"{args.shards} ({signals.kind} signals of {signals.manifest.model.get('file', '?')})"
     else:
         teacher = q4k_engine.load(args.teacher, device=args.device)
-        rows = dataset(teacher, args.rows, args.seq_len, args.seed)
-        vocab, n_rows, seq_len = teacher.vocab_size, len(rows), max(map(len, rows))
+        rows = dataset(teacher, args.rows, args.seq_len, args.seed, args.data)
+        vocab, n_rows, seq_len = teacher.vocab_size, len(rows), max(len(ids) for ids, _ in rows)
         batches = online_batches(rows, args.batch, args.device)
         source = f"{teacher!r}"
     if args.device == "cuda":

@@ -30,8 +30,9 @@ def _seqs(rng, vocab):
 
 
 def _run(*args):
+    """(exit code, stdout, stderr)."""
     r = CliRunner().invoke(main, ["compare", *map(str, args)])
-    return r.exit_code, r.output
+    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.mark.parametrize("kind", ["dense", "topk"])
@@ -43,13 +44,13 @@ def test_directories(tmp_path, rng, teachers, kind):
     a2 = write_signals(tmp_path / "a2", a_rows, kind, k=16)
     b = write_signals(tmp_path / "b", b_rows, kind, k=16)
 
-    code, out = _run(a, a2, "--json")
+    code, out, err = _run(a, a2, "--json")
     assert code == 0, out
     same = json.loads(out)
     assert same["kld"]["max"] == 0.0 and same["same_top_p"] == 1.0
     assert same["kld_lower_bound"] == (kind == "topk")
 
-    code, out = _run(a, b, "--json")
+    code, out, err = _run(a, b, "--json")
     assert code == 0, out
     diff = json.loads(out)
     n = sum(len(s) - 1 for s in seqs)
@@ -62,7 +63,7 @@ def test_directories(tmp_path, rng, teachers, kind):
     else:  # a lower bound of the dense figure, position by position
         assert 0 < diff["kld"]["mean"] <= direct.kld.mean + 1e-9 and diff["kld"]["max"] <= direct.kld.max + 1e-9
 
-    code, text = _run(a, b)
+    code, text, _ = _run(a, b)
     assert code == 0 and "Mean    KLD:" in text and "Same top p:" in text and "99.9%   KLD:" in text
     assert ("lower bound" in text) == (kind == "topk")
 
@@ -72,11 +73,11 @@ def test_models_over_a_dataset(tmp_path, rng, teachers):
     seqs = _seqs(rng, demo.vocab_size)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs) + json.dumps({"text": "The ferry"}) + "\n")
-    code, out = _run("demo", "demo", "--input", data, "--device", "cpu", "--json")
+    code, out, err = _run("demo", "demo", "--input", data, "--device", "cpu", "--json")
     assert code == 0, out
     same = json.loads(out)
     assert same["kld"]["max"] == 0.0 and same["same_top_p"] == 1.0 and same["perplexity"]["ppl_ratio"] == 1.0
-    code, out = _run("demo", other_path, "--input", data, "--device", "cpu", "--json", "--batch-tokens", 64)
+    code, out, err = _run("demo", other_path, "--input", data, "--device", "cpu", "--json", "--batch-tokens", 64)
     assert code == 0, out
     diff = json.loads(out)
     all_seqs = seqs + [demo.encode("The ferry")]
@@ -101,8 +102,8 @@ def test_bad_input(tmp_path, rng, teachers):
         (("demo", other_path), "two model files: give exactly one input"),
         ((tmp_path / "missing.gguf", "demo", "--tokens", "1,2"), "no such model file"),
     ):
-        code, out = _run(*args)
+        code, out, err = _run(*args)
         assert code == 2, out
-        lines = out.strip().splitlines()
+        lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("q4k-engine: error:"), out
         assert re.search(message, lines[0]), (message, lines[0])

@@ -1,10 +1,11 @@
 """examples/distill.py, the seed's falsifier "a distillation epoch completes": with no arguments it
-trains the tiny student one epoch on the CPU from the demo teacher and the loss falls. Online top-k
-and offline (dense and top-k shard directories written from the same teacher over the same rows)
-start from the same loss the online run computes, as the same student init and teacher demand."""
+trains the tiny student one epoch on the CPU from the demo teacher and the loss falls. Online top-k,
+offline (dense and top-k shard directories written by the engine from the same rows) and --data
+start from the loss the online run computes, as the same student init and teacher demand."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -16,7 +17,6 @@ pytest.importorskip("transformers")
 
 import q4k_engine  # noqa: E402
 
-from signals_dirs import teacher_rows, write_signals  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill.py"
 
@@ -56,16 +56,24 @@ def test_prints_every_step(example, capsys, tmp_path):
     assert report["steps"] == 3
 
 
-def test_topk_and_offline_start_from_the_online_loss(example, epoch, tmp_path):
+def test_topk_data_and_offline_start_from_the_online_loss(example, epoch, tmp_path):
+    """The same rows as a JSONL dataset (--data), as dense and top-k shards written by the engine's
+    shard writer (--shards), and online top-k: the first step's loss (before any update) is the
+    online dense one, or for top-k + tail its lower bound."""
+    from q4k_engine.distill.shards import SignalOptions, write_signals
+
     teacher = q4k_engine.load("demo", device="cpu")
-    rows = teacher_rows(teacher, example.dataset(teacher, None, 64, seed=0))
+    rows = example.dataset(teacher, None, 64, seed=0)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": ids.tolist()}) + "\n" for ids, _ in rows))
     first = epoch["loss"][0]
-    dense = example.main(["--shards", str(write_signals(tmp_path / "d", rows, "dense")), "--steps", "2"])
+    assert example.main(["--data", str(data), "--steps", "1"])["loss"][0] == pytest.approx(first, rel=1e-6)
+    for kind in ("dense", "topk"):
+        write_signals(teacher, data, tmp_path / kind, SignalOptions(kind=kind, k=16), log=lambda _: None)
+    dense = example.main(["--shards", str(tmp_path / "dense"), "--steps", "2"])
     assert dense["loss"][0] == pytest.approx(first, rel=1e-5)
-    topk_dir = write_signals(tmp_path / "t", rows, "topk", k=16)
-    offline_topk = example.main(["--shards", str(topk_dir), "--steps", "2"])
+    offline_topk = example.main(["--shards", str(tmp_path / "topk"), "--steps", "2"])
     online_topk = example.main(["--top-k", "16", "--steps", "2"])
-    # the top-k + tail KL is a lower bound of the dense one, the same whether stored or computed now
     assert offline_topk["loss"][0] == pytest.approx(online_topk["loss"][0], rel=1e-5)
     assert 0 < online_topk["loss"][0] <= first * (1 + 1e-6)
 

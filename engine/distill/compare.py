@@ -4,11 +4,12 @@ statistics themselves are engine/distill/stats.py's; this module only pairs the 
 
 A is the base (the reference: the F16 original, the model the student should match), B the model
 judged. The positions compared are the training targets that have a next token: target_mask[t] and
-t < T - 1, with token t + 1 as "the next token" of PPL and Δp.
+t < T - 1 (rows from engine/distill/rows.py, or every position but the last), with token t + 1 as
+"the next token" of PPL and Δp.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -66,24 +67,33 @@ def compare_signals(a: Signals, b: Signals) -> KLReport:
     return acc.report(notes)
 
 
-def compare_teachers(a, b, seqs: Sequence[Sequence[int]], *, batch_tokens: int = 4096) -> KLReport:
-    """KL(A || B) and the rest of two TeacherModels over the same sequences (every position but the
-    last of each), the sequences run in groups of up to batch_tokens tokens."""
+def compare_teachers(a, b, rows: Iterable[tuple[np.ndarray, np.ndarray]], *, batch_tokens: int = 4096) -> KLReport:
+    """KL(A || B) and the rest of two TeacherModels over the same rows: (input_ids, target_mask)
+    pairs, streamed and run in groups of up to batch_tokens tokens (memory stays bounded)."""
     if a.vocab_size != b.vocab_size:
         raise InputError(f"vocabularies differ: {a.vocab_size} (A) vs {b.vocab_size} (B)")
     ta, tb = a.model.tokenizer, b.model.tokenizer
     if ta is not None and tb is not None and ta.tokens != tb.tokens:
         raise InputError("A and B have different tokenizers: their token ids mean different things")
-    clean = a.validate(seqs)
     acc = KLDivergence()
-    group: list[np.ndarray] = []
-    for i, s in enumerate(clean):
-        group.append(s)
-        if i == len(clean) - 1 or sum(map(len, group)) + len(clean[i + 1]) > batch_tokens:
-            la, lengths = a.logits_per_position(group, output="numpy")
-            lb, _ = b.logits_per_position(group, output="numpy")
-            for j, n in enumerate(lengths):
-                if n > 1:
-                    acc.add(dense_positions(la[j, :n - 1], lb[j, :n - 1], group[j][1:n]))
-            group = []
+
+    def run(group: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        seqs = a.validate([ids for ids, _ in group])
+        la, _ = a.logits_per_position(seqs, output="numpy")
+        lb, _ = b.logits_per_position(seqs, output="numpy")
+        for j, (ids, mask) in enumerate(group):
+            pos = _positions(np.asarray(mask, bool))
+            if len(pos):
+                acc.add(dense_positions(la[j, pos], lb[j, pos], seqs[j][pos + 1]))
+
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    tokens = 0
+    for ids, mask in rows:
+        if group and tokens + len(ids) > batch_tokens:
+            run(group)
+            group, tokens = [], 0
+        group.append((ids, mask))
+        tokens += len(ids)
+    if group:
+        run(group)
     return acc.report()
