@@ -33,6 +33,7 @@ import click
 import numpy as np
 
 from q4k_engine.binio import atomic_output
+from q4k_engine.distill.chat import read_chat_template
 from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
 from q4k_engine.distill.shards import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, SignalOptions, prepare_out_dir, write_signals
 from q4k_engine.errors import InputError
@@ -208,12 +209,15 @@ def _refuse(given: dict[str, bool], why: str) -> None:
               help="Cut longer sequences (counted); without it a sequence beyond the model's context is an error.")
 @click.option("--assistant-only", is_flag=True, help="Chat rows: only assistant tokens are targets (target_mask).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip (and count) malformed dataset rows instead of stopping.")
+@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Chat rows: a template (.jinja, or a tokenizer_config.json) instead of the model file's own.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], input_path: Path | None,
            positions: str, out: str | None, fmt: str | None, top_k: int | None, temperature: float | None,
            vocab_size: int | None, shard_rows: int | None, shard_mb: int | None, resume: bool, batch_tokens: int,
-           max_seq_len: int | None, assistant_only: bool, skip_bad_lines: bool, dtype: str, device: str) -> None:
+           max_seq_len: int | None, assistant_only: bool, skip_bad_lines: bool, chat_template: Path | None, dtype: str,
+           device: str) -> None:
     """Teacher signals of MODEL for token ids, text or a dataset.
 
     Without --out, prints for each position the top-k next tokens with their log-probabilities.
@@ -221,11 +225,13 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
     """
     if sum(bool(x) for x in (tokens, texts, input_path)) != 1:
         raise InputError("give exactly one input: --tokens, --text or --input")
-    rows = RowOptions(max_seq_len=max_seq_len, assistant_only=assistant_only, skip_bad_lines=skip_bad_lines)
+    rows = RowOptions(max_seq_len=max_seq_len, assistant_only=assistant_only, skip_bad_lines=skip_bad_lines,
+                      chat_template=read_chat_template(chat_template) if chat_template else None)
     shard_flags = {"--format": fmt is not None, "--resume": resume, "--shard-rows": shard_rows is not None,
                    "--shard-mb": shard_mb is not None}
     if input_path is None:
-        _refuse({"--assistant-only": assistant_only, "--skip-bad-lines": skip_bad_lines}, "to --tokens or --text")
+        _refuse({"--assistant-only": assistant_only, "--skip-bad-lines": skip_bad_lines,
+                 "--chat-template": chat_template is not None}, "to --tokens or --text")
     # Every option is checked, and the destination proven writable, before the model is loaded.
     if out is not None and _is_shard_dir(out):
         if input_path is None:

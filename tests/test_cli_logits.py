@@ -196,3 +196,35 @@ def test_rate_line_after_a_run():
     assert r.exit_code == 0
     line = [ln for ln in r.stderr.splitlines() if "tokens/s" in ln][0]
     assert " 0 tokens/s" not in line and "ms/token" in line
+
+
+def test_chat_template_file(tmp_path):
+    """--chat-template gives chat rows a template the model file lacks; without it they are refused
+    in one line naming the flag; a template that does not compile is one line too."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    model = synthetic_model("llama")
+    path = save_model(tmp_path / "m.apr", dataclasses.replace(model, tokenizer=dataclasses.replace(model.tokenizer, chat_template=None)), "apr",
+                      keep_ggml_codes=True)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    assert_one_line_error(invoke("--model", str(path), "--input", str(data), "--out", str(tmp_path / "none") + "/"),
+                          "chat template", "--chat-template")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}")
+    r = invoke("--model", str(path), "--input", str(data), "--chat-template", str(template), "--assistant-only",
+               "--top-k", "4", "--out", str(tmp_path / "sig") + "/")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(tmp_path / "sig" / "shard-00000.parquet")
+    ids = table.column("input_ids")[0].as_py()
+    mask = table.column("target_mask")[0].as_py()
+    teacher = q4k_engine.load(path, device="cpu")
+    assert ids == teacher.encode("<user>hi</s><assistant>yo</s>", add_bos=False)
+    assert any(mask) and not all(mask[:-1])  # only the assistant's answer is a target
+    template.write_text("{% for m in messages %}")
+    assert_one_line_error(invoke("--model", str(path), "--input", str(data), "--chat-template", str(template),
+                                 "--out", str(tmp_path / "bad") + "/"), "does not compile")
+    assert_one_line_error(invoke("--model", str(path), "--tokens", "1,2", "--chat-template", str(template)),
+                          "--chat-template")

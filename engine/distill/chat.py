@@ -305,8 +305,8 @@ def model_chat_template(model: ModelFile, override: str | None = None) -> ChatTe
     source = override if override is not None else spec.chat_template
     if source is None:
         raise InputError(f"{model.path.name}: chat messages need a chat template, and the model file has none "
-                         "(no tokenizer.chat_template); give one explicitly (a .jinja file or a Hugging Face "
-                         "tokenizer_config.json, read by distill.chat.read_chat_template)")
+                         "(no tokenizer.chat_template); give one explicitly (--chat-template FILE: a .jinja file or a "
+                         "Hugging Face tokenizer_config.json)")
     token = lambda i: spec.tokens[i] if i is not None else None  # noqa: E731
     where = "the given chat template" if override is not None else f"{model.path.name}: tokenizer.chat_template"
     return ChatTemplate(source, bos_token=token(spec.bos_id), eos_token=token(spec.eos_id), where=where)
