@@ -376,7 +376,7 @@ def profile(path: str | None, lengths: list[int], decode: bool = False) -> None:
 
 
 def finite_cost(path: str | None, lengths: list[int], reps: int = 9) -> None:
-    """Cost of the provider's non-finite check (provider.all_finite, run on every forward's
+    """Cost of the provider's non-finite check (the backend's all_finite, run on every head chunk's
     logits) against one all-position fp16 forward of the 7B: medians of `reps` wall-clock runs of
     the forward alone and of the forward followed by the check, interleaved so that clock drift
     hits both alike, plus the check alone timed with CUDA events. Target: under 1%."""
@@ -388,7 +388,6 @@ def finite_cost(path: str | None, lengths: list[int], reps: int = 9) -> None:
     from q4k_engine.backend_cuda import CudaBackend
     from q4k_engine.forward import forward, upload
     from q4k_engine.loader import open_model
-    from q4k_engine.provider import all_finite
 
     import make_7b
 
@@ -405,7 +404,7 @@ def finite_cost(path: str | None, lengths: list[int], reps: int = 9) -> None:
         cp.cuda.Device().synchronize()
 
     def checked():
-        if not all_finite(cp, forward(cfg, w, be, ids, batch, dtype=np.float16)):  # reads back one bool: a sync
+        if not be.all_finite(forward(cfg, w, be, ids, batch, dtype=np.float16)):  # reads back one bool: a sync
             raise RuntimeError("the 7B's logits are not finite")
 
     times: dict[str, list[float]] = {"plain": [], "checked": []}
@@ -418,7 +417,7 @@ def finite_cost(path: str | None, lengths: list[int], reps: int = 9) -> None:
             times[name].append((time.perf_counter() - t0) * 1e3)
     base, with_check = (float(np.median(times[k])) for k in ("plain", "checked"))
     logits = forward(cfg, w, be, ids, batch, dtype=np.float16)
-    alone = median_ms(lambda: all_finite(cp, logits), reps=20)
+    alone = median_ms(lambda: be.all_finite(logits), reps=20)
     shape = f"{len(lengths)}x{lengths[0]}"
     print(f"finite check, {shape} all-position fp16 logits {list(logits.shape)}, on {be.device_name}:")
     print(f"  forward {base:.2f} ms, forward + check {with_check:.2f} ms (medians of {reps}): "

@@ -96,4 +96,5 @@ class Backend(Protocol):
     # of x / temperature over the last dim, float32; inplace: into x when it is float32 and contiguous
     def logsumexp(self, x: Array, temperature: float = 1.0) -> Array: ...  # log(sum(exp(x / t))) over the last dim, float32; -inf for a row of -inf
     def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...
+    def all_finite(self, x: Array) -> bool: ...  # no NaN/Inf anywhere in x (float16/32): one bool back
     # the k largest of each row of x [..., n], descending, ties to the lower index; indices int32

@@ -22,6 +22,7 @@ from .tensors import ModelFile, QTensor
 # Values of one dequantized weight tile (16 MiB as float64): big enough for BLAS to run at speed,
 # small enough that the Gemma 3 LM head (167M values) never exists dequantized.
 TILE_VALUES = 1 << 21
+FINITE_CHUNK_VALUES = 1 << 24  # values per block of the non-finite check
 # Score elements of one attention block (float64): bounds the [heads, queries, keys] temporary.
 ATTN_BLOCK_VALUES = 1 << 23
 ACTS = ("silu", "gelu_tanh")
@@ -220,6 +221,11 @@ class NumpyBackend:
             x[...] = z
             return x
         return z.astype(np.float32)
+
+    def all_finite(self, x: np.ndarray) -> bool:
+        rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        step = max(1, FINITE_CHUNK_VALUES // max(rows.shape[1], 1))  # a bounded bool temporary
+        return all(bool(np.isfinite(rows[s:s + step]).all()) for s in range(0, rows.shape[0], step))
 
     def logsumexp(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         z = x.astype(np.float64) / temperature

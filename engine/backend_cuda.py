@@ -443,6 +443,9 @@ class CudaBackend:
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:
         return self._ops.topk(x, k)
 
+    def all_finite(self, x: Any) -> bool:
+        return self._ops.all_finite(x)
+
     # --- CUDA graphs of a decode step -----------------------------------------------------------
     def decode_inputs(self, cache: CudaKVCache) -> DecodeInputs:
         """Static inputs of a decode step over every slot of `cache` (placeholder values until

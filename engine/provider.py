@@ -121,20 +121,6 @@ class LogitsProvider(Protocol):
     def logits_for_batch(self, batch: Sequence[Sequence[int]]) -> Any: ...
 
 
-# Values per isfinite reduction: bounds its boolean temporary (16 MiB) whatever the size of the logits.
-_FINITE_CHUNK_VALUES = 1 << 24
-
-
-def all_finite(xp: Any, x: Any) -> bool:
-    """Whether every value of x is finite: reductions on x's own device, one bool read back."""
-    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-    step = max(1, _FINITE_CHUNK_VALUES // max(rows.shape[1], 1))
-    ok = xp.isfinite(rows[:step]).all()
-    for start in range(step, rows.shape[0], step):
-        ok &= xp.isfinite(rows[start:start + step]).all()
-    return bool(ok)
-
-
 def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise InputError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
@@ -500,7 +486,7 @@ class TeacherModel:
         chunk's rows (`spans` say whose); it is checked on the device, and the sequence and
         position are looked for only when a value is bad."""
         xp = self.backend.xp
-        if y.dtype.kind != "f" or all_finite(xp, y):
+        if y.dtype.kind != "f" or self.backend.all_finite(y):
             return
         bad = self.backend.to_numpy(xp.flatnonzero(~xp.isfinite(y.reshape(y.shape[0], -1)).all(axis=1)))
         first = int(bad[0])

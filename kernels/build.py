@@ -19,6 +19,11 @@ def _arch(device_id: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def sm_count(device_id: int) -> int:
+    return int(_cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+@functools.lru_cache(maxsize=None)
 def _module(name: str, device_id: int, defines: tuple[tuple[str, str], ...]):
     cp = _cupy()
     code = (SRC_DIR / name).read_text()

@@ -20,7 +20,7 @@ from q4k_engine.dtypes import TYPE_INFO, SUPPORTED, GGMLType, row_bytes
 from q4k_engine.errors import InputError, UnsupportedError
 from q4k_engine.tensors import QTensor
 
-from .build import _cupy, module
+from .build import _cupy, module, sm_count as _sm_count
 
 GEMV_MAX_M = 8
 GEMM_TILE = 128  # BO = BT in matmul.cu
@@ -168,11 +168,6 @@ _GEMV1_WARPS = 8
 def smem_optin(device: int) -> int:
     """The most dynamic shared memory a block may opt in to on `device` (H100/H200: 227 KiB)."""
     return int(_cupy().cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: int) -> int:
-    return int(_cupy().cuda.Device(device).attributes["MultiProcessorCount"])
 
 
 def _gemv1_smem(w: GpuWeight) -> int:

@@ -603,3 +603,31 @@ __global__ void topk_rows(const float* __restrict__ x, float* __restrict__ vals,
 }
 
 }  // extern "C"
+
+// Sets *flag when any value of a float16 (half != 0) or float32 array is NaN or +-Inf: the exponent
+// bits all set. One pass over the bytes with 16-byte loads (p is 16-byte aligned; the launcher
+// checks), the few trailing elements by one thread. Many threads may store 1: a benign race.
+__device__ __forceinline__ bool nonfinite_word(unsigned w, int half) {
+    return half ? ((w & 0x7C00u) == 0x7C00u) || ((w & 0x7C000000u) == 0x7C000000u)
+                : (w & 0x7F800000u) == 0x7F800000u;
+}
+
+extern "C" __global__ void any_nonfinite(const unsigned char* __restrict__ p, long long n_bytes, int half,
+                                         int* __restrict__ flag) {
+    const long long n16 = n_bytes >> 4;
+    const uint4* v = reinterpret_cast<const uint4*>(p);
+    bool bad = false;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16; i += (long long)gridDim.x * blockDim.x) {
+        const uint4 q = __ldg(v + i);
+        bad |= nonfinite_word(q.x, half) || nonfinite_word(q.y, half) || nonfinite_word(q.z, half)
+               || nonfinite_word(q.w, half);
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        for (long long b = n16 << 4; b < n_bytes; b += half ? 2 : 4) {
+            const unsigned w = half ? *reinterpret_cast<const unsigned short*>(p + b)
+                                    : *reinterpret_cast<const unsigned*>(p + b);
+            bad |= nonfinite_word(w, half);
+        }
+    }
+    if (bad) *flag = 1;
+}

@@ -14,7 +14,7 @@ import numpy as np
 
 from q4k_engine.errors import InputError
 
-from .build import _cupy, kernel
+from .build import _cupy, kernel, sm_count
 
 ACTS = {"silu": 0, "gelu_tanh": 1}
 MAX_HEAD_DIM = 256
@@ -333,6 +333,23 @@ def logsumexp(x, temperature: float = 1.0):
         z -= m
         y[s:s + chunk] = cp.log(cp.exp(z, out=z).sum(axis=1)) + m[:, 0]
     return y.reshape(x.shape[:-1])
+
+
+def all_finite(x) -> bool:
+    """Whether no value of x (float16 or float32) is NaN or +-Inf: one pass over its bytes, one int
+    read back (a sync). Anything else (float64, a strided or unaligned view) is first made a
+    contiguous float32 / float16 copy."""
+    cp = _cupy()
+    if x.dtype not in (cp.float16, cp.float32):
+        x = x.astype(cp.float32)
+    if not x.flags.c_contiguous or x.data.ptr % 16:
+        x = x.copy()  # a fresh allocation: contiguous and 256-byte aligned
+    flag = cp.zeros(1, cp.int32)
+    if x.size:
+        n16 = x.nbytes // 16
+        blocks = max(1, min(-(-n16 // 256), 8 * sm_count(cp.cuda.Device().id)))
+        kernel("ops.cu", "any_nonfinite")((blocks,), (256,), (x, np.int64(x.nbytes), np.int32(x.dtype == cp.float16), flag))
+    return not int(flag.get()[0])
 
 
 def topk(x, k: int):

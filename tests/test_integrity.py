@@ -26,7 +26,7 @@ from q4k_engine.errors import FormatError, InputError
 from q4k_engine.gguf_file import read_gguf
 from q4k_engine.convert import save_model
 from q4k_engine.loader import open_model
-from q4k_engine.provider import TeacherModel, _Span, all_finite, make_backend
+from q4k_engine.provider import TeacherModel, _Span, make_backend
 from q4k_engine.synthetic import synthetic_model
 from q4k_engine.verify import verify_model
 
@@ -112,15 +112,16 @@ def test_nonfinite_row_is_located(clean, last_only, row, expect):
 
 def test_all_finite_chunks(monkeypatch, rng):
     """The check runs in row blocks (a bounded temporary); a bad value in any block is found."""
-    import q4k_engine.provider as provider
+    import q4k_engine.backend_cpu as backend_cpu
 
-    monkeypatch.setattr(provider, "_FINITE_CHUNK_VALUES", 64)
+    monkeypatch.setattr(backend_cpu, "FINITE_CHUNK_VALUES", 64)
+    be = NumpyBackend()
     x = rng.standard_normal((50, 16)).astype(np.float32)
-    assert all_finite(np, x)
+    assert be.all_finite(x)
     for r in (0, 3, 4, 49):
         y = x.copy()
         y[r, int(rng.integers(16))] = rng.choice([np.nan, np.inf, -np.inf])
-        assert not all_finite(np, y)
+        assert not be.all_finite(y)
 
 
 def test_overflowing_temperature_is_named(clean):

@@ -275,3 +275,28 @@ def test_log_softmax_and_topk(cp, ops, rng):
     y[0, [17, 5, 250]] = 1.0
     _, idx2 = ops.topk(cp.asarray(y), 4)
     assert idx2.get().tolist() == [[5, 17, 250, 0]]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1031, 300_007])
+def test_all_finite(cp, ops, rng, dtype, n):
+    """The one-pass non-finite check agrees with NumPy's isfinite on odd sizes (the tail past the
+    16-byte loads), unaligned and strided views, and each kind of bad value at any place."""
+    from q4k_engine.backend_cpu import NumpyBackend
+
+    x = (rng.standard_normal(n + 3) * 100).astype(dtype)
+    x[np.abs(x) > 200] = 0  # no accidental overflow of float16
+    d = cp.asarray(x)
+    for view, host in ((d[:n], x[:n]), (d[1:n + 1], x[1:n + 1]), (d[3:], x[3:]), (d[::2], x[::2])):
+        assert ops.all_finite(view) and NumpyBackend().all_finite(host)
+    for _ in range(6):
+        pos = int(rng.integers(n))
+        bad = x.copy()
+        bad[pos + 1] = rng.choice([np.nan, np.inf, -np.inf])  # inside the view d[1:n+1]
+        db = cp.asarray(bad)
+        assert not ops.all_finite(db[1:n + 1]), (pos, bad[pos + 1])
+        assert ops.all_finite(db[:pos + 1]) == bool(np.isfinite(bad[:pos + 1]).all())
+    big = cp.full((64, 2053), 1.0, dtype)  # a 2-D block, bad value in the last element
+    assert ops.all_finite(big)
+    big[-1, -1] = np.nan
+    assert not ops.all_finite(big) and not ops.all_finite(big[1:])
