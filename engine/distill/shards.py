@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 import sys
 import tempfile
 import time
@@ -244,6 +246,20 @@ def write_dense(path: Path, data: ShardData, vocab_size: int) -> None:
         "target_mask": mask.astype(np.uint8),
     }
     save_file(tensors, str(path), metadata={"format": FORMAT, "temperature": "1.0", "vocab_size": str(vocab_size)})
+    _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes the metadata from a hash map, in an order that changes from process to
+    process; sorted, the same shard is the same bytes whichever process (a resume, a Ray worker)
+    wrote it. Only the order changes, so the header keeps its length and the data stay in place."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        f.seek(8)
+        f.write(text.ljust(n))  # safetensors pads its header with spaces
 
 
 def write_shard(out: Path, opts: SignalOptions, teacher_vocab: int, data: ShardData) -> dict:
