@@ -30,6 +30,7 @@ import json
 import math
 import pickle
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -108,6 +109,10 @@ class DatasetRows:
 class ShardWorker:
     """One Ray Data actor: the teacher is loaded once (here), then each call computes and writes one shard.
 
+    Two calls run at once, in two threads: while one writes its shard, the other computes the next
+    (a lock keeps one on the teacher), the overlap of the single-process run's writer thread, with
+    at most two shards in memory.
+
     The project's own errors (a bad destination, a full disk, another model file on this node) come
     back as data, not as a failed task: the driver raises them as they are (one line from the CLI),
     where Ray would wrap them in its own exception and traceback."""
@@ -117,6 +122,7 @@ class ShardWorker:
 
         self.out, self.opts = Path(out), opts
         self.error: Q4KError | None = None
+        self.teacher_busy = threading.Lock()
         try:
             self.teacher = load(model, device=device, max_batch_tokens=opts.batch_tokens)
             mine = sha256_file(self.teacher.model.path)
@@ -133,7 +139,8 @@ class ShardWorker:
         try:
             if self.error is not None:
                 raise self.error
-            data = compute_shard(self.teacher, self.opts, index, start, end, rows)
+            with self.teacher_busy:  # one shard on the device at a time; the other call meanwhile writes its own
+                data = compute_shard(self.teacher, self.opts, index, start, end, rows)
             entry = json.dumps(write_shard(self.out, self.opts, self.teacher.vocab_size, data))
         except Q4KError as e:
             error = json.dumps([type(e).__name__, str(e)])
@@ -174,7 +181,9 @@ class RayExecutor:
             # Ray 2.60 deprecates passing actor options this way and names no other for these two.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             results = shards.map_batches(
-                ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(self.num_workers, len(waiting))),
+                ShardWorker, batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=min(self.num_workers, len(waiting)),
+                                                   max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
                 fn_constructor_kwargs={"model": self.model, "model_sha256": self.model_sha256, "device": self.device,
                                        "out": str(self.out), "opts": self.opts},
                 # Explicit, not Ray Data's defaults (which retry a shard forever): a dead actor is
