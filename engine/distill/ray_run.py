@@ -158,7 +158,6 @@ class RayExecutor:
     out: Path
     opts: SignalOptions
     num_workers: int
-    progress: bool = False
     worker_seconds: float | None = None  # from the first shard's start on any worker to the last one's end
 
     def run(self, jobs: Iterator[ShardJob],
@@ -175,7 +174,7 @@ class RayExecutor:
         del plan
         shards = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard
         del items
-        shards.context.enable_progress_bars = self.progress
+        shards.context.enable_progress_bars = False  # write_signals' bar counts rows and tokens/s; one bar is enough
         resources = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": 1}
         with warnings.catch_warnings():
             # Ray 2.60 deprecates passing actor options this way and names no other for these two.
@@ -237,7 +236,9 @@ def write_signals_ray(model: str | Path, data: "str | Path | Any", out: Path, op
     prepare_out_dir(out)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    elif address is not None:
+        log(f"Ray is already running in this process: its cluster is used, not --address {address}")
     try:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
@@ -252,7 +253,7 @@ def write_signals_ray(model: str | Path, data: "str | Path | Any", out: Path, op
         planner = load(model, device="cpu", max_batch_tokens=opts.batch_tokens)  # rows and metadata only
         model_sha = sha256_file(planner.model.path)
         executor = RayExecutor("demo" if str(model) == "demo" else str(planner.model.path.resolve()), model_sha,
-                               device, out, opts, workers, progress)
+                               device, out, opts, workers)
         source = data if isinstance(data, (str, Path)) else DatasetRows(data)
         summary = write_signals(planner, source, out, opts, resume=resume, progress=progress, log=log,
                                 model_sha256=model_sha, executor=executor)
