@@ -123,6 +123,25 @@ def test_an_actor_killed_mid_shard_is_restarted_and_the_output_is_identical(data
     assert files(out) == reference  # no temporary left behind, every shard whole
 
 
+class AlwaysCrashAtShard1(ray_run.ShardWorker):
+    def __call__(self, batch):
+        import pickle
+
+        if pickle.loads(batch["job"][0])[0] == 1:
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_a_shard_that_always_kills_its_worker_ends_the_run_in_one_line(dataset, tmp_path, monkeypatch):
+    """Ray restarts the actor and retries the shard SHARD_RETRIES times, then the run stops, resumable."""
+    monkeypatch.setattr(ray_run, "ShardWorker", AlwaysCrashAtShard1)
+    out = tmp_path / "signals"
+    r = invoke("--input", str(dataset), "--out", str(out), *ARGS, "--ray", "--num-workers", "1")
+    assert_one_line_error(r, "a Ray worker kept dying", f"{ray_run.SHARD_RETRIES} retries", "--resume")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] in ([], ["shard-00000.parquet"])
+
+
 class DiskFullAtShard4(ray_run.ShardWorker):
     """A run stopped as a whole: the disk is full when shard 4 is written, so the run ends there."""
 

@@ -191,7 +191,16 @@ class RayExecutor:
                 max_restarts=-1, max_task_retries=SHARD_RETRIES, **resources)
         finished: dict[int, dict] = {}
         first, last = math.inf, -math.inf
-        for row in results.iter_rows():
+        rows = iter(results.iter_rows())
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except ray.exceptions.RayActorError as e:
+                raise DeviceError(f"a Ray worker kept dying on shard {next_index} or later, {SHARD_RETRIES} retries "
+                                  f"spent ({str(e).splitlines()[0]}); the shards in the manifest stay, --resume "
+                                  "continues") from None
             if row["error"]:
                 name, message = json.loads(str(row["error"]))
                 raise ERRORS.get(name, Q4KError)(message)
