@@ -232,8 +232,9 @@ def write_signals_ray(model: str | Path, data: "str | Path | Any", out: Path, op
     Ray is started here (`address`: an existing cluster, e.g. "auto" or "ray://head:10001"; None:
     a local one) unless this process already started it. device "auto" is cuda when the cluster has
     GPUs. num_workers: actors, one per GPU (default: every GPU of the cluster; 1 on the CPU).
-    The returned summary's `worker_seconds` is the workers' compute time, without Ray's start and
-    the model loads; `seconds` is the whole call."""
+    The returned summary's `worker_seconds` is the workers' compute time, from the first shard's
+    start to the last one's end; `seconds` runs from the plan on (after Ray's start), the actors'
+    start and model loads included."""
     ray = import_ray()
     from ..provider import load
 
@@ -253,6 +254,8 @@ def write_signals_ray(model: str | Path, data: "str | Path | Any", out: Path, op
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         if device == "auto":
             device = "cuda" if gpus else "cpu"
+            if not gpus:
+                log("--device auto: the Ray cluster has no GPU; the workers run on the CPU")
         if device == "cuda" and not gpus:
             raise DeviceError("--device cuda: the Ray cluster has no GPU")
         have, unit = (gpus, "GPU") if device == "cuda" else (cpus, "CPU")
@@ -266,7 +269,8 @@ def write_signals_ray(model: str | Path, data: "str | Path | Any", out: Path, op
         source = data if isinstance(data, (str, Path)) else DatasetRows(data)
         summary = write_signals(planner, source, out, opts, resume=resume, progress=progress, log=log,
                                 model_sha256=model_sha, executor=executor)
-        return RaySummary(**vars(summary), vocab_size=planner.vocab_size, workers=workers, device=device, worker_seconds=executor.worker_seconds)
+        return RaySummary(**vars(summary), vocab_size=planner.vocab_size, workers=workers, device=device,
+                          worker_seconds=executor.worker_seconds)
     finally:
         if started_ray:
             ray.shutdown()
