@@ -34,6 +34,7 @@ import numpy as np
 
 from q4k_engine.binio import atomic_output
 from q4k_engine.distill.chat import read_chat_template
+from q4k_engine.distill.ray_run import write_signals_ray
 from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
 from q4k_engine.distill.shards import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, SignalOptions, prepare_out_dir, write_signals
 from q4k_engine.errors import InputError
@@ -203,6 +204,11 @@ def _refuse(given: dict[str, bool], why: str) -> None:
 @click.option("--shard-mb", type=click.IntRange(min=1), default=None,
               help=f"Output MiB per shard at most (a longer row makes a shard alone) [default: {DEFAULT_SHARD_BYTES >> 20}].")
 @click.option("--resume", is_flag=True, help="Continue the shard directory's interrupted run (same options).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Shards on Ray workers, one per GPU (same bytes); --out must be on a filesystem every node sees.")
+@click.option("--address", default=None, help="--ray: an existing Ray cluster (e.g. auto); default: a local one.")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None,
+              help="--ray: workers, one per GPU [default: every GPU of the cluster; 1 on the CPU].")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
               help="Tokens per forward (rows are grouped by length up to this).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
@@ -215,9 +221,9 @@ def _refuse(given: dict[str, bool], why: str) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], input_path: Path | None,
            positions: str, out: str | None, fmt: str | None, top_k: int | None, temperature: float | None,
-           vocab_size: int | None, shard_rows: int | None, shard_mb: int | None, resume: bool, batch_tokens: int,
-           max_seq_len: int | None, assistant_only: bool, skip_bad_lines: bool, chat_template: Path | None, dtype: str,
-           device: str) -> None:
+           vocab_size: int | None, shard_rows: int | None, shard_mb: int | None, resume: bool, use_ray: bool,
+           address: str | None, num_workers: int | None, batch_tokens: int, max_seq_len: int | None,
+           assistant_only: bool, skip_bad_lines: bool, chat_template: Path | None, dtype: str, device: str) -> None:
     """Teacher signals of MODEL for token ids, text or a dataset.
 
     Without --out, prints for each position the top-k next tokens with their log-probabilities.
@@ -228,7 +234,9 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
     rows = RowOptions(max_seq_len=max_seq_len, assistant_only=assistant_only, skip_bad_lines=skip_bad_lines,
                       chat_template=read_chat_template(chat_template) if chat_template else None)
     shard_flags = {"--format": fmt is not None, "--resume": resume, "--shard-rows": shard_rows is not None,
-                   "--shard-mb": shard_mb is not None}
+                   "--shard-mb": shard_mb is not None, "--ray": use_ray}
+    if not use_ray:
+        _refuse({"--address": address is not None, "--num-workers": num_workers is not None}, "without --ray")
     if input_path is None:
         _refuse({"--assistant-only": assistant_only, "--skip-bad-lines": skip_bad_lines,
                  "--chat-template": chat_template is not None}, "to --tokens or --text")
@@ -248,10 +256,19 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
                              dtype=dtype, shard_rows=shard_rows or DEFAULT_SHARD_ROWS,
                              shard_bytes=(shard_mb << 20) if shard_mb else DEFAULT_SHARD_BYTES,
                              batch_tokens=batch_tokens, rows=rows)
-        teacher = load(model_spec, device=device, max_batch_tokens=batch_tokens)
-        s = write_signals(teacher, input_path, out_dir, opts, resume=resume, progress=sys.stderr.isatty(),
-                          log=lambda line: click.echo(line, err=True))
-        report_load(teacher)
+        log = lambda line: click.echo(line, err=True)  # noqa: E731
+        if use_ray:
+            s = write_signals_ray(model_spec, input_path, out_dir, opts, resume=resume, num_workers=num_workers,
+                                  address=address, device=device, progress=sys.stderr.isatty(), log=log)
+            teacher, teacher_vocab = None, s.vocab_size
+            click.echo(f"Ray: {s.workers} worker(s) on {s.device}" + (
+                f"; {rate(s.computed_tokens, s.worker_seconds)} over the workers' {s.worker_seconds:.1f} s of "
+                "shards (after their model loads)" if s.worker_seconds else ""), err=True)
+        else:
+            teacher = load(model_spec, device=device, max_batch_tokens=batch_tokens)
+            s = write_signals(teacher, input_path, out_dir, opts, resume=resume, progress=sys.stderr.isatty(), log=log)
+            report_load(teacher)
+            teacher_vocab = teacher.vocab_size
         line = (f"wrote {s.written} of {s.shards} shard(s) to {out_dir} ({s.rows} rows, {s.tokens} tokens, "
                 f"{s.bytes / 1e6:.1f} MB in all) in {s.seconds:.1f} s")
         if s.computed_tokens:
@@ -259,9 +276,9 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
         click.echo(line, err=True)
         click.echo(s.row_stats.summary(), err=True)
         if s.dropped_mean is not None:
-            click.echo(f"--vocab-size {vocab_size} crops the teacher's {teacher.vocab_size} tokens: probability "
+            click.echo(f"--vocab-size {vocab_size} crops the teacher's {teacher_vocab} tokens: probability "
                        f"mass dropped per position mean {s.dropped_mean:.3g}, max {s.dropped_max:.3g}", err=True)
-        memory = getattr(teacher.backend, "memory_report", None)
+        memory = teacher is not None and getattr(teacher.backend, "memory_report", None)
         if memory:
             click.echo(f"memory: {memory()}", err=True)
         return

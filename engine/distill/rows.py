@@ -37,7 +37,7 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -344,15 +344,7 @@ def read_rows(path: Path | str, source: "TeacherModel | ModelFile", options: Row
     length decide the rows. `stats`, when given, is filled while iterating."""
     path = Path(path)
     stats = stats if stats is not None else RowStats()
-    encoder = _Encoder(source, options)
-    model = encoder.model  # the checks below run now, before the first row is asked for
-    context = model.config.context_length
-    limit = options.max_seq_len
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InputError(f"--max-seq-len must be a positive integer, got {limit!r}")
-        if context and limit > context:
-            raise InputError(f"--max-seq-len {limit} is more than {model.path.name}'s context length ({context})")
+    encoder, context = _checked_encoder(source, options)  # checks run now, before the first row is asked for
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
         objects = _parquet_objects(path)
@@ -362,6 +354,30 @@ def read_rows(path: Path | str, source: "TeacherModel | ModelFile", options: Row
         known = ", ".join(JSONL_SUFFIXES + tuple(s + ".gz" for s in JSONL_SUFFIXES) + PARQUET_SUFFIXES)
         raise InputError(f"{path}: unknown dataset type {path.suffix!r} (use {known})")
     return _rows(path, objects, encoder, context, stats)
+
+
+def encode_rows(objects: Iterable[tuple[str, Any]], source: "TeacherModel | ModelFile",
+                options: RowOptions = RowOptions(), stats: RowStats | None = None,
+                name: str = "dataset") -> Iterator[Row]:
+    """Rows from objects parsed elsewhere (a ray.data.Dataset's rows, say): (where, row dict) pairs,
+    checked and encoded exactly as read_rows does a file's lines. `name` names the whole input in
+    the "no rows" error."""
+    encoder, context = _checked_encoder(source, options)
+    return _rows(Path(name), iter(objects), encoder, context, stats if stats is not None else RowStats())
+
+
+def _checked_encoder(source: "TeacherModel | ModelFile", options: RowOptions) -> tuple[_Encoder, int]:
+    """The encoder of `source`'s rows and its context length, once the options are checked against it."""
+    encoder = _Encoder(source, options)
+    model = encoder.model
+    context = model.config.context_length
+    limit = options.max_seq_len
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InputError(f"--max-seq-len must be a positive integer, got {limit!r}")
+        if context and limit > context:
+            raise InputError(f"--max-seq-len {limit} is more than {model.path.name}'s context length ({context})")
+    return encoder, context
 
 
 def _rows(path: Path, objects: Iterator[tuple[str, Any]], encoder: _Encoder, context: int,

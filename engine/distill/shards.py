@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -150,7 +152,6 @@ class ShardData:
     arrays: dict[str, np.ndarray]  # per position: "values" [N, K or V], "ids" [N, K], "tail" [N]
     dropped_sum: float = 0.0
     dropped_max: float = 0.0
-    row_stats: dict[str, int] = field(default_factory=dict)  # RowStats when the shard closed
 
 
 def bytes_per_token(opts: SignalOptions, out_vocab: int) -> int:
@@ -245,11 +246,45 @@ def write_dense(path: Path, data: ShardData, vocab_size: int) -> None:
         "target_mask": mask.astype(np.uint8),
     }
     save_file(tensors, str(path), metadata={"format": FORMAT, "temperature": "1.0", "vocab_size": str(vocab_size)})
+    _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes the metadata from a hash map, in an order that changes from process to
+    process; sorted, the same shard is the same bytes whichever process (a resume, a Ray worker)
+    wrote it. Only the order changes, so the header keeps its length and the data stay in place."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        f.seek(8)
+        f.write(text.ljust(n))  # safetensors pads its header with spaces
+
+
+def write_shard(out: Path, opts: SignalOptions, teacher_vocab: int, data: ShardData) -> dict:
+    """Write one shard's file into `out` atomically; its manifest entry. Every executor (this
+    process's writer thread, a Ray worker) writes through this one function."""
+    name = shard_name(opts.kind, data.index)
+    out_vocab = opts.vocab_size or teacher_vocab
+    with atomic_output(out / name) as tmp:
+        if opts.kind == "topk":
+            write_parquet(tmp, data)
+        else:
+            write_dense(tmp, data, out_vocab)
+    entry = {"file": name, "rows": [data.start, data.end], "n_rows": len(data.rows),
+             "tokens": int(data.offsets[-1]), "bytes": (out / name).stat().st_size,
+             "sha256": sha256_file(out / name)}
+    if out_vocab < teacher_vocab:
+        entry["dropped_mass"] = {"sum": data.dropped_sum, "max": data.dropped_max}
+    return entry
 
 
 # --- the manifest ------------------------------------------------------------------------------------
-def manifest_options(teacher: "TeacherModel", opts: SignalOptions, input_path: Path, input_sha: str) -> dict:
-    """Every option that decides the shards' bytes: a resume must match all of them."""
+def manifest_options(teacher: "TeacherModel", opts: SignalOptions, input_name: str, input_sha: str,
+                     device: str | None = None) -> dict:
+    """Every option that decides the shards' bytes: a resume must match all of them. `device` is
+    the one that computes the shards (default: the teacher's)."""
     template = opts.rows.chat_template
     if template is None and teacher.model.tokenizer is not None:
         template = teacher.model.tokenizer.chat_template
@@ -267,8 +302,8 @@ def manifest_options(teacher: "TeacherModel", opts: SignalOptions, input_path: P
         "shard_rows": opts.shard_rows,
         "shard_bytes": opts.shard_bytes,
         "batch_tokens": opts.batch_tokens,
-        "device": teacher.device,
-        "input": {"file": input_path.name, "sha256": input_sha},
+        "device": device or teacher.device,
+        "input": {"file": input_name, "sha256": input_sha},
     }
 
 
@@ -374,21 +409,110 @@ def count_rows(path: Path) -> int | None:
     return None
 
 
-def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: SignalOptions, *,
+@dataclass
+class ShardJob:
+    """One shard of the plan: what an executor needs to compute and write it."""
+
+    index: int
+    start: int  # dataset row indices [start, end) it covers
+    end: int
+    rows: list[Row]
+    row_stats: dict[str, int]  # RowStats when the shard closed: the manifest's stats once it is listed
+
+
+class ShardExecutor(Protocol):
+    """Computes and writes (write_shard) the planned shards; yields each job with its manifest entry,
+    in shard order, once the shard's file is in place; calls advance(rows, tokens) as work is done."""
+
+    device: str  # the device that computes the shards: an option a resume must match
+
+    def run(self, jobs: Iterator[ShardJob],
+            advance: Callable[[int, int], None]) -> Iterator[tuple[ShardJob, dict]]: ...
+
+
+@dataclass
+class LocalExecutor:
+    """This process's teacher computes each shard while one writer thread writes the previous one
+    (at most one shard waits: bounded host memory)."""
+
+    teacher: "TeacherModel"
+    out: Path
+    opts: SignalOptions
+
+    @property
+    def device(self) -> str:
+        return self.teacher.device
+
+    def run(self, jobs: Iterator[ShardJob],
+            advance: Callable[[int, int], None]) -> Iterator[tuple[ShardJob, dict]]:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        pending: tuple[ShardJob, Future] | None = None
+        try:
+            for job in jobs:
+                data = compute_shard(self.teacher, self.opts, job.index, job.start, job.end, job.rows, advance)
+                if pending is not None:
+                    yield pending[0], pending[1].result()  # at most one shard waits for the writer
+                pending = job, pool.submit(write_shard, self.out, self.opts, self.teacher.vocab_size, data)
+                del data
+        except Exception:
+            if pending is not None and pending[1].exception() is None:  # the shard before a failure stays listed
+                yield pending[0], pending[1].result()
+            raise
+        else:
+            if pending is not None:
+                yield pending[0], pending[1].result()
+        finally:
+            pool.shutdown(wait=True)
+
+
+class RowSource(Protocol):
+    """Where the rows come from: a dataset file (FileRows), or a ray.data.Dataset (ray_run)."""
+
+    name: str  # recorded in the manifest beside sha256(): a resume must read the same rows
+
+    def sha256(self) -> str: ...
+
+    def rows(self, teacher: "TeacherModel", options: RowOptions, stats: RowStats) -> Iterator[Row]: ...
+
+    def count(self) -> int | None: ...  # for the progress bar
+
+
+@dataclass(frozen=True)
+class FileRows:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    def rows(self, teacher: "TeacherModel", options: RowOptions, stats: RowStats) -> Iterator[Row]:
+        return read_rows(self.path, teacher, options, stats)
+
+    def count(self) -> int | None:
+        return count_rows(self.path)
+
+
+def write_signals(teacher: "TeacherModel", input_path: "Path | RowSource", out: Path, opts: SignalOptions, *,
                   resume: bool = False, progress: bool = False,
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-                  model_sha256: str | None = None) -> RunSummary:
+                  model_sha256: str | None = None, executor: ShardExecutor | None = None) -> RunSummary:
     """Stream the teacher's signals over a dataset into shards in `out` (module docstring).
 
     `out` is created if need be (prepare_out_dir, which a CLI runs before loading the model).
     Without `resume` a directory that already holds a manifest is refused; with it, the run
     continues a matching manifest. InputError (one line)
     for every problem of the input, the options or the destination (disk full included: the
-    shards written so far stay listed and --resume continues from them)."""
+    shards written so far stay listed and --resume continues from them).
+
+    `executor` computes and writes the shards (default: LocalExecutor, this process); with another
+    one (ray_run's) `teacher` only reads the rows and names the model, and may live on the CPU."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    input_path = Path(input_path)
+    executor = executor or LocalExecutor(teacher, out, opts)
     if opts.kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {opts.kind!r}")
     out_vocab = opts.vocab_size or teacher.vocab_size
@@ -397,8 +521,12 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     for name in ("shard_rows", "shard_bytes", "batch_tokens"):
         if getattr(opts, name) < 1:
             raise InputError(f"{name} must be >= 1, got {getattr(opts, name)}")
-    if not input_path.is_file():
-        raise InputError(f"{input_path}: no such input file")
+    if isinstance(input_path, (str, os.PathLike)):
+        if not Path(input_path).is_file():
+            raise InputError(f"{input_path}: no such input file")
+        source: RowSource = FileRows(Path(input_path))
+    else:
+        source = input_path
     prepare_out_dir(out)
     manifest_path = out / MANIFEST
     if not resume and manifest_path.exists():
@@ -406,10 +534,10 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     if not resume and any(out.glob("shard-*")):
         raise InputError(f"{out}: holds shard files but no {MANIFEST}; choose another directory")
     stats = RowStats()
-    rows_iter = read_rows(input_path, teacher, opts.rows, stats)  # checks the file and options now
+    rows_iter = source.rows(teacher, opts.rows, stats)  # checks the file and options now
     model = {"file": teacher.model.path.name, "sha256": model_sha256 or sha256_file(teacher.model.path),
              "arch": teacher.config.arch, "vocab_size": teacher.vocab_size}
-    options = manifest_options(teacher, opts, input_path, sha256_file(input_path))
+    options = manifest_options(teacher, opts, source.name, source.sha256(), executor.device)
     if resume:
         manifest, note = load_resumable(out, options, model)
         if note:
@@ -427,8 +555,7 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
     manifest["complete"] = False
     _write_json(manifest_path, manifest)  # a new run is resumable (and its directory claimed) at once
     per_token = bytes_per_token(opts, out_vocab)
-    cropping = out_vocab < teacher.vocab_size
-    bar = tqdm(total=count_rows(input_path), unit="row", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=source.count(), unit="row", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, initial=sum(s["n_rows"] for s in done))
     t_compute = time.perf_counter()
 
@@ -438,39 +565,18 @@ def write_signals(teacher: "TeacherModel", input_path: Path, out: Path, opts: Si
         rate = summary.computed_tokens / max(time.perf_counter() - t_compute, 1e-9)
         bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-    pending: Future | None = None
-
-    def write(data: ShardData) -> None:
-        name = shard_name(opts.kind, data.index)
-        with atomic_output(out / name) as tmp:
-            if opts.kind == "topk":
-                write_parquet(tmp, data)
-            else:
-                write_dense(tmp, data, out_vocab)
-        entry = {"file": name, "rows": [data.start, data.end], "n_rows": len(data.rows),
-                 "tokens": int(data.offsets[-1]), "bytes": (out / name).stat().st_size,
-                 "sha256": sha256_file(out / name)}
-        if cropping:
-            entry["dropped_mass"] = {"sum": data.dropped_sum, "max": data.dropped_max}
-        manifest["shards"].append(entry)
-        manifest["stats"] = _stats(manifest, data.row_stats)
-        _write_json(manifest_path, manifest)
+    def jobs() -> Iterator[ShardJob]:
+        for index, start, end, shard_rows in _shards(rows_iter, opts, per_token, len(done), resume_row):
+            yield ShardJob(index, start, end, shard_rows, _row_stats(stats))
 
     try:
-        for index, start, end, shard_rows in _shards(rows_iter, opts, per_token, len(done), resume_row):
-            snapshot = _row_stats(stats)
-            data = compute_shard(teacher, opts, index, start, end, shard_rows, advance)
-            data.row_stats = snapshot
-            if pending is not None:
-                pending.result()  # at most one shard waits for the writer: bounded host memory
-            pending = pool.submit(write, data)
-            del data
-        if pending is not None:
-            pending.result()
+        for job, entry in executor.run(jobs(), advance):
+            manifest["shards"].append(entry)
+            manifest["stats"] = _stats(manifest, job.row_stats)
+            _write_json(manifest_path, manifest)
     finally:
-        pool.shutdown(wait=True)
         bar.close()
+    _remove_partials(out)  # a worker killed while writing (a Ray run goes on without it) left its temporary
     manifest["complete"] = True
     manifest["stats"] = _stats(manifest, _row_stats(stats))
     _write_json(manifest_path, manifest)
