@@ -35,7 +35,7 @@ STAGES=(
   "integrity|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_integrity.py && python3 bench/bench_model.py finite"
   "large-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_large_gpu.py"
   "distill-example|set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_example.py && python3 examples/distill.py --teacher $Q4K_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda --student-size 100m --rows 1024 --seq-len 512 --batch 8 --report-json $LOG/distill-smollm2.json | tail -4 && python3 -c 'import sys; sys.path.insert(0, \"bench\"); import make_7b; make_7b.ensure_7b()' && python3 examples/distill.py --teacher /tmp/qwen2-7b-q4km-synthetic.apr --device cuda --student-size 100m --rows 512 --seq-len 512 --batch 8 --report-json $LOG/distill-7b.json | tail -4"
-  "distill|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_shards.py && set -o pipefail && python3 bench/bench_distill.py | tee $LOG/distill.md"
+  "distill-shards|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_shards.py && set -o pipefail && python3 bench/bench_distill.py | tee $LOG/distill.md"
   "ray|set -o pipefail && python3 bench/bench_ray.py | tee $LOG/ray.md"
 )
 # Run only when named (bash bench/gpu-check.sh large-72b): each writes a 20-47 GB GGUF to /tmp first
