@@ -112,7 +112,7 @@ def main() -> None:
             f"| device memory after load | {after_load} |"]
     for b, t in shapes(a.memory):
         meter.reset(teacher)
-        vals, ids = teacher.topk_logprobs(prompts(b, t), k=TOPK)
+        vals, ids = teacher.topk_logprobs(prompts(b, t), k=TOPK)[:2]
         assert vals.shape == (b, t, TOPK) and np.isfinite(vals).all(), "top-k output not finite"
         rows.append(f"| device memory, top-{TOPK} of every position, {b}x{t} | {meter.used(teacher)} |")
         print(rows[-1], flush=True)
