@@ -26,7 +26,7 @@ from q4k_engine.convert import Reencoded, requantize, save_model, to_portable
 from q4k_engine.errors import InputError, Q4KError, Q4KWarning
 from q4k_engine.kernels.matmul import SCRATCH_BYTES
 from q4k_engine.loader import model_name, open_model
-from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS
+from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS, HEAD_CHUNK_BYTES
 from q4k_engine.shapes import SHAPES, shape_model
 from q4k_engine.synthetic import resolve_model
 from q4k_engine.tensors import ModelFile
@@ -99,10 +99,14 @@ def memory_estimate(model: ModelFile, batch: int, seq: int, topk: int = TOPK_DEF
     # The matmuls' f16 dequantize scratch and glu_matmul's block of products, each at most this.
     workspace = 2 * SCRATCH_BYTES
     weights = sum(t.nbytes for t in model.tensors.values())
-    # Top-k output: the provider runs forwards of at most max_batch_tokens (whole sequences), each
-    # holding its fp32 logits and their log-softmax at once, then keeps k values (fp32) and ids
-    # (int64) per position. No KV cache: a prefill's k/v live one layer at a time.
+    # Top-k output: the provider runs forwards of at most max_batch_tokens (whole sequences) and the
+    # LM head plus the reduction on chunks of positions (provider.HEAD_CHUNK_BYTES of fp32 logits);
+    # a chunk's logits, their in-place log-softmax and the selection's temporaries come to about three
+    # chunks (measured on the H200: 7B 1x2048 pool peak 5.67 GB, 72B 4x2048 49.10 GB). Then k values
+    # (fp32) and ids (int64) and the tail (fp32) per position. No KV cache: a prefill's k/v live one
+    # layer at a time.
     fwd_tokens = min(tokens, max(seq, DEFAULT_MAX_BATCH_TOKENS // seq * seq))
+    chunk = min(fwd_tokens, max(1, HEAD_CHUNK_BYTES // (4 * c.vocab_size)))
     parts = {
         "weights": weights,
         "kv_cache_fp16": kv_values * 2,
@@ -111,7 +115,7 @@ def memory_estimate(model: ModelFile, batch: int, seq: int, topk: int = TOPK_DEF
         "logits_fp16": tokens * c.vocab_size * 2,
         "logits_fp32": tokens * c.vocab_size * 4,
         "topk_activations_fp32": fwd_tokens * per_token * 4 + workspace,
-        "topk_logits": fwd_tokens * c.vocab_size * 4 * 2 + tokens * topk * (4 + 8),
+        "topk_logits": chunk * c.vocab_size * 4 * 3 + tokens * (topk * (4 + 8) + 4),
     }
     return {
         "batch": batch,
@@ -133,7 +137,8 @@ def memory_estimate(model: ModelFile, batch: int, seq: int, topk: int = TOPK_DEF
             "logits are kept for every position ([batch*seq, vocab]); last-position or top-k "
             "output needs only a [batch, vocab] slice",
             f"top-k (k={topk}): forwards of at most {DEFAULT_MAX_BATCH_TOKENS} tokens (the provider's "
-            "max_batch_tokens), each with fp32 logits and their log-softmax alive, then k values + ids per position",
+            f"max_batch_tokens), the LM head and reduction on {chunk} positions at a time (about three "
+            "chunks of fp32 logits alive), then k values + ids and the tail per position",
             "the CUDA context, cuBLAS workspace and the CuPy pool's cached blocks (a few hundred MB) are not "
             "included; the run's own report leads with the process's measured device memory",
         ],
