@@ -12,6 +12,8 @@ from q4k_engine.cli.main import main
 from q4k_engine.convert import save_model
 from q4k_engine.synthetic import synthetic_model
 
+from cli_checks import assert_one_line_error
+
 
 @pytest.fixture(scope="module")
 def demo():
@@ -20,14 +22,6 @@ def demo():
 
 def invoke(*args: str):
     return CliRunner().invoke(main, ["logits", "--device", "cpu", *args])
-
-
-def assert_one_line_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("q4k-engine: error: "), result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_print_top_k_per_position(demo):

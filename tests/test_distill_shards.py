@@ -23,6 +23,7 @@ from q4k_engine.cli.main import main
 from q4k_engine.distill.rows import RowOptions, read_rows
 from q4k_engine.distill.shards import MANIFEST, SignalOptions, write_signals
 
+from cli_checks import assert_one_line_error
 from conftest import fresh_seed
 from distill_data import mixed_rows, write_jsonl
 
@@ -43,14 +44,6 @@ def dataset(tmp_path_factory, demo) -> Path:
 
 def invoke(*args: str):
     return CliRunner().invoke(main, ["logits", "--model", "demo", "--device", "cpu", *args])
-
-
-def assert_one_line_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("q4k-engine: error: "), result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def files(d: Path) -> dict[str, bytes]:
