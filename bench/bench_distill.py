@@ -68,7 +68,8 @@ def main() -> None:
 
     import q4k_engine
     from q4k_engine.distill.rows import RowOptions, length_batches, read_rows
-    from q4k_engine.distill.shards import SignalOptions, _shards, bytes_per_token, sha256_file, write_signals
+    from q4k_engine.binio import sha256_file
+    from q4k_engine.distill.shards import SignalOptions, _shards, bytes_per_token, write_signals
 
     if a.model is None:
         import make_7b

@@ -50,7 +50,8 @@ def main() -> None:
     import q4k_engine
     from bench_distill import write_rows
     from q4k_engine.distill.ray_run import import_ray, write_signals_ray
-    from q4k_engine.distill.shards import SignalOptions, sha256_file, write_signals
+    from q4k_engine.binio import sha256_file
+    from q4k_engine.distill.shards import SignalOptions, write_signals
 
     ray = import_ray()
     import pyarrow.parquet  # noqa: F401  (imported once before (1): Ray's workers have it loaded already)

@@ -6,6 +6,7 @@ or a stray struct/numpy exception.
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
@@ -178,3 +179,19 @@ def shown(value: object, limit: int = 80) -> str:
     """A file-supplied name or value, safe for a one-line message: printable and short."""
     text = value if isinstance(value, str) and value.isprintable() else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in chunks (a 7B model is never in memory at once); InputError when
+    it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(HASH_CHUNK):
+                h.update(block)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    return h.hexdigest()

@@ -13,7 +13,7 @@ from q4k_engine.dtypes import GGMLType, tensor_bytes
 from q4k_engine.errors import FormatError, InputError, Q4KError, UnsupportedError
 from q4k_engine.gguf_file import read_gguf, write_gguf
 from q4k_engine.config import expected_shapes
-from q4k_engine.convert import q4_k_m_type, requantize, save_model
+from q4k_engine.convert import save_model
 from q4k_engine.loader import (
     config_from_metadata,
     config_to_apr_metadata,

@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from ..binio import sha256_file
 from ..errors import DeviceError, FormatError, InputError, Q4KError, UnsupportedError
 from .rows import Row, RowOptions, RowStats, encode_rows
-from .shards import RunSummary, ShardJob, SignalOptions, compute_shard, prepare_out_dir, sha256_file, write_shard, \
-    write_signals
+from .shards import RunSummary, ShardJob, SignalOptions, compute_shard, prepare_out_dir, write_shard, write_signals
 
 if TYPE_CHECKING:
     from ..provider import TeacherModel

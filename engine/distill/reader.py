@@ -25,7 +25,6 @@ time, so memory stays bounded whatever the directory's size.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..binio import sha256_file
 from ..errors import FormatError, InputError
 
 FORMAT = "q4k-engine-signals"
@@ -180,13 +180,6 @@ def read_manifest(directory: str | Path) -> Manifest:
                     bool(_need(raw, "complete", bool, where)), raw)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
 
 # --- shards ------------------------------------------------------------------------------------
 
@@ -290,20 +283,18 @@ class Signals:
             last = int(row_index[-1]) if len(row_index) else last
             off, ids_vals = _list_parts(col["input_ids"], where, "input_ids")
             input_ids = _values(ids_vals, where, "input_ids").astype(np.int32)
-            per_pos = {}
-            for name in ("tail_logmass", "target_mask"):
+            def per_position(name: str) -> Any:
+                """The values of a column with one entry per position, rows aligned with input_ids."""
                 o, v = _list_parts(col[name], where, name)
                 if not np.array_equal(o, off):
                     raise FormatError(f"{where}: {name} and input_ids differ in length at row "
                                       f"{int(row_index[np.argmax(o != off) - 1])}")
-                per_pos[name] = _values(v, where, name)
+                return v
+
+            per_pos = {name: _values(per_position(name), where, name) for name in ("tail_logmass", "target_mask")}
             nested = {}
             for name in ("target_token_ids", "target_logprobs"):
-                o, inner = _list_parts(col[name], where, name)
-                if not np.array_equal(o, off):
-                    raise FormatError(f"{where}: {name} and input_ids differ in length at row "
-                                      f"{int(row_index[np.argmax(o != off) - 1])}")
-                io, v = _list_parts(inner, where, name)
+                io, v = _list_parts(per_position(name), where, name)
                 lens = np.diff(io)
                 if (lens != k).any():
                     pos = int(np.argmax(lens != k))

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from ..binio import atomic_output
+from ..binio import HASH_CHUNK, atomic_output, sha256_file
 from ..errors import InputError
 from .rows import Row, RowOptions, RowStats, length_batches, read_rows
 
@@ -62,7 +62,6 @@ MANIFEST = "manifest.json"
 KINDS = {"topk": ".parquet", "dense": ".safetensors"}
 DEFAULT_SHARD_ROWS = 1000
 DEFAULT_SHARD_BYTES = 512 << 20
-HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a model or dataset file
 
 
 @dataclass(frozen=True)
@@ -91,17 +90,6 @@ class RunSummary:
     dropped_max: float | None = None
     row_stats: RowStats = field(default_factory=RowStats)
 
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in chunks (a 7B model is never in memory at once)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(HASH_CHUNK):
-                h.update(block)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-    return h.hexdigest()
 
 
 def package_version() -> str:
