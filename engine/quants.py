@@ -74,7 +74,7 @@ def _f16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, offset : offset + 2]).view(_F16).astype(np.float32)
 
 
-def _f16_bytes(values: np.ndarray) -> np.ndarray:
+def f16_bytes(values: np.ndarray) -> np.ndarray:
     """float32 [n] -> its IEEE half (round to nearest even, as GGML_FP32_TO_FP16) as bytes [n, 2]."""
     return values.astype(_F16).reshape(-1, 1).view(np.uint8)
 
@@ -261,7 +261,7 @@ def _q_q8_0(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
     q = _round_away(x * inv[:, None]).astype(np.int8)
-    return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
+    return np.concatenate([f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
 def _make_qkx2_quants(
@@ -351,7 +351,7 @@ def _q_q4_k(x: np.ndarray) -> np.ndarray:
     packed[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
     pairs = L.reshape(n, 4, 2, 32)  # 64-value chunk c: sub-block 2c -> low nibbles, 2c+1 -> high
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, 128)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
+    return np.concatenate([f16_bytes(d), f16_bytes(dmin), packed, qs], axis=1)
 
 
 def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -416,7 +416,7 @@ def _q_q6_k(x: np.ndarray) -> np.ndarray:
     low, high = groups & 0xF, groups >> 4
     ql = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(n, 128)
     qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)
-    return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+    return np.concatenate([ql, qh, sc.view(np.uint8), f16_bytes(d)], axis=1)
 
 
 _QUANT: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {

@@ -33,6 +33,7 @@ from .convert import q4_k_m_type
 from .dtypes import TYPE_INFO, GGMLType, tensor_bytes
 from .errors import InputError
 from .loader import arch_config
+from .quants import f16_bytes
 from .tensors import ModelFile, QTensor, TokenizerSpec
 
 WEIGHT_STD = 0.02
@@ -135,10 +136,6 @@ _INT_STD = {GGMLType.Q4_K: _Q4K_STD, GGMLType.Q6_K: _Q6K_STD, GGMLType.Q5_0: _Q5
 BLOCK_TYPES = tuple(_SCALE_AT)
 
 
-def _f16_bytes(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
 def fill_blocks(out: np.ndarray, dtype: GGMLType, rng: np.random.Generator) -> None:
     """Fill `out` (uint8 [n_blocks, type_size]) with random valid blocks of `dtype` whose values
     have std ~WEIGHT_STD (each block's scale jittered by 0.5-1.5x) and mean ~0."""
@@ -151,9 +148,9 @@ def fill_blocks(out: np.ndarray, dtype: GGMLType, rng: np.random.Generator) -> N
     out.reshape(-1)[:] = rng.bit_generator.random_raw(words).view(np.uint8)[: out.size]
     d = WEIGHT_STD / (_INT_STD[dtype] * _JITTER_RMS) * rng.uniform(0.5, 1.5, n)
     at = _SCALE_AT[dtype]
-    out[:, at:at + 2] = _f16_bytes(d)
+    out[:, at:at + 2] = f16_bytes(d)
     if dtype == GGMLType.Q4_K:  # dmin (any 6-bit mins are valid) cancels the mean of sc * q
-        out[:, 2:4] = _f16_bytes(d * _Q4K_DMIN)
+        out[:, 2:4] = f16_bytes(d * _Q4K_DMIN)
 
 
 def _key(seed: int, name: str, chunk: int) -> list[int]:
