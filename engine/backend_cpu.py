@@ -234,6 +234,15 @@ class NumpyBackend:
         with np.errstate(divide="ignore"):
             return (np.log(np.exp(z - m).sum(axis=-1)) + m[..., 0]).astype(np.float32)
 
+    def topk_logprobs(self, x: np.ndarray, k: int, temperature: float = 1.0,
+                      tail: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        y = self.log_softmax(x, temperature)
+        vals, idx = self.topk(y, k)
+        if not tail:
+            return vals, idx, None
+        np.put_along_axis(y, idx.astype(np.int64), -np.inf, axis=-1)  # the rest of each row is the tail
+        return vals, idx, self.logsumexp(y)
+
     def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = x.shape[-1]
         if not 1 <= k <= n:

@@ -440,6 +440,9 @@ class CudaBackend:
     def logsumexp(self, x: Any, temperature: float = 1.0) -> Any:
         return self._ops.logsumexp(x, temperature)
 
+    def topk_logprobs(self, x: Any, k: int, temperature: float = 1.0, tail: bool = False) -> tuple[Any, Any, Any]:
+        return self._ops.topk_logprobs(x, k, temperature, tail)
+
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:
         return self._ops.topk(x, k)
 

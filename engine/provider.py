@@ -343,14 +343,12 @@ class TeacherModel:
         seqs = self.validate(batch)
         cropping = n_out < self.vocab_size
 
-        def reduce(z: Any) -> tuple:  # z is this chunk's own logits: overwritten by its log-probs
+        def reduce(z: Any) -> tuple:  # z: this chunk's logits, read once more for each reduction
             dropped = self._dropped(z, n_out, t)
-            y = be.log_softmax(self._crop(z, n_out), t, inplace=True)
-            vals, idx = be.topk(y, int(k))
+            vals, idx, rest = be.topk_logprobs(self._crop(z, n_out), int(k), t, tail)
             out = [vals, idx.astype(xp.int64)]
             if tail:
-                y[xp.arange(y.shape[0])[:, None], idx] = -np.inf  # the rest of the row is the tail
-                out.append(be.logsumexp(y))
+                out.append(rest)
             if cropping:
                 out.append(dropped)
             return tuple(out)

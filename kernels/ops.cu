@@ -552,15 +552,19 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ k, const floa
 }
 
 // ---------------------------------------------------------------------------------------------
-// Top-k per row of x [rows, n]: k passes of a block-wide argmax, each pass taking the best element
-// strictly after the previous pick in the order (value descending, index ascending). Ties resolve
-// to the lower index, NaNs are never picked. k is small (<= a few hundred); each pass re-reads the
-// row from L2/HBM, cheaper than sorting all of it.
-__global__ void topk_rows(const float* __restrict__ x, float* __restrict__ vals, int* __restrict__ idx,
-                          int n, int k) {
+// Top-k selection. The order is (key descending, index ascending): ties resolve to the lower index,
+// NaNs are never picked.
+
+}  // extern "C"
+
+// The k best of row keys key(0..n) by k passes of a block-wide argmax, each taking the best element
+// strictly after the previous pick; raw keys into vals/idx (-inf / -1 once the row is exhausted).
+// Every thread of the block calls it; all get the k-th pick in kth_v / kth_i. O(k n): the general
+// case (any k), and the fallback of topk_logprobs_rows when its candidates do not fit.
+template <class Key>
+__device__ void select_k_passes(const Key& key, int n, int k, float* vals, int* idx, float& kth_v, int& kth_i) {
     __shared__ float rv[32];
     __shared__ int ri[32];
-    const float* row = x + (size_t)blockIdx.x * n;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int nw = (blockDim.x + 31) >> 5;
     float prev_v = __int_as_float(0x7f800000);
@@ -569,7 +573,7 @@ __global__ void topk_rows(const float* __restrict__ x, float* __restrict__ vals,
         float bv = NEG_INF;
         int bi = -1;
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const float xv = row[i];
+            const float xv = key(i);
             const bool after = xv < prev_v || (xv == prev_v && i > prev_i);
             if (after && (bi < 0 || xv > bv)) { bv = xv; bi = i; }  // strided i: first hit has lowest index
         }
@@ -595,10 +599,183 @@ __global__ void topk_rows(const float* __restrict__ x, float* __restrict__ vals,
         prev_i = ri[0];
         __syncthreads();
         if (threadIdx.x == 0) {
-            vals[(size_t)blockIdx.x * k + j] = prev_i >= 0 ? prev_v : NEG_INF;
-            idx[(size_t)blockIdx.x * k + j] = prev_i;
+            vals[j] = prev_i >= 0 ? prev_v : NEG_INF;
+            idx[j] = prev_i;
         }
         if (prev_i < 0) prev_v = NEG_INF;  // row exhausted (k > n or all NaN): nothing is "after"
+    }
+    kth_v = prev_v;
+    kth_i = prev_i;
+}
+
+struct RawKey {
+    const float* row;
+    __device__ float operator()(int i) const { return row[i]; }
+};
+
+// log_softmax(x / t) of one value as CuPy computes it in separate kernels (z = x * inv_t; z -= max;
+// z -= log(sum)): the _rn intrinsics keep the compiler from contracting the steps into an FMA.
+struct LogProbKey {
+    const float* row;
+    float inv_t, m, log_s;
+    __device__ float operator()(int i) const { return __fsub_rn(__fsub_rn(__fmul_rn(row[i], inv_t), m), log_s); }
+};
+
+// Online log-sum-exp of a running (max m, sum s of exp(v - m)); -inf and NaN are skipped.
+__device__ __forceinline__ void lse_add(float& m, float& s, float v) {
+    if (v > m) {
+        s = s * expf(m - v) + 1.f;
+        m = v;
+    } else if (v > NEG_INF) {
+        s += expf(v - m);
+    }
+}
+
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    if (m2 > m) {
+        s = s * expf(m - m2) + s2;
+        m = m2;
+    } else if (m2 > NEG_INF) {
+        s += s2 * expf(m2 - m);
+    }
+}
+
+// log(sum exp) over the block's (m, s) pairs, in a fixed order (the result is deterministic); -inf
+// when every sum is empty. `red` is 64 floats of shared memory; every thread calls it.
+__device__ float block_lse(float m, float s, float* red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+    if (lane == 0) { red[w] = m; red[32 + w] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        m = red[0];
+        s = red[32];
+        for (int i = 1; i < nw; ++i) lse_merge(m, s, red[i], red[32 + i]);
+        red[0] = s > 0.f ? logf(s) + m : NEG_INF;
+    }
+    __syncthreads();
+    const float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+// Sorts v/ix[0..p) (p a power of two) into the order (v descending, ix ascending): a bitonic
+// network over shared memory; every thread of the block calls it.
+__device__ void bitonic_best_first(float* v, int* ix, int p) {
+    for (int size = 2; size <= p; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int t = threadIdx.x; t < (p >> 1); t += blockDim.x) {
+                const int i = (t / stride) * 2 * stride + (t % stride), j = i + stride;
+                const bool j_first = v[j] > v[i] || (v[j] == v[i] && ix[j] < ix[i]);
+                if (j_first == ((i & size) == 0)) {
+                    const float tv = v[i];
+                    const int ti = ix[i];
+                    v[i] = v[j];
+                    ix[i] = ix[j];
+                    v[j] = tv;
+                    ix[j] = ti;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+extern "C" {
+
+// Top-k per row of x [rows, n] (k passes; see select_k_passes). One block per row.
+__global__ void topk_rows(const float* __restrict__ x, float* __restrict__ vals, int* __restrict__ idx,
+                          int n, int k) {
+    float kv;
+    int ki;
+    select_k_passes(RawKey{x + (size_t)blockIdx.x * n}, n, k, vals + (size_t)blockIdx.x * k,
+                    idx + (size_t)blockIdx.x * k, kv, ki);
+}
+
+// The k most likely entries of log_softmax(x / t) of each row of x [rows, n] (row stride ld) and,
+// with want_tail, the log of the summed probability of all the others (-inf when there are none).
+// One block of TK_THREADS per row, no temporary the size of the row: pass 1 takes the max of
+// x * inv_t (and each thread's max), pass 2 the sum of exp, pass 3 computes every log-prob y,
+// keeps as candidates those >= the k-th largest of the threads' maxima (at least k of them: the
+// maxima themselves) and sums exp(y) of the others online. The candidates are sorted in shared
+// memory; those past rank k join the tail. More than TK_CAP candidates (a row of many equal values)
+// or k > TK_THREADS: the same result by k passes.
+#define TK_THREADS 512
+#define TK_CAP 2048
+__global__ void __launch_bounds__(TK_THREADS)
+    topk_logprobs_rows(const float* __restrict__ x, long long ld, int n, int k, float inv_t, int want_tail,
+                       float* __restrict__ vals, int* __restrict__ idx, float* __restrict__ tail) {
+    __shared__ float cv[TK_CAP];
+    __shared__ int ci[TK_CAP];
+    __shared__ float red[64];
+    __shared__ int cnt;
+    const float* row = x + (size_t)blockIdx.x * ld;
+    float* vrow = vals + (size_t)blockIdx.x * k;
+    int* irow = idx + (size_t)blockIdx.x * k;
+    const int tid = threadIdx.x;
+
+    float tm = NEG_INF;
+    for (int i = tid; i < n; i += TK_THREADS) tm = fmaxf(tm, __fmul_rn(row[i], inv_t));
+    const float m = block_reduce(tm, red, true);
+    float s = 0.f;
+    for (int i = tid; i < n; i += TK_THREADS) s += expf(__fsub_rn(__fmul_rn(row[i], inv_t), m));
+    const LogProbKey y{row, inv_t, m, logf(block_reduce(s, red, false))};
+
+    float rm = NEG_INF, rs = 0.f;  // the tail's running log-sum-exp
+    bool fast = k <= TK_THREADS;
+    if (fast) {
+        // y is non-decreasing in x * inv_t, so y of the k-th largest thread max is a threshold
+        // that at least k values reach
+        cv[tid] = tm;
+        ci[tid] = tid;
+        __syncthreads();
+        bitonic_best_first(cv, ci, TK_THREADS);
+        const float tau = __fsub_rn(__fsub_rn(cv[k - 1], y.m), y.log_s);
+        __syncthreads();
+        if (tid == 0) cnt = 0;
+        __syncthreads();
+        for (int i = tid; i < n; i += TK_THREADS) {
+            const float v = y(i);
+            if (v >= tau) {
+                const int p = atomicAdd(&cnt, 1);
+                if (p < TK_CAP) { cv[p] = v; ci[p] = i; }
+            } else if (want_tail) {
+                lse_add(rm, rs, v);
+            }
+        }
+        __syncthreads();
+        const int c = cnt;
+        if (c <= TK_CAP) {
+            int p = 1;
+            while (p < c) p <<= 1;
+            for (int j = c + tid; j < p; j += TK_THREADS) { cv[j] = NEG_INF; ci[j] = 0x7fffffff; }
+            __syncthreads();
+            bitonic_best_first(cv, ci, p);
+            for (int j = tid; j < k; j += TK_THREADS) { vrow[j] = cv[j]; irow[j] = ci[j]; }
+            if (want_tail)
+                for (int j = k + tid; j < c; j += TK_THREADS) lse_add(rm, rs, cv[j]);
+        } else {
+            fast = false;  // c is the same for every thread: the whole block takes the other way
+        }
+    }
+    if (!fast) {
+        float kv;
+        int ki;
+        select_k_passes(y, n, k, vrow, irow, kv, ki);
+        rm = NEG_INF;
+        rs = 0.f;
+        if (want_tail)
+            for (int i = tid; i < n; i += TK_THREADS) {
+                const float v = y(i);
+                if (v < kv || (v == kv && i > ki)) lse_add(rm, rs, v);
+            }
+    }
+    if (want_tail) {
+        const float t = block_lse(rm, rs, red);
+        if (tid == 0) tail[blockIdx.x] = t;
     }
 }
 

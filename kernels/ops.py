@@ -352,6 +352,40 @@ def all_finite(x) -> bool:
     return not int(flag.get()[0])
 
 
+_TK_THREADS = 512  # must match ops.cu
+
+
+def topk_logprobs(x, k: int, temperature: float = 1.0, tail: bool = False, out=None):
+    """The k most likely entries of log_softmax(x / temperature) per row of x [rows, n] (a row-
+    strided view, e.g. a crop of the vocabulary, is read in place): values float32 descending, ties
+    to the lower index, indices int32; with tail, also log(sum of exp) of every other log-prob, the
+    tail mass (-inf where k covers the row), else None. One kernel and no [rows, n] temporary:
+    log_softmax(x) then topk and logsumexp of the rest give the same values (NumpyBackend does
+    that). `out` = (vals, idx, tail or None) lets a test poison the outputs first."""
+    cp = _cupy()
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    if x.ndim != 2:
+        raise InputError(f"topk_logprobs: x must be [rows, n], got shape {tuple(x.shape)}")
+    rows, n = x.shape
+    if not 1 <= k <= n:
+        raise InputError(f"top-k needs 1 <= k <= {n}, got k={k}")
+    if x.dtype != cp.float32 or x.strides[1] != 4 or x.strides[0] % 4 or x.data.ptr % 4:
+        x = _f32(x)
+    if out is None:
+        out = (None, None, None)
+    vals, idx, rest = _out(out[0], (rows, k)), _out(out[1], (rows, k), np.int32), out[2]
+    if tail:
+        rest = _out(rest, (rows,))
+    if rows:
+        ld = x.strides[0] // 4 if rows > 1 else n
+        kernel("ops.cu", "topk_logprobs_rows")(
+            (rows,), (_TK_THREADS,),
+            (x, np.int64(ld), np.int32(n), np.int32(k), np.float32(1.0 / temperature), np.int32(bool(tail)),
+             vals, idx, rest if tail else _NULL))
+    return vals, idx, rest if tail else None
+
+
 def topk(x, k: int):
     """The k largest values of each row of x [..., n] (descending, ties to the lower index) and
     their indices (int32)."""

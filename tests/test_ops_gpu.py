@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from q4k_engine.errors import InputError
+
 pytestmark = pytest.mark.gpu
 
 
@@ -300,3 +302,73 @@ def test_all_finite(cp, ops, rng, dtype, n):
     assert ops.all_finite(big)
     big[-1, -1] = np.nan
     assert not ops.all_finite(big) and not ops.all_finite(big[1:])
+
+
+def _topk_logprobs_ref(x: np.ndarray, k: int, t: float):
+    """The NumPy oracle: log_softmax, topk, logsumexp of the rest (NumpyBackend composes them)."""
+    from q4k_engine.backend_cpu import NumpyBackend
+
+    return NumpyBackend().topk_logprobs(np.ascontiguousarray(x), k, t, tail=True)
+
+
+def _check_topk_logprobs(cp, ops, x, k, t, what):
+    """The fused kernel (outputs poisoned first) against the oracle; run twice: byte-identical."""
+    rows = x.shape[0]
+    out = (cp.full((rows, k), np.nan, cp.float32), cp.full((rows, k), -7, cp.int32), cp.full(rows, np.nan, cp.float32))
+    vals, idx, tail = ops.topk_logprobs(x, k, t, True, out=out)
+    rv, ri, rt = _topk_logprobs_ref(cp.asnumpy(x), k, t)
+    got_v, got_i, got_t = vals.get(), idx.get(), tail.get()
+    np.testing.assert_allclose(got_v, rv, rtol=1e-5, atol=2e-5, err_msg=what)
+    # each index carries its own log-prob, no index twice (tokens whose log-probs differ by float32
+    # rounding may trade places with the oracle's; exact ties are checked where values are exact)
+    z = cp.asnumpy(x).astype(np.float64) / t
+    z -= z.max(1, keepdims=True)
+    z -= np.log(np.exp(z).sum(1, keepdims=True))
+    np.testing.assert_allclose(np.take_along_axis(z, got_i.astype(np.int64), 1), got_v, rtol=1e-5, atol=2e-5,
+                               err_msg=what)
+    assert all(len(set(r)) == k for r in got_i.tolist()), what
+    finite = np.isfinite(rt)
+    np.testing.assert_array_equal(np.isfinite(got_t), finite, err_msg=what)
+    np.testing.assert_allclose(got_t[finite], rt[finite], rtol=1e-4, atol=1e-4, err_msg=what)
+    again = ops.topk_logprobs(x, k, t, True)
+    for a, b in zip((vals, idx, tail), again):
+        assert a.get().tobytes() == b.get().tobytes(), f"{what}: not deterministic"
+    no_tail = ops.topk_logprobs(x, k, t, False)
+    assert no_tail[2] is None and no_tail[1].get().tobytes() == idx.get().tobytes(), what
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (31, 5), (513, 512), (50257, 1), (50257, 64), (152064, 64),
+                                 (152064, 512), (4099, 513), (300, 300)])
+def test_topk_logprobs_fused(cp, ops, rng, n, k):
+    """One kernel for top-k log-probs and the tail mass: odd sizes, k = n, k beyond the threads (the
+    k-pass way), random temperatures, against log_softmax + topk + logsumexp in NumPy."""
+    rows = 5
+    t = float(rng.uniform(0.3, 2.5))
+    x = (rng.standard_normal((rows, n)) * rng.uniform(1, 8)).astype(np.float32)
+    _check_topk_logprobs(cp, ops, cp.asarray(x), k, t, f"n={n} k={k} t={t:.3f}")
+
+
+def test_topk_logprobs_strided_ties_and_peaks(cp, ops, rng):
+    """A crop of the vocabulary read in place; rows of equal values (more candidates than shared
+    memory holds: the k-pass way, ties to the lower index); a peaked row whose tail is far below
+    float32's exp range but finite; integer ties around the k-th value."""
+    x = (rng.standard_normal((6, 20000)) * 3).astype(np.float32)
+    x[1] = 0.0  # 20000 equal values
+    x[2] = -5.0
+    x[2, 7] = 200.0  # tail ~ exp(-205) relative to the peak: finite in log space
+    x[3] = np.floor(x[3])  # many ties at every value
+    x[4, :] = np.arange(20000, dtype=np.float32) % 3
+    full = cp.asarray(x)
+    _check_topk_logprobs(cp, ops, full[:, :15000], 40, 1.0, "crop 15000 of 20000")
+    _check_topk_logprobs(cp, ops, full, 3, 0.7, "ties and peaks")
+    vals, idx, tail = ops.topk_logprobs(full[1:2], 3, 1.0, True)
+    assert idx.get().tolist() == [[0, 1, 2]]
+    _, idx, _ = ops.topk_logprobs(full[3:5], 50, 1.0, False)
+    np.testing.assert_array_equal(idx.get(), _topk_logprobs_ref(x[3:5], 50, 1.0)[1])
+    assert abs(float(tail.get()[0]) - np.log(19997 / 20000)) < 1e-5
+    _, _, tail = ops.topk_logprobs(full[2:3], 1, 1.0, True)
+    assert -210 < float(tail.get()[0]) < -190
+    with pytest.raises(InputError):
+        ops.topk_logprobs(full, 0)
+    with pytest.raises(InputError):
+        ops.topk_logprobs(full, 5, temperature=0.0)
