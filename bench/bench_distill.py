@@ -94,9 +94,10 @@ def main() -> None:
     def memory(phase: str) -> str:
         parts = [f"host RSS peak {rss_gb():.2f} GB"]
         report = getattr(be, "memory_report", None)
-        if report is not None:  # the pool keeps its blocks cached, so the process's figure is its peak too
+        if report is not None:
             m = report()
-            parts.append(f"device memory of the process {m.process_used / 1e9:.2f} GB "
+            parts.append(f"device memory of the process: peak {m.process_peak / 1e9:.2f} GB, now "
+                         f"{m.process_used / 1e9:.2f} GB "
                          f"({'CUDA context included' if m.context_counted else 'CUDA context not counted: no NVML'}); "
                          f"pool peak {m.pool_peak_held / 1e9:.2f} GB held ({m.pool_peak_used / 1e9:.2f} GB in arrays)")
         return f"  memory after {phase}: " + "; ".join(parts)

@@ -237,7 +237,8 @@ def bench_model(path: str | None) -> None:
         cp.cuda.Device().synchronize()
         m = be.memory_report()
         report.append(f"memory 1x2048 {'last' if last_only else 'all-position'} fp16 logits {out.shape}: "
-                      f"process {m.process_used / 1e9:.2f} GB of device memory (context, cuBLAS, pool"
+                      f"process peak {m.process_peak / 1e9:.2f} GB of device memory, now "
+                      f"{m.process_used / 1e9:.2f} GB (context, cuBLAS, pool"
                       f"{'' if m.context_counted else '; context not counted: no NVML'}), pool peak held "
                       f"{m.pool_peak_held / 1e9:.2f} GB (arrays {m.pool_peak_used / 1e9:.2f} GB), "
                       f"device used {m.device_used / 1e9:.2f} GB; target <= {target} GB (GB = 1e9 bytes)")

@@ -95,6 +95,9 @@ class Backend(Protocol):
     def log_softmax(self, x: Array, temperature: float = 1.0, inplace: bool = False) -> Array: ...
     # of x / temperature over the last dim, float32; inplace: into x when it is float32 and contiguous
     def logsumexp(self, x: Array, temperature: float = 1.0) -> Array: ...  # log(sum(exp(x / t))) over the last dim, float32; -inf for a row of -inf
+    def release_cached(self) -> None: ...
+    # hand memory that the backend caches but no live array uses back to the device (CUDA: the
+    # CuPy pool's free blocks); called after the upload and between the layers and the LM head
     def topk_logprobs(self, x: Array, k: int, temperature: float = 1.0,
                       tail: bool = False) -> tuple[Array, Array, Array | None]: ...
     # the k largest of log_softmax(x / temperature) [rows, n] per row (as topk orders them) and, with

@@ -234,6 +234,9 @@ class NumpyBackend:
         with np.errstate(divide="ignore"):
             return (np.log(np.exp(z - m).sum(axis=-1)) + m[..., 0]).astype(np.float32)
 
+    def release_cached(self) -> None:
+        pass  # NumPy caches nothing
+
     def topk_logprobs(self, x: np.ndarray, k: int, temperature: float = 1.0,
                       tail: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         y = self.log_softmax(x, temperature)

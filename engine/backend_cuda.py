@@ -216,10 +216,18 @@ class MemoryReport:
     device_used: int  # total - free as the driver sees it now (every process on the device)
     device_total: int
 
+    @property
+    def process_peak(self) -> int:
+        """The process's device memory at the pool's high-water mark: what it holds now besides the
+        pool (context, cuBLAS workspace, modules) plus the pool's peak. The pool's cached blocks are
+        handed back between phases (release_cached), so `process_used` alone can miss the peak."""
+        return self.process_used - self.pool_held + self.pool_peak_held
+
     def __str__(self) -> str:
         what = "CUDA context, cuBLAS workspace and pool" if self.context_counted else \
             "cuBLAS workspace and pool; the CUDA context is not counted: no NVML to measure before it"
-        return (f"process {human_bytes(self.process_used)} of device memory ({what}); pool peak "
+        return (f"process peak {human_bytes(self.process_peak)} of device memory, now "
+                f"{human_bytes(self.process_used)} ({what}); pool peak "
                 f"{human_bytes(self.pool_peak_held)} held / {human_bytes(self.pool_peak_used)} in arrays, now "
                 f"{human_bytes(self.pool_held)} held; device {human_bytes(self.device_used)} used of "
                 f"{human_bytes(self.device_total)} ({UNITS})")
@@ -439,6 +447,12 @@ class CudaBackend:
 
     def logsumexp(self, x: Any, temperature: float = 1.0) -> Any:
         return self._ops.logsumexp(x, temperature)
+
+    def release_cached(self) -> None:
+        # The pool keeps freed blocks for reuse, but a block serves only requests it can hold: the
+        # upload's staging and the layers' activations would otherwise stay held beside the LM
+        # head's larger chunk (cudaFree synchronizes the device: once per forward, not per op).
+        self.tracker.pool.free_all_blocks()
 
     def topk_logprobs(self, x: Any, k: int, temperature: float = 1.0, tail: bool = False) -> tuple[Any, Any, Any]:
         return self._ops.topk_logprobs(x, k, temperature, tail)

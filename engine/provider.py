@@ -211,6 +211,7 @@ class TeacherModel:
         self.chunk_tokens = chunk_tokens or max(1, HEAD_CHUNK_BYTES // (4 * model.config.vocab_size))
         backend.check_model(model)  # before any upload: one clear error, nothing half-loaded
         self.weights = upload(model, backend)
+        backend.release_cached()  # the upload's staging (a Q6_K matrix is repacked on the device)
 
     def __repr__(self) -> str:
         c = self.config
@@ -416,6 +417,7 @@ class TeacherModel:
             with np.errstate(over="ignore", invalid="ignore"):  # no NumPy warnings: NaN/Inf are refused in one line
                 hidden = forward(self.config, w, be, np.concatenate([seqs[i] for i in g]), Batch.from_lengths(lens),
                                  last_only=last_only, head=False)
+            be.release_cached()  # the layers' activations: the head's chunk is a larger block
             # packed row range [cu[j], cu[j + 1]) of each sequence of the group, and its first position
             cu = np.arange(len(g) + 1) if last_only else np.concatenate([[0], np.cumsum(lens)])
             first_pos = lens - 1 if last_only else np.zeros(len(g), np.int64)

@@ -104,10 +104,16 @@ class GpuWeight:
 
 
 def _repack_q6k(raw, nblk: int):
-    """Q6_K blocks (ql[128] qh[64] scales[16] d[2], 210 B, 2-byte aligned) -> four planes."""
+    """Q6_K blocks (ql[128] qh[64] scales[16] d[2], 210 B, 2-byte aligned) -> four planes, copied
+    plane by plane into one new array: the upload's peak is twice the tensor, not four times."""
     cp = _cupy()
     b = raw.reshape(nblk, 210)
-    return cp.concatenate([b[:, :128].ravel(), b[:, 128:192].ravel(), b[:, 192:208].ravel(), b[:, 208:].ravel()])
+    out = cp.empty(raw.size, cp.uint8)
+    at = 0
+    for lo, hi in ((0, 128), (128, 192), (192, 208), (208, 210)):
+        out[at:at + nblk * (hi - lo)].reshape(nblk, hi - lo)[...] = b[:, lo:hi]
+        at += nblk * (hi - lo)
+    return out
 
 
 def prepare_weight(dtype: GGMLType, shape: tuple[int, ...], raw) -> GpuWeight:

@@ -100,7 +100,12 @@ def test_memory_report_leads_with_the_process(backend):
     m = backend.memory_report()
     text = str(m)
     print(text)
-    assert text.startswith(f"process {human_bytes(m.process_used)} of device memory")
+    assert text.startswith(f"process peak {human_bytes(m.process_peak)} of device memory, now "
+                           f"{human_bytes(m.process_used)}")
+    assert m.process_peak >= m.process_used
+    backend.release_cached()  # the pool's free blocks go back; the peak stays a high-water mark
+    after = backend.memory_report()
+    assert after.pool_held <= m.pool_held and after.process_peak >= after.process_used
     assert "GiB" not in text and "MiB" not in text and UNITS in text
     assert m.process_used >= m.pool_held  # the pool is part of what the process took
     if m.context_counted:  # measured before the CUDA context existed: it is in the figure
