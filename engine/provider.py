@@ -414,6 +414,7 @@ class TeacherModel:
         be, w = self.backend, self.weights
         for g in self._groups(seqs):
             lens = np.array([len(seqs[i]) for i in g], np.int64)
+            be.release_cached()  # the last head's chunks: this forward's activations are smaller blocks
             with np.errstate(over="ignore", invalid="ignore"):  # no NumPy warnings: NaN/Inf are refused in one line
                 hidden = forward(self.config, w, be, np.concatenate([seqs[i] for i in g]), Batch.from_lengths(lens),
                                  last_only=last_only, head=False)
