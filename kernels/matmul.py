@@ -139,10 +139,15 @@ def upload_weight(t: QTensor) -> GpuWeight:
     return prepare_weight(t.dtype, shape, cp.asarray(np.ascontiguousarray(t.data)))
 
 
+def module_defines(dtype: GGMLType) -> dict[str, int]:
+    """The -D defines of matmul.cu's module for one GGML type (kernels/check.py compiles every one)."""
+    return dict(QTYPE=int(dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def _function(dtype: GGMLType, name: str, device: int):
     """A kernel of matmul.cu for one type, looked up once per device (launch overhead matters)."""
-    return module("matmul.cu", QTYPE=int(dtype)).get_function(name)
+    return module("matmul.cu", **module_defines(dtype)).get_function(name)
 
 
 def _kernel(w: GpuWeight, name: str):

@@ -218,7 +218,7 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
     if n == 0:
         return y
     if layout.decode:
-        f = kernel("ops.cu", "attn_decode", HEAD_DIM=d)
+        f = kernel("ops.cu", "attn_decode", **_decode_defines(d))
         f((n, hq), (_DEC_THREADS,), (q, k, v, y, layout.tok_seq, layout.q_start, layout.q_pos0,
                                      layout.kv_off, layout.kv_len, *_attn_scalars(hq, hkv, scale, window)))
         return y
@@ -242,6 +242,21 @@ class FlashTiles(NamedTuple):
     @property
     def rows(self) -> int:
         return 16 * self.slices * self.warps
+
+    def defines(self, head_dim: int) -> dict[str, int]:
+        """The -D defines of ops.cu's prefill kernels (kv_to_half, attn_flash) with this tiling."""
+        return dict(HEAD_DIM=head_dim, FA_WARPS=self.warps, FA_MT=self.slices, FA_BK=self.keys,
+                    FA_MINB=self.min_blocks)
+
+
+def _decode_defines(head_dim: int) -> dict[str, int]:
+    return dict(HEAD_DIM=head_dim)
+
+
+def attention_defines(head_dim: int) -> list[dict[str, int]]:
+    """The ops.cu define sets that attention compiles for a model of this head dim: decode's, and
+    prefill's with the tiling _flash_tiles picks (kernels/check.py compiles them without a GPU)."""
+    return [_decode_defines(head_dim), _flash_tiles(-(-head_dim // 16) * 16).defines(head_dim)]
 
 
 def _flash_tiles(dh: int) -> FlashTiles:
@@ -275,8 +290,7 @@ def _flash_prefill(q, k, v, y, layout: SeqLayout, scale: float, window: int, til
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     dh = -(-d // 16) * 16
-    defines = dict(HEAD_DIM=d, FA_WARPS=tiles.warps, FA_MT=tiles.slices, FA_BK=tiles.keys,
-                   FA_MINB=tiles.min_blocks)
+    defines = tiles.defines(d)
     n_seqs = len(layout.q_len)
     kh = cp.empty((layout.n_kv_rows, hkv, dh), cp.float16)
     vh = cp.empty_like(kh)
