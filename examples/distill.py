@@ -83,6 +83,11 @@ STUDENTS = {  # LlamaConfig fields; the vocabulary is always the teacher's
     # 49152-token vocabulary ~71M in all, with a 152064-token one ~130M.
     "100m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=9,
                  num_key_value_heads=3),
+    # Llama-3.2-1B's widths (16 layers, tied embedding): 973.1M parameters besides the embedding,
+    # 1,284,573,184 in all with a 152064-token vocabulary (Qwen2's), 1,235,814,400 with Llama 3's.
+    # Beside a 72B Q4_K_M teacher on one H200: see bench/bench_large.py --example-steps.
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
 }
 
 
@@ -184,12 +189,15 @@ def offline_batches(signals: Any, batch: int, device: str) -> Iterator[Batch]:
 
 
 def student_model(size: str, vocab: int, seq_len: int, device: str, seed: int) -> torch.nn.Module:
+    """The student, initialised from `seed` on `device` (on "meta" it has shapes and no storage:
+    what its parameter count needs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(seq_len, 128), tie_word_embeddings=True,
                          **STUDENTS[size])
-    return LlamaForCausalLM(config).to(device)
+    with torch.device(device):  # built in place: a 1B student is never first allocated on the host
+        return LlamaForCausalLM(config)
 
 
 class Clock:
