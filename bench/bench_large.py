@@ -16,13 +16,26 @@ first unless it is there (or --model is given); --remove deletes it at the end (
 - prefill tokens/s (median of 3 wall-clock runs, device synchronized by the copy to the host):
   last-position logits (the forward) and top-64 of every position (the distillation output);
 - decode tokens/s: greedy generation with a KV cache after a 128-token prompt, CUDA graphs on
-  the GPU (teacher.generate), median step after the first.
+  the GPU (teacher.generate), median step after the first;
+- with --example-steps N, last (the bench's teacher released first): examples/distill.py trains a
+  student (default the 1B, 1,284,573,184 parameters with this vocabulary) for N steps, one epoch,
+  from this GGUF as its teacher, in its own process; tokens/s, the teacher's share of the step time
+  and both device memory figures go into the table, its whole report beside --out
+  (<out stem>-distill.json).
+
+Memory of that run on one H200 (~140 GiB), 72B teacher, 1B student, the defaults (4 x 1024 tokens a
+step, dense fp32 teacher logits): teacher ~50 GB (weights 47.4 GB + scratch; its CuPy pool peak) +
+~2.5 GB (the [4, 1024, 152064] fp32 logits it hands over); student ~43 GB (torch peak: fp32 weights,
+grads and AdamW states 20.6 GB + ~5.5 MB a token of activations, logits and their gradients, 22.5 GB
+at 4096 tokens; measured per token on the CPU from autograd's saved tensors): ~100 GB in all.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b beside this file
 
 TOPK = 64
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill.py"
 
 
 class Meter:
@@ -68,7 +82,7 @@ def _median_s(fn, reps: int = 3) -> float:
     return float(np.median(times))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen2-72b")
     ap.add_argument("--model", type=Path, default=None, help="an existing model file of that shape")
@@ -81,7 +95,59 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
     ap.add_argument("--remove", action="store_true", help="delete the model file at the end")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
-    a = ap.parse_args()
+    ap.add_argument("--example-steps", type=int, default=0,
+                    help="then run examples/distill.py for this many steps (one epoch) with this teacher")
+    ap.add_argument("--example-student", default="1b", help="the example's --student-size")
+    ap.add_argument("--example-batch", type=int, default=4, help="the example's rows per step")
+    ap.add_argument("--example-seq-len", type=int, default=1024, help="the example's tokens per row")
+    ap.add_argument("--example-top-k", type=int, default=0, help="the example's --top-k (0: dense teacher logits)")
+    a = ap.parse_args(argv)
+    for name in ("example_steps", "example_top_k"):
+        if getattr(a, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("example_batch", "example_seq_len"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    return a
+
+
+def example_command(a: argparse.Namespace, model: Path, report: Path) -> list[str]:
+    """examples/distill.py on `model` for --example-steps steps: --rows makes them exactly one epoch."""
+    return [sys.executable, str(EXAMPLE), "--teacher", str(model), "--device", a.device,
+            "--student-size", a.example_student, "--rows", str(a.example_steps * a.example_batch),
+            "--batch", str(a.example_batch), "--seq-len", str(a.example_seq_len), "--top-k", str(a.example_top_k),
+            "--report-json", str(report)]
+
+
+def example_rows(r: dict) -> list[str]:
+    """The table rows of the example's report (examples/distill.py summarize())."""
+    mode = f"top-{r['top_k']}" if r["top_k"] else "dense logits"
+    rows = [f"| distillation example: {r['student_size']} student ({r['student_parameters']:,} parameters), "
+            f"{r['steps']} steps of {r['batch']}x{r['seq_len']}, {mode} | {r['tokens_per_s']:,.0f} tokens/s; teacher "
+            f"{100 * r['teacher_share']:.1f}% of the step time (over {r['timed_steps']} steps after the first); loss "
+            f"{r['loss_first_quarter']:.4f} -> {r['loss_last_quarter']:.4f} |"]
+    m = r.get("memory")
+    if m:
+        rows.append(f"| device memory in the example | teacher pool peak {m['teacher_pool_peak_bytes'] / 1e9:.2f} GB, "
+                    f"student peak allocated {m['student_max_allocated'] / 1e9:.2f} GB; example process "
+                    f"{m['process_device_bytes'] / 1e9:.2f} GB; device used at the end {m['device_used_bytes'] / 1e9:.2f} GB |")
+    return rows
+
+
+def release() -> str:
+    """Once the caller has dropped its teacher: hand the CuPy pool's blocks back, so that the
+    example's process has the device; what this process still holds (its CUDA context), for the record."""
+    gc.collect()
+    import cupy as cp
+
+    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()
+    free, total = cp.cuda.runtime.memGetInfo()
+    return f"{(total - free) / 1e9:.2f} GB in use on the device (the bench's process: its CUDA context)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
 
     import make_7b
 
@@ -125,6 +191,7 @@ def main() -> None:
                     f"{b * t / top:,.0f} tokens/s (top-{TOPK} of every position) |")
         print(rows[-1], flush=True)
     meter.reset(teacher)
+    g = None
     for b in (int(x) for x in a.decode_batches.split(",")):
         p = prompts(b, a.prompt)
         teacher.generate(p, 3, ignore_eos=True)  # compile and capture this batch size
@@ -134,8 +201,19 @@ def main() -> None:
                     f"({ms:.2f} ms/step after a {a.prompt}-token prompt) |")
         print(rows[-1], flush=True)
     rows.append(f"| device memory at the end | {meter.used(teacher)} |")
-
     size = path.stat().st_size
+    if a.example_steps:
+        del teacher, g  # the example loads its own: two 72B teachers do not fit
+        print(f"released the bench's teacher: {release() if a.device == 'cuda' else 'cpu'}", flush=True)
+        report = (a.out.with_name(f"{a.out.stem}-distill.json") if a.out
+                  else Path(tempfile.gettempdir()) / f"{path.stem}-distill.json")
+        cmd = example_command(a, path, report)
+        print("running " + " ".join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"bench_large: examples/distill.py failed (its output above); {path} is kept")
+        rows += example_rows(json.loads(report.read_text()))
+        print(f"example report: {report}", flush=True)
+
     head = [
         f"Large teacher, {card}, {datetime.date.today()}: {path.name} ({a.shape}{suffix}: {cfg.n_layers} layers, "
         f"hidden {cfg.hidden}, ffn {cfg.ffn}, heads {cfg.n_heads}/{cfg.n_kv_heads}, vocab {cfg.vocab_size}; "
@@ -149,7 +227,7 @@ def main() -> None:
         a.out.write_text(text + "\n")
     print(text)
     if a.remove and a.model is None:
-        del teacher
+        teacher = None  # the last reference: the file's mapping closes before the unlink
         path.unlink()
         print(f"removed {path}")
 

@@ -5,6 +5,8 @@ teacher (the student shares the teacher's vocabulary).
     python examples/distill.py --teacher model.gguf --device cuda --student-size 100m \\
         --rows 512 --seq-len 512 --batch 8 --report-json distill.json
     python examples/distill.py --shards DIR        # offline: signals written by `q4k-engine logits --out DIR`
+    python examples/distill.py --teacher qwen2-72b.gguf --device cuda --student-size 1b \
+        --rows 80 --seq-len 1024 --batch 4            # a 72B Q4_K_M teacher and a 1.28B student on one H200
 
 Online (default): every step the teacher runs on the batch and hands its logits to torch through
 DLPack (output="torch": on the GPU the student reads the teacher's own device memory, no host copy);

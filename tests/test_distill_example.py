@@ -78,6 +78,18 @@ def test_topk_data_and_offline_start_from_the_online_loss(example, epoch, tmp_pa
     assert 0 < online_topk["loss"][0] <= first * (1 + 1e-6)
 
 
+def test_1b_student_size(example):
+    """The 1B student (beside a 72B teacher in bench/bench_large.py --example-steps): Llama-3.2-1B
+    widths with the teacher's vocabulary, counted on the meta device (no storage allocated)."""
+    student = example.student_model("1b", 152064, 1024, "meta", seed=0)
+    assert all(p.is_meta for p in student.parameters())
+    params = sum(p.numel() for p in student.parameters())
+    embedding = 152064 * 2048  # tied with the LM head: counted once
+    per_layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q, o; k, v; MLP; 2 norms
+    assert params == embedding + 16 * per_layer + 2048 == 1_284_573_184  # + the final norm
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
 @pytest.mark.gpu
 def test_gpu_epoch(example, tmp_path):
     """On the GPU the teacher's logits reach the student through DLPack on the device; the epoch

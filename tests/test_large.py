@@ -4,6 +4,8 @@ tests/test_large_gpu.py."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -165,16 +167,46 @@ def test_attention_layout_refuses_int32_rows():
 
 
 def test_bench_large_runs_on_cpu(tmp_path):
-    """bench/bench_large.py's stages end to end on the tiny shape (the GPU run is the lead's)."""
+    """bench/bench_large.py's stages end to end on the tiny shape (the GPU run is the lead's), the
+    distillation example last (--example-steps) with the tiny student, its report beside --out."""
     model = write_shape(tmp_path / "tiny.gguf", "tiny", n_layers=1)
     out = tmp_path / "large.md"
     run = subprocess.run([sys.executable, str(REPO / "bench/bench_large.py"), "--shape", "tiny", "--device", "cpu",
                           "--model", str(model), "--prefill", "1x16,2x16", "--memory", "2x16",
-                          "--decode-batches", "1,2", "--steps", "2", "--prompt", "8", "--out", str(out)],
+                          "--decode-batches", "1,2", "--steps", "2", "--prompt", "8", "--out", str(out),
+                          "--example-steps", "3", "--example-student", "tiny", "--example-batch", "2",
+                          "--example-seq-len", "16"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     table = out.read_text()
     for figure in ("load (open, validate, upload)", "top-64 of every position, 2x16", "prefill 2x16",
-                   "decode batch 2"):
+                   "decode batch 2", "distillation example: tiny student", "3 steps of 2x16, dense logits"):
         assert figure in table, figure
+    report = json.loads((tmp_path / "large-distill.json").read_text())
+    assert report["teacher"] == str(model) and report["steps"] == 3 and report["batch"] == 2
+    assert report["tokens"] == 3 * 2 * 16 and f"{report['student_parameters']:,} parameters" in table
     assert model.exists()  # --remove is off, and a given --model is never removed
+
+
+@pytest.fixture(scope="module")
+def bench_large():
+    spec = importlib.util.spec_from_file_location("bench_large", REPO / "bench/bench_large.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_large_example_arguments(bench_large, tmp_path):
+    a = bench_large.parse_args(["--shape", "qwen2-72b", "--example-steps", "20"])
+    cmd = bench_large.example_command(a, tmp_path / "m.gguf", tmp_path / "r.json")
+    assert cmd[1] == str(REPO / "examples/distill.py")
+    flags = dict(zip(cmd[2::2], cmd[3::2]))
+    assert flags == {"--teacher": str(tmp_path / "m.gguf"), "--device": "cuda", "--student-size": "1b",
+                     "--rows": "80", "--batch": "4", "--seq-len": "1024", "--top-k": "0",
+                     "--report-json": str(tmp_path / "r.json")}  # 20 steps of 4 rows: one epoch
+    assert bench_large.parse_args([]).example_steps == 0  # off unless asked
+    for bad in (["--example-steps", "-1"], ["--example-batch", "0"], ["--example-seq-len", "0"],
+                ["--example-top-k", "-2"]):
+        with pytest.raises(SystemExit) as e:
+            bench_large.parse_args(bad)
+        assert e.value.code == 2
