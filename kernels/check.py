@@ -10,6 +10,7 @@ limits are checked, not only the C++.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ import click
 from q4k_engine.dtypes import SUPPORTED
 from q4k_engine.errors import InputError, Q4KError
 
+from . import matmul, ops
 from .build import SRC_DIR, Defines, compile_options, define_key
 
 # A100, H100/H200, GB10 (Grace Blackwell): the targets the engine is run on. sm_90a (wgmma) joins
@@ -53,21 +55,19 @@ class Variant:
     defines: Defines = ()
 
     def label(self, arch: str) -> str:
-        d = " ".join(f"-D{k}={v}" for k, v in self.defines)
-        return f"{self.source.name} {d} [{arch}]".replace("  ", " ")
+        return " ".join([self.source.name, *(f"-D{k}={v}" for k, v in self.defines), f"[{arch}]"])
 
 
 def engine_variants() -> list[Variant]:
     """Every (module, defines) the engine compiles: matmul.cu once per supported GGML type, ops.cu
     plain (norms, rope, glu, top-k) and with each attention define set for CHECK_HEAD_DIMS."""
-    from . import matmul, ops  # deferred: both import build, and ops/matmul only to read their define sets
-
     out = [Variant(SRC_DIR / "matmul.cu", define_key(matmul.module_defines(t))) for t in sorted(SUPPORTED)]
     out.append(Variant(SRC_DIR / "ops.cu"))
     out += [Variant(SRC_DIR / "ops.cu", define_key(d)) for h in CHECK_HEAD_DIMS for d in ops.attention_defines(h)]
     return out
 
 
+@functools.lru_cache(maxsize=1)  # a failure raises, and is not cached
 def _nvrtc():
     """cuda.bindings.nvrtc and the directory of the CUDA headers, or NvrtcUnavailable saying why."""
     try:

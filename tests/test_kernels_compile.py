@@ -1,7 +1,8 @@
 """Every CUDA module the engine compiles, compiled with NVRTC here (no GPU) for each target GPU, with
 the engine's own options (kernels/build.compile_options) and define sets (kernels/check.engine_variants).
 
-Skipped, with the reason, only when NVRTC cannot be loaded (the `nvrtc` extra, part of `test`)."""
+The compiling tests are skipped, with the reason, only when NVRTC cannot be loaded (the `nvrtc`
+extra, part of `test`)."""
 from __future__ import annotations
 
 import re
@@ -17,11 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCES = sorted((ROOT / "kernels").glob("*.cu")) + sorted((ROOT / "kernels").glob("*.cuh"))
 
 try:
-    NVRTC_VERSION = check.nvrtc_version()
+    NVRTC_VERSION, NO_NVRTC = check.nvrtc_version(), ""
 except check.NvrtcUnavailable as e:
-    pytest.skip(f"NVRTC cannot be loaded: {e}", allow_module_level=True)
+    NVRTC_VERSION, NO_NVRTC = None, f"NVRTC cannot be loaded: {e}"
+needs_nvrtc = pytest.mark.skipif(bool(NO_NVRTC), reason=NO_NVRTC)
 
 
+@needs_nvrtc
 @pytest.mark.parametrize("arch", check.CHECK_ARCHS)
 def test_every_engine_module_compiles(arch):
     results = check.check(check.engine_variants(), [arch])
@@ -91,6 +94,7 @@ def test_engine_and_check_share_the_options(monkeypatch):
     assert {"-std=c++17", "--gpu-architecture=sm_90", "-ftz=true", "-DHEAD_DIM=64", "-DFA_BK=32"} <= set(seen["options"])
 
 
+@needs_nvrtc
 def test_a_compile_error_comes_with_nvrtc_log(tmp_path):
     bad = tmp_path / "bad.cu"
     bad.write_text('#include "quant_decode.cuh"\n\nextern "C" __global__ void k(float* y) { y[0] = not_declared; }\n')
@@ -103,6 +107,7 @@ def test_a_compile_error_comes_with_nvrtc_log(tmp_path):
     assert "QTYPE" in e.value.log
 
 
+@needs_nvrtc
 def test_cli_one_file(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(check.main, ["kernels/ops.cu", "-D", "HEAD_DIM=64", "--arch", "compute_90"])
