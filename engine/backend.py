@@ -76,7 +76,9 @@ class Backend(Protocol):
     def rmsnorm(self, x: Array, w: Array, eps: float) -> Array: ...  # over the last dim (works on [N, heads, d] too)
     def add_rmsnorm(self, h: Array, d: Array, w: Array, eps: float) -> tuple[Array, Array]: ...  # (h+d, rmsnorm(h+d))
     def rope(self, x: Array, batch: Batch, theta: float, neox: bool, pos_scale: float,
-             freq_factors: Array | None) -> Array: ...  # x [N, heads, head_dim]
+             freq_factors: Array | None, bias: Array | None = None) -> Array: ...  # x [N, heads, head_dim]
+    # With `bias` ([heads * head_dim], a projection's bias), x + bias (a float32 add, as `add`) is
+    # rotated: the bias add of q/k fused into RoPE where nothing lies between them (no QK-norm).
     # Angle of pair i of a token at position p: p * pos_scale * theta^(-2i/head_dim) / freq_factors[i]
     # (pos_scale = 1 / linear scaling factor, llama.cpp's freq_scale). NORM pairs (x[2i], x[2i+1]),
     # NEOX pairs (x[i], x[i + head_dim/2]).

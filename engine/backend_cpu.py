@@ -120,8 +120,10 @@ class NumpyBackend:
         return h, self.rmsnorm(h, w, eps)
 
     def rope(self, x: np.ndarray, batch: Batch, theta: float, neox: bool, pos_scale: float,
-             freq_factors: np.ndarray | None) -> np.ndarray:
+             freq_factors: np.ndarray | None, bias: np.ndarray | None = None) -> np.ndarray:
         n, heads, d = x.shape
+        if bias is not None:  # the same float32 sum as add(x, bias) before an unfused rope
+            x = self.add(x, np.asarray(bias, np.float32).reshape(heads, d))
         half = d // 2
         inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / d)
         if freq_factors is not None:

@@ -398,8 +398,9 @@ class CudaBackend:
         return self._ops.add_rmsnorm(h, d, w, eps)
 
     def rope(self, x: Any, batch: Batch, theta: float, neox: bool, pos_scale: float,
-             freq_factors: Any | None) -> Any:
-        return self._ops.rope(x, self._device_batch(batch, None).positions, theta, neox, pos_scale, freq_factors)
+             freq_factors: Any | None, bias: Any | None = None) -> Any:
+        return self._ops.rope(x, self._device_batch(batch, None).positions, theta, neox, pos_scale, freq_factors,
+                              bias=bias)
 
     def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
         return self._mm.glu_matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), gate, up, act)

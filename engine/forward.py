@@ -107,8 +107,14 @@ def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, 
                      rope_freqs: Array | None, cache: KVCache | None) -> Array:
     n = batch.n_tokens
     q, k, v = be.matmul(x, lw.wq), be.matmul(x, lw.wk), be.matmul(x, lw.wv)
+    # The q/k biases precede a QK-norm; without one, RoPE adds them itself (two launches fewer).
+    rope_bq = rope_bk = None
     if cfg.qkv_bias:
-        q, k, v = be.add(q, lw.bq), be.add(k, lw.bk), be.add(v, lw.bv)
+        v = be.add(v, lw.bv)
+        if cfg.qk_norm:
+            q, k = be.add(q, lw.bq), be.add(k, lw.bk)
+        else:
+            rope_bq, rope_bk = lw.bq, lw.bk
     q = q.reshape(n, cfg.n_heads, cfg.head_dim)
     k = k.reshape(n, cfg.n_kv_heads, cfg.head_dim)
     v = v.reshape(n, cfg.n_kv_heads, cfg.head_dim)
@@ -116,8 +122,8 @@ def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, 
         q, k = be.rmsnorm(q, lw.q_norm, cfg.rms_eps), be.rmsnorm(k, lw.k_norm, cfg.rms_eps)
     # layer_rope_scale is the multiplier of positions (1 / the linear scaling factor), see loader.py
     theta, pos_scale = cfg.layer_theta(i), cfg.layer_rope_scale(i)
-    q = be.rope(q, batch, theta, cfg.rope_neox, pos_scale, rope_freqs)
-    k = be.rope(k, batch, theta, cfg.rope_neox, pos_scale, rope_freqs)
+    q = be.rope(q, batch, theta, cfg.rope_neox, pos_scale, rope_freqs, bias=rope_bq)
+    k = be.rope(k, batch, theta, cfg.rope_neox, pos_scale, rope_freqs, bias=rope_bk)
     a = be.attention(q, k, v, batch, cfg.scale, cfg.layer_window(i), cache, i)
     a = be.matmul(a.reshape(n, cfg.n_heads * cfg.head_dim), lw.wo)
     return be.rmsnorm(a, lw.post_attn_norm, cfg.rms_eps) if cfg.sandwich_norm else a

@@ -73,9 +73,11 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
 // thread e takes pair i = e % half for heads g, g + G, ... (g = e / half, G = threads / half), so the
 // double-precision pow and sincos are not repeated for every head.
 // neox: pairs (i, i + D/2); else pairs (2i, 2i+1). freq_i = theta^(-2i/D) / factors[i].
+// With `bias` non-null ([H * D], a q/k projection's bias) x + bias is rotated: the fp32 sum that a
+// separate add would have written, without its launch and its round trip through memory.
 __global__ void rope(const float* __restrict__ x, float* __restrict__ y, const int* __restrict__ pos,
-                     const float* __restrict__ factors, int n_heads, int dim, double theta,
-                     double pos_scale, int neox) {
+                     const float* __restrict__ factors, const float* __restrict__ bias, int n_heads, int dim,
+                     double theta, double pos_scale, int neox) {
     const int tok = blockIdx.x;
     const int half = dim / 2;
     const int groups = max(1, min(n_heads, (int)blockDim.x / half));
@@ -91,7 +93,11 @@ __global__ void rope(const float* __restrict__ x, float* __restrict__ y, const i
         const int i1 = neox ? i + half : 2 * i + 1;
         for (int h = g; h < n_heads; h += groups) {
             const size_t o = base + (size_t)h * dim;
-            const float x0 = x[o + i0], x1 = x[o + i1];
+            float x0 = x[o + i0], x1 = x[o + i1];
+            if (bias) {
+                x0 += bias[h * dim + i0];
+                x1 += bias[h * dim + i1];
+            }
             y[o + i0] = (float)(x0 * c - x1 * s);
             y[o + i1] = (float)(x0 * s + x1 * c);
         }

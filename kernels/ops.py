@@ -72,8 +72,10 @@ def add_rmsnorm(h, r, w, eps: float, out_h=None, out_y=None):
     return hs, y
 
 
-def rope(x, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_factors=None, out=None):
-    """Rotary embedding of x [N, heads, head_dim] at per-token positions [N] (int32).
+def rope(x, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_factors=None, out=None,
+         bias=None):
+    """Rotary embedding of x [N, heads, head_dim] at per-token positions [N] (int32); with `bias`
+    ([heads * head_dim]), of x + bias (the q/k projection bias, added in fp32 first).
 
     Angle of pair i at position p: p * pos_scale * theta^(-2i/d) / freq_factors[i].
     """
@@ -90,10 +92,15 @@ def rope(x, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_fa
         ff = _f32(freq_factors)
         if ff.shape != (d // 2,):
             raise ValueError(f"rope_freqs has shape {ff.shape}, expected ({d // 2},)")
+    b = _NULL
+    if bias is not None:
+        b = _f32(bias)
+        if b.shape != (heads * d,):
+            raise ValueError(f"rope bias has shape {b.shape}, expected ({heads * d},)")
     y = _out(out, x.shape)
     if n:
         kernel("ops.cu", "rope")((n,), (_threads_for(heads * d // 2, 256),),
-                                 (x, y, pos, ff, np.int32(heads), np.int32(d), np.float64(theta),
+                                 (x, y, pos, ff, b, np.int32(heads), np.int32(d), np.float64(theta),
                                   np.float64(pos_scale), np.int32(bool(neox))))
     return y
 

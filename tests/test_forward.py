@@ -157,6 +157,53 @@ def test_matches_float64_reference(arch, models, rng):
         assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_qkv_bias_with_qk_norm_adds_before_the_norm(models, rng):
+    """A model with both q/k biases and QK-norm (no listed architecture has both): the biases go
+    in before the norm (as the reference does), not into RoPE after it; the norms matter here."""
+    model = models["qwen2"]
+    c = model.config
+    tensors = dict(model.tensors)
+    for i in range(c.n_layers):
+        for s in "qk":
+            tensors[f"blk.{i}.attn_{s}_norm.weight"] = _f32_tensor(f"blk.{i}.attn_{s}_norm.weight",
+                                                                   rng.uniform(0.5, 1.5, c.head_dim))
+    both = dataclasses.replace(model, config=dataclasses.replace(c, qk_norm=True), tensors=tensors)
+    ids = rng.integers(0, c.vocab_size, 19).tolist()
+    ref = reference_logits(both, ids)
+    got = run(both, [ids])
+    assert np.abs(got - ref).max() <= 2e-5 * max(1.0, np.abs(ref).max())
+    assert np.abs(run(model, [ids]) - ref).max() > 1e-3  # without the norms: another result
+
+
+def test_qkv_bias_is_fused_into_rope(models, rng):
+    """qwen2 (biases, no QK-norm): the q/k biases reach RoPE, only v's is a separate add, and the
+    fused rope equals add-then-rope bit for bit."""
+    model = models["qwen2"]
+    c = model.config
+    calls = {"add": 0, "rope_bias": 0}
+
+    class Counting(NumpyBackend):
+        def add(self, a, b):
+            calls["add"] += np.ndim(b) == 1  # a bias vector as the forward passes it
+            return super().add(a, b)
+
+        def rope(self, x, batch, theta, neox, pos_scale, freq_factors, bias=None):
+            calls["rope_bias"] += bias is not None
+            return super().rope(x, batch, theta, neox, pos_scale, freq_factors, bias=bias)
+
+    ids = rng.integers(0, c.vocab_size, 9).tolist()
+    run(model, [ids], Counting())
+    assert calls["rope_bias"] == 2 * c.n_layers
+    assert calls["add"] == c.n_layers  # v's bias
+    be = NumpyBackend()
+    x = rng.standard_normal((7, 3, 16)).astype(np.float32)
+    bias = rng.standard_normal(3 * 16).astype(np.float32)
+    batch = Batch.from_lengths([4, 3], np.array([10, 0]))
+    for neox in (True, False):
+        fused = be.rope(x, batch, 1e4, neox, 1.0, None, bias=bias)
+        assert np.array_equal(fused, be.rope(be.add(x, bias.reshape(3, 16)), batch, 1e4, neox, 1.0, None))
+
+
 def test_switches_change_the_result(models, rng):
     """The reference really depends on the switches set by with_switches (so matching it proves
     the forward honours them)."""

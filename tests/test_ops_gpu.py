@@ -117,6 +117,24 @@ def test_rope(cp, ops, rng, neox, n, heads, d, theta, pos_scale, factors):
     ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, pos_scale,
              None if ff is None else cp.asarray(ff), out=out)
     assert rel_err(out.get(), ref_rope(x, pos, theta, neox, pos_scale, ff)) < 2e-6
+    # The q/k bias fused in: x + bias rotated, equal to the NumPy oracle's add-then-rope and, bit
+    # for bit, to this kernel run on the sum (the same fp32 add, then the same rotation).
+    from q4k_engine.backend import Batch
+    from q4k_engine.backend_cpu import NumpyBackend
+
+    bias = (rng.standard_normal(heads * d) * 2).astype(np.float32)
+    fused = poisoned(cp, x.shape)
+    ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, pos_scale, None if ff is None else cp.asarray(ff),
+             out=fused, bias=cp.asarray(bias))
+    oracle = NumpyBackend().rope(x, Batch(np.array([0, n], np.int32), pos, np.zeros(1, np.int32)), theta, neox,
+                                 pos_scale, ff, bias=bias)
+    assert rel_err(fused.get(), oracle) < 2e-6
+    assert rel_err(fused.get(), ref_rope(x + bias.reshape(heads, d), pos, theta, neox, pos_scale, ff)) < 2e-6
+    unfused = ops.rope(cp.asarray(x) + cp.asarray(bias).reshape(heads, d), cp.asarray(pos), theta, neox, pos_scale,
+                       None if ff is None else cp.asarray(ff))
+    assert fused.get().tobytes() == unfused.get().tobytes()
+    with pytest.raises(ValueError, match="rope bias"):
+        ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, bias=cp.asarray(bias[1:]))
 
 
 def test_kv_write(cp, ops, rng):
