@@ -558,6 +558,201 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ k, const floa
 }
 
 // ---------------------------------------------------------------------------------------------
+// Split-K decode attention (flash-decoding): the visible keys of each query are cut into n_split
+// contiguous ranges, one block per (query token, group of DEC_G query heads sharing a kv head, range)
+// writes the range's partial softmax state per head (max m and sum l of exp2(s - m), and the
+// unnormalised sum of exp2(s - m) * v), and attn_decode_combine merges the ranges in a fixed order.
+// n_split is computed on the device from the query's own visible key count (dec_n_splits), never
+// from the grid: a grid sized for a whole KV cache (a CUDA graph's) and one sized for the keys
+// present (an eager step) give the same ranges, hence the same bits; blocks past n_split exit.
+// Within a range, keys go in chunks of DS_KC: DS_TPK lanes per key compute the DEC_G dot products
+// (16-byte loads, a 3-step shuffle sum), one warp per head updates its online softmax, then each
+// thread accumulates one value column for the DEC_G heads over its share of the chunk's keys.
+#ifndef DEC_G
+#define DEC_G 1                         // query heads per block (ops.py: ceil(G / ceil(G / 8)))
+#endif
+#define DS_TPK 8                        // lanes per key in the dot products
+#define DS_KC (DEC_THREADS / DS_TPK)    // keys per chunk (= 32 = the lanes of a softmax warp)
+static_assert(DS_KC == 32, "a softmax warp holds one chunk key per lane");
+static_assert(DEC_G >= 1 && DEC_G <= DEC_THREADS / 32, "one softmax warp per head of a block");
+
+// Visible keys [*k_begin, *k_end) of query token tok (see the attention comment above).
+__device__ __forceinline__ void dec_visible(int tok, const int* __restrict__ tok_seq, const int* __restrict__ q_start,
+                                            const int* __restrict__ q_pos0, const int* __restrict__ kv_len, int window,
+                                            int* b, int* k_begin, int* k_end) {
+    *b = tok_seq[tok];
+    const int pos = q_pos0[*b] + tok - q_start[*b];
+    *k_end = min(kv_len[*b], pos + 1);
+    *k_begin = window > 0 ? max(0, pos - window + 1) : 0;
+}
+
+// Ranges for n_vis visible keys: ceil(n_vis / min_keys), at most max_splits (equal ranges of
+// ceil(n_vis / n_split) keys, so the last ones may be short or empty).
+__device__ __forceinline__ int dec_n_splits(int n_vis, int max_splits, int min_keys) {
+    return max(1, min(max_splits, (n_vis + min_keys - 1) / min_keys));
+}
+
+// ws_acc [N, Hq, gridDim.z, HEAD_DIM] and ws_ml [N, Hq, gridDim.z, 2] (m, l): entries s < n_split
+// of every head are written. Grid (N, Hkv * tiles of DEC_G heads, >= the largest n_split).
+__global__ void __launch_bounds__(DEC_THREADS)
+attn_decode_split(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                  float* __restrict__ ws_acc, float* __restrict__ ws_ml, const int* __restrict__ tok_seq,
+                  const int* __restrict__ q_start, const int* __restrict__ q_pos0, const int* __restrict__ kv_off,
+                  const int* __restrict__ kv_len, int n_heads, int n_kv_heads, int window, float scale_log2,
+                  int max_splits, int min_keys) {
+    __shared__ float4 qs4[DEC_G][DP / 4];
+    __shared__ float ps[DEC_G][DS_KC];  // a chunk's scores, then its probabilities
+    __shared__ float m_s[DEC_G], l_s[DEC_G], alpha_s[DEC_G];
+    __shared__ float mrg[DEC_THREADS * DEC_G];  // column sums of key subsets 1.. (merged into 0)
+
+    const int tok = blockIdx.x, split = blockIdx.z, n_ws = gridDim.z, tid = threadIdx.x;
+    const int G = n_heads / n_kv_heads;
+    const int tiles = (G + DEC_G - 1) / DEC_G;
+    const int kvh = blockIdx.y / tiles, g0 = (blockIdx.y % tiles) * DEC_G;
+    const int ng = min(DEC_G, G - g0);  // heads of this block: h0 .. h0 + ng - 1
+    const int h0 = kvh * G + g0;
+    int b, k_begin, k_end;
+    dec_visible(tok, tok_seq, q_start, q_pos0, kv_len, window, &b, &k_begin, &k_end);
+    const int n_vis = max(0, k_end - k_begin);
+    const int n_split = dec_n_splits(n_vis, max_splits, min_keys);
+    if (split >= n_split) return;  // the same for the whole block
+    const int chunk = (n_vis + n_split - 1) / n_split;
+    const int s_begin = k_begin + split * chunk;
+    const int s_end = min(k_end, s_begin + chunk);  // <= s_begin: an empty range, written as such
+
+    const int koff = kv_off[b];
+    const size_t kv_stride = (size_t)n_kv_heads * HEAD_DIM;
+    const float* qrow = q + (size_t)tok * n_heads * HEAD_DIM + (size_t)h0 * HEAD_DIM;
+    float* qs = reinterpret_cast<float*>(qs4);
+    for (int e = tid; e < DEC_G * DP; e += DEC_THREADS) {
+        const int j = e / DP, d = e % DP;
+        qs[e] = j < ng && d < HEAD_DIM ? qrow[(size_t)j * HEAD_DIM + d] : 0.f;
+    }
+    if (tid < DEC_G) {
+        m_s[tid] = NEG_INF;
+        l_s[tid] = 0.f;
+        alpha_s[tid] = 1.f;  // stays so for the padding heads >= ng (no softmax warp updates them)
+    }
+    __syncthreads();
+
+    const int key = tid / DS_TPK, lig = tid % DS_TPK;  // the chunk key of this lane, lane within its key
+    const int warp = tid >> 5, lane = tid & 31;
+    const int n_parts = DEC_THREADS / HEAD_DIM;  // >= 1 since HEAD_DIM <= 256
+    const int part = tid / HEAD_DIM, dcol = tid % HEAD_DIM;
+    const bool active = part < n_parts;
+    float acc[DEC_G];
+#pragma unroll
+    for (int j = 0; j < DEC_G; ++j) acc[j] = 0.f;
+
+    for (int c0 = s_begin; c0 < s_end; c0 += DS_KC) {
+        const int n_keys = min(DS_KC, s_end - c0);
+        float dot[DEC_G];
+#pragma unroll
+        for (int j = 0; j < DEC_G; ++j) dot[j] = 0.f;
+        if (key < n_keys) {
+            const float* krow = k + (size_t)(koff + c0 + key) * kv_stride + (size_t)kvh * HEAD_DIM;
+#if HEAD_DIM % 4 == 0
+            const float4* k4 = reinterpret_cast<const float4*>(krow);
+            for (int d4 = lig; d4 < HEAD_DIM / 4; d4 += DS_TPK) {
+                const float4 kv = k4[d4];
+#pragma unroll
+                for (int j = 0; j < DEC_G; ++j) {
+                    const float4 qv = qs4[j][d4];
+                    dot[j] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                }
+            }
+#else
+            for (int d = lig; d < HEAD_DIM; d += DS_TPK) {
+                const float kd = krow[d];
+#pragma unroll
+                for (int j = 0; j < DEC_G; ++j) dot[j] += qs[j * DP + d] * kd;
+            }
+#endif
+        }
+#pragma unroll
+        for (int j = 0; j < DEC_G; ++j) {  // every lane takes part: the groups are aligned 8-lane runs
+            for (int o = DS_TPK / 2; o > 0; o >>= 1) dot[j] += __shfl_xor_sync(0xffffffffu, dot[j], o);
+            if (lig == 0 && key < n_keys) ps[j][key] = dot[j] * scale_log2;
+        }
+        __syncthreads();
+        if (warp < ng) {  // warp j: the online softmax of head j over the chunk, lane = key
+            const float sv = lane < n_keys ? ps[warp][lane] : NEG_INF;
+            const float m_old = m_s[warp];
+            const float m_new = fmaxf(m_old, warp_max(sv));  // finite: n_keys >= 1
+            const float pv = lane < n_keys ? exp2f(sv - m_new) : 0.f;
+            ps[warp][lane] = pv;
+            const float psum = warp_sum(pv);
+            if (lane == 0) {
+                const float a = exp2f(m_old - m_new);
+                alpha_s[warp] = a;
+                l_s[warp] = l_s[warp] * a + psum;
+                m_s[warp] = m_new;
+            }
+        }
+        __syncthreads();
+        if (active) {
+            const float* vcol = v + (size_t)(koff + c0) * kv_stride + (size_t)kvh * HEAD_DIM + dcol;
+#pragma unroll
+            for (int j = 0; j < DEC_G; ++j) acc[j] *= alpha_s[j];
+            for (int kk = part; kk < n_keys; kk += n_parts) {
+                const float vv = vcol[(size_t)kk * kv_stride];
+#pragma unroll
+                for (int j = 0; j < DEC_G; ++j) acc[j] += ps[j][kk] * vv;
+            }
+        }
+        __syncthreads();  // ps and alpha_s are rewritten by the next chunk
+    }
+
+    if (active && part > 0) {
+#pragma unroll
+        for (int j = 0; j < DEC_G; ++j) mrg[((part - 1) * DEC_G + j) * HEAD_DIM + dcol] = acc[j];
+    }
+    __syncthreads();
+    const size_t ws_row = ((size_t)tok * n_heads + h0) * n_ws + split;  // entry of head h0; head j: + j * n_ws
+    if (part == 0) {
+        for (int p = 1; p < n_parts; ++p) {
+#pragma unroll
+            for (int j = 0; j < DEC_G; ++j) acc[j] += mrg[((p - 1) * DEC_G + j) * HEAD_DIM + dcol];
+        }
+#pragma unroll
+        for (int j = 0; j < DEC_G; ++j)
+            if (j < ng) ws_acc[(ws_row + (size_t)j * n_ws) * HEAD_DIM + dcol] = acc[j];
+    }
+    if (tid < ng) {
+        ws_ml[(ws_row + (size_t)tid * n_ws) * 2] = m_s[tid];
+        ws_ml[(ws_row + (size_t)tid * n_ws) * 2 + 1] = l_s[tid];
+    }
+}
+
+// out[tok, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s, over the
+// query's n_split ranges in order (0 when it sees no key, as attn_decode). Grid (N, Hq).
+__global__ void attn_decode_combine(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
+                                    float* __restrict__ out, const int* __restrict__ tok_seq,
+                                    const int* __restrict__ q_start, const int* __restrict__ q_pos0,
+                                    const int* __restrict__ kv_len, int n_heads, int window, int max_splits,
+                                    int min_keys, int n_ws) {
+    const int tok = blockIdx.x, h = blockIdx.y;
+    int b, k_begin, k_end;
+    dec_visible(tok, tok_seq, q_start, q_pos0, kv_len, window, &b, &k_begin, &k_end);
+    const int n_split = dec_n_splits(max(0, k_end - k_begin), max_splits, min_keys);
+    const size_t row = ((size_t)tok * n_heads + h) * n_ws;
+    const float* ml = ws_ml + row * 2;
+    float m_all = NEG_INF;
+    for (int s = 0; s < n_split; ++s) m_all = fmaxf(m_all, ml[2 * s]);
+    for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
+        float l = 0.f, o = 0.f;
+        for (int s = 0; s < n_split; ++s) {
+            const float ms = ml[2 * s];
+            if (ms == NEG_INF) continue;  // an empty range (acc 0, l 0)
+            const float w = exp2f(ms - m_all);
+            l += ml[2 * s + 1] * w;
+            o += ws_acc[(row + s) * HEAD_DIM + d] * w;
+        }
+        out[((size_t)tok * n_heads + h) * HEAD_DIM + d] = l > 0.f ? o / l : 0.f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Top-k selection. The order is (key descending, index ascending): ties resolve to the lower index,
 // NaNs are never picked.
 

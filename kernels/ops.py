@@ -205,13 +205,17 @@ def _aligned16(x):
     return x if x.data.ptr % 16 == 0 else x.copy()
 
 
-def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=None):
+def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=None, decode: str = "split"):
     """Causal (optionally sliding-window) GQA attention; q [N, Hq, D], k/v [rows, Hkv, D].
 
     Rows of k/v per sequence are given by `layout` (packed new tokens, or a KV cache viewed as
     [B * max_len, Hkv, D]). Never materialises a T x T score matrix. Decode (one query per
     sequence) is fp32; prefill multiplies f16-rounded operands on tensor cores with fp32 sums.
+    `decode` picks the decode kernel: "split" (split-K, _decode_split) or "single" (attn_decode,
+    one block per query head over all its keys: the kernel before split-K, kept for the bench).
     """
+    if decode not in DECODE_KERNELS:
+        raise ValueError(f"unknown decode kernel {decode!r} (known: {', '.join(DECODE_KERNELS)})")
     q, k, v = _f32(q), _f32(k), _f32(v)
     n, hq, d = q.shape
     hkv = k.shape[1]
@@ -224,6 +228,9 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
     y = _out(out, q.shape)
     if n == 0:
         return y
+    if layout.decode and decode == "split":
+        _decode_split(q, k, v, y, layout, scale, window)
+        return y
     if layout.decode:
         f = kernel("ops.cu", "attn_decode", **_decode_defines(d))
         f((n, hq), (_DEC_THREADS,), (q, k, v, y, layout.tok_seq, layout.q_start, layout.q_pos0,
@@ -231,6 +238,57 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
         return y
     _flash_prefill(q, k, v, y, layout, scale, window, _flash_tiles(-(-d // 16) * 16))
     return y
+
+
+DECODE_KERNELS = ("split", "single")
+DECODE_MIN_KEYS = 16  # keys per split-K range at least: fewer make the partials cost more than they save
+DECODE_BLOCKS_PER_SM = 2  # split-K aims at this many blocks per SM
+
+
+class DecodeSplits(NamedTuple):
+    """The split-K decode launch (attn_decode_split): ops.cu derives each query's number of ranges
+    from its own visible keys, min(max_splits, ceil(keys / min_keys)), so the ranges, and the
+    result, do not depend on `grid` (a CUDA graph sized for the whole cache and an eager step
+    agree bit for bit)."""
+
+    group: int  # query heads per block (DEC_G)
+    tiles: int  # blocks per kv head over its query heads
+    max_splits: int  # ranges per query at most: blocks per SM x SMs / blocks without splitting
+    grid: int  # blocks per (token, head tile): the most ranges any query of the layout can have
+
+
+def decode_splits(n_tokens: int, hq: int, hkv: int, max_keys: int, window: int, sms: int) -> DecodeSplits:
+    """Split-K plan for n_tokens one-query sequences of at most max_keys keys (window > 0: at most
+    window visible) on `sms` SMs. Depends on neither the keys' values nor their exact count."""
+    g = hq // hkv
+    tiles = -(-g // 8)  # a block holds at most 8 heads: one softmax warp each
+    group = -(-g // tiles)
+    max_splits = max(1, -(-DECODE_BLOCKS_PER_SM * sms // max(1, n_tokens * hkv * tiles)))
+    visible = min(max_keys, window) if window > 0 else max_keys
+    return DecodeSplits(group, tiles, max_splits, max(1, min(max_splits, -(-visible // DECODE_MIN_KEYS))))
+
+
+def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int) -> None:
+    """Split-K decode attention into y (checked by attention()): attn_decode_split writes each
+    range's partial softmax state to a workspace, attn_decode_combine merges them. Both launches
+    and the workspace are sized from host values only (layout.max_kv_len), so the pair can be
+    captured in a CUDA graph and replayed with other per-step lengths."""
+    cp = _cupy()
+    k, v = _aligned16(k), _aligned16(v)
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    plan = decode_splits(n, hq, hkv, layout.max_kv_len, window, sm_count(cp.cuda.Device().id))
+    ws_acc = cp.empty((n, hq, plan.grid, d), cp.float32)
+    ws_ml = cp.empty((n, hq, plan.grid, 2), cp.float32)
+    scalars = _attn_scalars(hq, hkv, scale, window)
+    kernel("ops.cu", "attn_decode_split", HEAD_DIM=d, DEC_G=plan.group)(
+        (n, hkv * plan.tiles, plan.grid), (_DEC_THREADS,),
+        (q, k, v, ws_acc, ws_ml, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len,
+         *scalars, np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS)))
+    kernel("ops.cu", "attn_decode_combine", HEAD_DIM=d)(
+        (n, hq), (_threads_for(d, 256),),
+        (ws_acc, ws_ml, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_len, np.int32(hq),
+         np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)))
 
 
 def _attn_scalars(hq: int, hkv: int, scale: float, window: int) -> tuple:

@@ -242,6 +242,86 @@ def test_attention_tilings(cp, ops, rng, d, tiles):
     check_cache_case(cp, ops, rng, [130, 1, 67], [200, 0, 33], 7, 1, d, 150, attend)
 
 
+# Split-K decode (ops._decode_split) against the oracle: one new token per sequence after contexts
+# of 0 .. 4999 cached keys, batches whose sequences have different lengths, windows shorter and
+# longer than the context, GQA 1/4/7 (and 16: two head tiles per kv head), head dims 64/128/256 and
+# two that are no multiple of 16 or of 4.
+DECODE_CASES = [  # past lengths (one query each), Hq, Hkv, head_dim, window
+    ([0], 4, 4, 64, 0),  # context 1
+    ([6], 28, 4, 128, 0),  # context 7, the 7B's heads
+    ([299], 7, 1, 128, 0),  # context 300, GQA 7
+    ([2048], 28, 4, 128, 0),  # context 2049
+    ([4999], 4, 1, 256, 0),  # context 5000, GQA 4
+    ([4999, 0, 1500], 8, 2, 64, 0),  # batch 3, different lengths
+    ([2048, 300, 6], 28, 4, 128, 0),
+    ([4999, 20, 700], 4, 1, 256, 512),  # gemma3's window: longer and shorter than the contexts
+    ([1000, 15, 4096], 8, 8, 64, 16),  # a window of 16 (mistral's synthetic), GQA 1
+    ([3000], 16, 1, 128, 0),  # GQA 16: two blocks of 8 heads per kv head
+    ([12, 901], 6, 1, 40, 100),  # head dim 40 (padded); GQA 6
+    ([77, 2000], 3, 1, 6, 0),  # head dim 6: the scalar (non-float4) loads
+]
+
+
+@pytest.mark.parametrize("past,hq,hkv,d,window", DECODE_CASES)
+def test_attention_decode_split(cp, ops, rng, past, hq, hkv, d, window):
+    """Both decode kernels against the oracle (outputs poisoned); split-K twice: the same bits."""
+    new = [1] * len(past)
+    check_cache_case(cp, ops, rng, new, past, hq, hkv, d, window, ops.attention)
+
+    def single(q, k, v, layout, scale, window, out):
+        ops.attention(q, k, v, layout, scale, window, out=out, decode="single")
+
+    check_cache_case(cp, ops, rng, new, past, hq, hkv, d, window, single)
+
+    def twice(q, k, v, layout, scale, window, out):
+        ops.attention(q, k, v, layout, scale, window, out=out)
+        assert ops.attention(q, k, v, layout, scale, window).get().tobytes() == out.get().tobytes()
+
+    check_cache_case(cp, ops, rng, new, past, hq, hkv, d, window, twice)
+
+
+def test_attention_decode_split_in_a_cuda_graph(cp, ops, rng):
+    """Split-K inside a captured CUDA graph, its layout sized for the whole cache (as
+    CudaBackend.decode_inputs builds it) and its per-step lengths rewritten in place between
+    replays: each replay matches the oracle, and gives the bits of an eager call whose layout is
+    sized for the keys present (a grid of other size: the ranges are the query's own)."""
+    from dataclasses import replace
+
+    b, hq, hkv, d, window, max_len = 3, 28, 4, 128, 0, 2100
+    ck = cp.asarray(rng.standard_normal((b * max_len, hkv, d)).astype(np.float32))
+    cv = cp.asarray(rng.standard_normal((b * max_len, hkv, d)).astype(np.float32))
+    q = cp.asarray(rng.standard_normal((b, hq, d)).astype(np.float32))
+    slot0 = np.arange(b) * max_len
+    rows = cp.zeros((2, b), cp.int32)  # q_pos0 and kv_len, rewritten before each replay
+    full = ops.SeqLayout.build(np.arange(b), np.ones(b), np.zeros(b), slot0, np.full(b, max_len))
+    layout = replace(full, q_pos0=rows[0], kv_len=rows[1])
+    out = cp.empty((b, hq, d), cp.float32)
+    scale = d ** -0.5
+    rows.set(np.array([[5, 9, 1], [6, 10, 2]], np.int32))
+    ops.attention(q, ck, cv, layout, scale, window, out=out)  # compiles the kernels before capture
+    pool, stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        stream.begin_capture()
+        ops.attention(q, ck, cv, layout, scale, window, out=out)
+        graph = stream.end_capture()
+    host_q, host_k, host_v = q.get(), ck.get(), cv.get()
+    sms = ops.sm_count(cp.cuda.Device().id)
+    assert ops.decode_splits(b, hq, hkv, 101, window, sms).grid < ops.decode_splits(b, hq, hkv, max_len, window, sms).grid
+    for past in ([0, 7, 2098], [575, 2047, 16], [40, 1, 100]):  # the last: the eager grid is the smaller
+        past = np.asarray(past)
+        rows.set(np.stack([past, past + 1]).astype(np.int32))
+        out.fill(np.nan)
+        graph.launch(stream)
+        stream.synchronize()
+        got = out.get()
+        for i in range(b):
+            kk, vv = host_k[slot0[i]: slot0[i] + max_len], host_v[slot0[i]: slot0[i] + max_len]
+            ref = ref_attention(host_q[i:i + 1], kk, vv, np.array([past[i]]), past[i] + 1, scale, window)
+            check_attention(got[i:i + 1], ref, ATT_FP32_BOUND, f"graph replay seq {i} past={past[i]}")
+        eager = ops.SeqLayout.build(np.arange(b), np.ones(b), past, slot0, past + 1)
+        assert ops.attention(q, ck, cv, eager, scale, window).get().tobytes() == got.tobytes()
+
+
 def check_cache_case(cp, ops, rng, new_lens, past_lens, hq, hkv, d, window, attend):
     """Queries of several sequences after their cached keys (KV cache slots of max_len rows)."""
     max_len = max(p + n for p, n in zip(past_lens, new_lens)) + 3
