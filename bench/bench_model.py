@@ -1,6 +1,6 @@
 """GPU benchmarks of the whole teacher and of the small ops, at Qwen2-7B shapes (needs a CUDA GPU).
 
-    python bench/bench_model.py ops      # decode attention, norms, RoPE, GLU, log-softmax, top-k
+    python bench/bench_model.py ops      # decode attention (single vs split-K), norms, RoPE, GLU, log-softmax, top-k
     python bench/bench_model.py model    # the 7B: peak memory, prefill vs a dense fp16 forward and HF
     python bench/bench_model.py profile  # the 7B: GPU time per operation of one 4x512 forward
     python bench/bench_model.py finite   # the 7B: what the provider's NaN/Inf check adds to a 4x512 forward
@@ -34,22 +34,56 @@ def median_ms(fn, reps: int = 10) -> float:
     return float(np.median(times))
 
 
-def bench_ops() -> None:
+def graph_ms(be, fn, calls: int = 20) -> float:
+    """Median GPU ms of one fn() replayed from a CUDA graph (be.capture) of `calls` back-to-back
+    calls, as a decode step runs it: eager timings of a few-µs kernel measure Python's launch
+    overhead, not the GPU."""
+    fn()  # compiles before the capture
+
+    def many() -> None:
+        for _ in range(calls):
+            fn()
+
+    graph = be.capture(many)
+    return median_ms(graph.launch) / calls
+
+
+def bench_decode_attention(be, rows: list) -> None:
+    """Decode attention at the 7B's heads (28 q / 4 kv, head dim 128) in a CUDA graph: the
+    kernel before split-K (one block per query head, "single") and split-K, same inputs, same run."""
     import cupy as cp
 
     from q4k_engine.kernels import ops
 
     rng = cp.random.default_rng(0)
     hq, hkv, d = 28, 4, 128
+    for batch, ctx in ((1, 32), (1, 576), (1, 2048), (8, 576)):
+        # slot b of a cache of ctx + 1 rows per sequence; the new token at position ctx
+        k = rng.standard_normal((batch * (ctx + 1), hkv, d), dtype=cp.float32)
+        v = rng.standard_normal((batch * (ctx + 1), hkv, d), dtype=cp.float32)
+        q = rng.standard_normal((batch, hq, d), dtype=cp.float32)
+        lay = ops.SeqLayout.build(np.arange(batch), np.ones(batch), np.full(batch, ctx),
+                                  np.arange(batch) * (ctx + 1), np.full(batch, ctx + 1))
+        out = cp.empty_like(q)
+        ms = {kind: graph_ms(be, lambda: ops.attention(q, k, v, lay, d ** -0.5, 0, out=out, decode=kind))
+              for kind in ops.DECODE_KERNELS}
+        for kind in ("single", "split"):
+            gbs = 2 * k.nbytes / ms[kind] / 1e6
+            gain = f", {ms['single'] / ms['split']:.2f}x the single kernel" if kind == "split" else ""
+            rows.append((f"decode attn b={batch} ctx={ctx} {kind}", ms[kind], f"{gbs:.0f} GB/s of K+V{gain}"))
+
+
+def bench_ops() -> None:
+    import cupy as cp
+
+    from q4k_engine.kernels import ops
+
+    from q4k_engine.backend_cuda import CudaBackend
+
+    be = CudaBackend()  # for its CUDA-graph capture
+    rng = cp.random.default_rng(0)
     rows = []
-    for ctx in (256, 2048):
-        k = rng.standard_normal((ctx + 1, hkv, d), dtype=cp.float32)
-        v = rng.standard_normal((ctx + 1, hkv, d), dtype=cp.float32)
-        q = rng.standard_normal((1, hq, d), dtype=cp.float32)
-        lay = ops.SeqLayout.build([0], [1], [ctx], [0], [ctx + 1])
-        ms = median_ms(lambda: ops.attention(q, k, v, lay, d ** -0.5, 0))
-        gbs = 2 * k.nbytes / ms / 1e6
-        rows.append((f"decode attn ctx={ctx}", ms, f"{gbs:.0f} GB/s of K+V"))
+    bench_decode_attention(be, rows)
     h = rng.standard_normal((2048, 3584), dtype=cp.float32)
     r = rng.standard_normal((2048, 3584), dtype=cp.float32)
     w = rng.standard_normal(3584, dtype=cp.float32)
@@ -59,6 +93,12 @@ def bench_ops() -> None:
     pos = cp.arange(2048, dtype=cp.int32)
     ms = median_ms(lambda: ops.rope(x, pos, 1e6, True))
     rows.append(("rope 2048x28x128", ms, f"{2 * x.nbytes / ms / 1e6:.0f} GB/s"))
+    # a decode step's q: the bias add fused into RoPE against add + rope, in a graph
+    xq, bq, p1 = x[:1], rng.standard_normal(28 * 128, dtype=cp.float32), pos[:1]
+    before = graph_ms(be, lambda: ops.rope(xq + bq.reshape(28, 128), p1, 1e6, True))
+    ms = graph_ms(be, lambda: ops.rope(xq, p1, 1e6, True, bias=bq))
+    rows.append(("q bias + rope 1x28x128, add + rope", before, ""))
+    rows.append(("q bias + rope 1x28x128, fused", ms, f"{before / ms:.2f}x"))
     g = rng.standard_normal((2048, 18944), dtype=cp.float32)
     ms = median_ms(lambda: ops.glu(g, g, "silu"))
     rows.append(("glu 2048x18944", ms, f"{3 * g.nbytes / ms / 1e6:.0f} GB/s"))
@@ -83,7 +123,7 @@ def bench_ops() -> None:
     rows.append(("top-64+tail 441x152064, fused", ms, f"{ch.nbytes / ms / 1e6:.0f} GB/s, {before / ms:.1f}x"))
     print(f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     for name, ms, extra in rows:
-        print(f"{name:34s} {ms:9.3f} ms  {extra}")
+        print(f"{name:34s} {ms:9.4f} ms  {extra}")
 
 
 def wall_ms(fn, reps: int = 3) -> float:

@@ -311,6 +311,7 @@ def test_attention_decode_split_in_a_cuda_graph(cp, ops, rng):
         past = np.asarray(past)
         rows.set(np.stack([past, past + 1]).astype(np.int32))
         out.fill(np.nan)
+        cp.cuda.Device().synchronize()  # the writes above are on the default stream, the graph is not
         graph.launch(stream)
         stream.synchronize()
         got = out.get()
