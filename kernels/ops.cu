@@ -725,29 +725,38 @@ attn_decode_split(const float* __restrict__ q, const float* __restrict__ k, cons
 }
 
 // out[tok, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s, over the
-// query's n_split ranges in order (0 when it sees no key, as attn_decode). Grid (N, Hq).
+// query's n_split ranges (0 when it sees no key, as attn_decode). Grid (N, Hq); dynamic shared
+// memory: n_ws floats, the ranges' weights 2^(m_s - M), computed once, so that the column loop
+// issues its loads of acc back to back. Sums run in a fixed order: the result is deterministic.
 __global__ void attn_decode_combine(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                     float* __restrict__ out, const int* __restrict__ tok_seq,
                                     const int* __restrict__ q_start, const int* __restrict__ q_pos0,
                                     const int* __restrict__ kv_len, int n_heads, int window, int max_splits,
                                     int min_keys, int n_ws) {
-    const int tok = blockIdx.x, h = blockIdx.y;
+    extern __shared__ float wsh[];
+    __shared__ float red[32];
+    const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     int b, k_begin, k_end;
     dec_visible(tok, tok_seq, q_start, q_pos0, kv_len, window, &b, &k_begin, &k_end);
     const int n_split = dec_n_splits(max(0, k_end - k_begin), max_splits, min_keys);
     const size_t row = ((size_t)tok * n_heads + h) * n_ws;
     const float* ml = ws_ml + row * 2;
-    float m_all = NEG_INF;
-    for (int s = 0; s < n_split; ++s) m_all = fmaxf(m_all, ml[2 * s]);
-    for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-        float l = 0.f, o = 0.f;
-        for (int s = 0; s < n_split; ++s) {
-            const float ms = ml[2 * s];
-            if (ms == NEG_INF) continue;  // an empty range (acc 0, l 0)
-            const float w = exp2f(ms - m_all);
-            l += ml[2 * s + 1] * w;
-            o += ws_acc[(row + s) * HEAD_DIM + d] * w;
-        }
+    float m_part = NEG_INF;
+    for (int s = tid; s < n_split; s += blockDim.x) m_part = fmaxf(m_part, ml[2 * s]);
+    const float m_all = block_reduce(m_part, red, true);
+    float l_part = 0.f;
+    for (int s = tid; s < n_split; s += blockDim.x) {
+        const float ms = ml[2 * s];
+        const float w = ms == NEG_INF ? 0.f : exp2f(ms - m_all);  // an empty range: acc 0, l 0
+        wsh[s] = w;
+        l_part += ml[2 * s + 1] * w;
+    }
+    const float l = block_reduce(l_part, red, false);  // its barriers also publish wsh
+    for (int d = tid; d < HEAD_DIM; d += blockDim.x) {
+        const float* acc = ws_acc + row * HEAD_DIM + d;
+        float o = 0.f;
+#pragma unroll 4
+        for (int s = 0; s < n_split; ++s) o += acc[(size_t)s * HEAD_DIM] * wsh[s];
         out[((size_t)tok * n_heads + h) * HEAD_DIM + d] = l > 0.f ? o / l : 0.f;
     }
 }

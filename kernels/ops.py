@@ -288,7 +288,8 @@ def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int) -> N
     kernel("ops.cu", "attn_decode_combine", HEAD_DIM=d)(
         (n, hq), (_threads_for(d, 256),),
         (ws_acc, ws_ml, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_len, np.int32(hq),
-         np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)))
+         np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)),
+        shared_mem=4 * plan.grid)
 
 
 def _attn_scalars(hq: int, hkv: int, scale: float, window: int) -> tuple:
