@@ -241,7 +241,9 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
 
 
 DECODE_KERNELS = ("split", "single")
-DECODE_MIN_KEYS = 16  # keys per split-K range at least: fewer make the partials cost more than they save
+# A query's keys go to at most ceil(keys / DECODE_MIN_KEYS) ranges, so that a block has more to do than
+# writing its partial (a first choice, not yet tuned by measurement).
+DECODE_MIN_KEYS = 16
 DECODE_BLOCKS_PER_SM = 2  # split-K aims at this many blocks per SM
 
 
