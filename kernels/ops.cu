@@ -557,6 +557,8 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ k, const floa
     }
 }
 
+}  // extern "C"
+
 // ---------------------------------------------------------------------------------------------
 // Split-K decode attention (flash-decoding): the visible keys of each query are cut into n_split
 // contiguous ranges, one block per (query token, group of DEC_G query heads sharing a kv head, range)
@@ -565,16 +567,13 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ k, const floa
 // n_split is computed on the device from the query's own visible key count (dec_n_splits), never
 // from the grid: a grid sized for a whole KV cache (a CUDA graph's) and one sized for the keys
 // present (an eager step) give the same ranges, hence the same bits; blocks past n_split exit.
+// One kernel per DEC_G = 1 .. 8 (attn_decode_split_g<DEC_G>; ops.py: ceil(G / ceil(G / 8)) heads).
 // Within a range, keys go in chunks of DS_KC: DS_TPK lanes per key compute the DEC_G dot products
 // (16-byte loads, a 3-step shuffle sum), one warp per head updates its online softmax, then each
 // thread accumulates one value column for the DEC_G heads over its share of the chunk's keys.
-#ifndef DEC_G
-#define DEC_G 1                         // query heads per block (ops.py: ceil(G / ceil(G / 8)))
-#endif
 #define DS_TPK 8                        // lanes per key in the dot products
 #define DS_KC (DEC_THREADS / DS_TPK)    // keys per chunk (= 32 = the lanes of a softmax warp)
 static_assert(DS_KC == 32, "a softmax warp holds one chunk key per lane");
-static_assert(DEC_G >= 1 && DEC_G <= DEC_THREADS / 32, "one softmax warp per head of a block");
 
 // Visible keys [*k_begin, *k_end) of query token tok (see the attention comment above).
 __device__ __forceinline__ void dec_visible(int tok, const int* __restrict__ tok_seq, const int* __restrict__ q_start,
@@ -594,12 +593,15 @@ __device__ __forceinline__ int dec_n_splits(int n_vis, int max_splits, int min_k
 
 // ws_acc [N, Hq, gridDim.z, HEAD_DIM] and ws_ml [N, Hq, gridDim.z, 2] (m, l): entries s < n_split
 // of every head are written. Grid (N, Hkv * tiles of DEC_G heads, >= the largest n_split).
-__global__ void __launch_bounds__(DEC_THREADS)
-attn_decode_split(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                  float* __restrict__ ws_acc, float* __restrict__ ws_ml, const int* __restrict__ tok_seq,
-                  const int* __restrict__ q_start, const int* __restrict__ q_pos0, const int* __restrict__ kv_off,
-                  const int* __restrict__ kv_len, int n_heads, int n_kv_heads, int window, float scale_log2,
-                  int max_splits, int min_keys) {
+#define DEC_SPLIT_PARAMS                                                                                   \
+    const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,                \
+        float *__restrict__ ws_acc, float *__restrict__ ws_ml, const int *__restrict__ tok_seq,           \
+        const int *__restrict__ q_start, const int *__restrict__ q_pos0, const int *__restrict__ kv_off,  \
+        const int *__restrict__ kv_len, int n_heads, int n_kv_heads, int window, float scale_log2,        \
+        int max_splits, int min_keys
+template <int DEC_G>
+__device__ __forceinline__ void decode_split_block(DEC_SPLIT_PARAMS) {
+    static_assert(DEC_G >= 1 && DEC_G <= DEC_THREADS / 32, "one softmax warp per head of a block");
     __shared__ float4 qs4[DEC_G][DP / 4];
     __shared__ float ps[DEC_G][DS_KC];  // a chunk's scores, then its probabilities
     __shared__ float m_s[DEC_G], l_s[DEC_G], alpha_s[DEC_G];
@@ -723,6 +725,22 @@ attn_decode_split(const float* __restrict__ q, const float* __restrict__ k, cons
         ws_ml[(ws_row + (size_t)tid * n_ws) * 2 + 1] = l_s[tid];
     }
 }
+
+extern "C" {
+
+#define DEC_SPLIT_KERNEL(G)                                                                               \
+    __global__ void __launch_bounds__(DEC_THREADS) attn_decode_split_g##G(DEC_SPLIT_PARAMS) {          \
+        decode_split_block<G>(q, k, v, ws_acc, ws_ml, tok_seq, q_start, q_pos0, kv_off, kv_len, n_heads, \
+                              n_kv_heads, window, scale_log2, max_splits, min_keys);                      \
+    }
+DEC_SPLIT_KERNEL(1)
+DEC_SPLIT_KERNEL(2)
+DEC_SPLIT_KERNEL(3)
+DEC_SPLIT_KERNEL(4)
+DEC_SPLIT_KERNEL(5)
+DEC_SPLIT_KERNEL(6)
+DEC_SPLIT_KERNEL(7)
+DEC_SPLIT_KERNEL(8)
 
 // out[tok, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s, over the
 // query's n_split ranges (0 when it sees no key, as attn_decode). Grid (N, Hq); dynamic shared

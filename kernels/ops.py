@@ -248,12 +248,12 @@ DECODE_BLOCKS_PER_SM = 2  # split-K aims at this many blocks per SM
 
 
 class DecodeSplits(NamedTuple):
-    """The split-K decode launch (attn_decode_split): ops.cu derives each query's number of ranges
+    """The split-K decode launch (attn_decode_split_g*): ops.cu derives each query's number of ranges
     from its own visible keys, min(max_splits, ceil(keys / min_keys)), so the ranges, and the
     result, do not depend on `grid` (a CUDA graph sized for the whole cache and an eager step
     agree bit for bit)."""
 
-    group: int  # query heads per block (DEC_G)
+    group: int  # query heads per block: the kernel attn_decode_split_g<group>
     tiles: int  # blocks per kv head over its query heads
     max_splits: int  # ranges per query at most: blocks per SM x SMs / blocks without splitting
     grid: int  # blocks per (token, head tile): the most ranges any query of the layout can have
@@ -283,11 +283,11 @@ def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int) -> N
     ws_acc = cp.empty((n, hq, plan.grid, d), cp.float32)
     ws_ml = cp.empty((n, hq, plan.grid, 2), cp.float32)
     scalars = _attn_scalars(hq, hkv, scale, window)
-    kernel("ops.cu", "attn_decode_split", HEAD_DIM=d, DEC_G=plan.group)(
+    kernel("ops.cu", f"attn_decode_split_g{plan.group}", **_decode_defines(d))(
         (n, hkv * plan.tiles, plan.grid), (_DEC_THREADS,),
         (q, k, v, ws_acc, ws_ml, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len,
          *scalars, np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS)))
-    kernel("ops.cu", "attn_decode_combine", HEAD_DIM=d)(
+    kernel("ops.cu", "attn_decode_combine", **_decode_defines(d))(
         (n, hq), (_threads_for(d, 256),),
         (ws_acc, ws_ml, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_len, np.int32(hq),
          np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)),
