@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", type=int, default=None, help="default: the library's (SignalOptions)")
     ap.add_argument("--dense-rows", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where data and shards go (default: a temporary directory)")
@@ -70,6 +70,8 @@ def main() -> None:
     from q4k_engine.distill.rows import RowOptions, length_batches, read_rows
     from q4k_engine.binio import sha256_file
     from q4k_engine.distill.shards import SignalOptions, _shards, bytes_per_token, write_signals
+
+    a.batch_tokens = a.batch_tokens or SignalOptions.batch_tokens
 
     if a.model is None:
         import make_7b

@@ -18,6 +18,7 @@ from q4k_engine.distill.compare import compare_signals, compare_teachers
 from q4k_engine.distill.reader import open_signals
 from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
 from q4k_engine.errors import InputError
+from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS
 from q4k_engine.provider import load
 
 
@@ -30,7 +31,7 @@ from q4k_engine.provider import load
 @click.option("--text", "texts", multiple=True, help="Models: text, tokenized by A's tokenizer (repeatable).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Models: where both run.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
               help="Models: tokens per forward.")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="Models: cut longer rows (counted).")
 @click.option("--assistant-only", is_flag=True, help="Models: compare only the assistant tokens of chat rows.")

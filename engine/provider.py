@@ -55,8 +55,9 @@ OUTPUTS = ("numpy", "cupy", "torch", "dlpack")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 POSITIONS = ("all", "last")
 # Tokens per forward call: sequences are grouped up to this many tokens (a longer sequence runs
-# alone). Bounds the activations and the [tokens, vocab] logits of one call.
-DEFAULT_MAX_BATCH_TOKENS = 4096
+# alone). Bounds the activations of one call: a 7B teacher's device memory stays within 6 GB at 2048
+# (5.85 GB measured on an H200) and takes 6.21 GB at 4096, for about the same tokens/s (bench/RESULTS.md).
+DEFAULT_MAX_BATCH_TOKENS = 2048
 # float32 logits per LM-head chunk: the head and every reduction run on this many bytes of
 # positions at a time (a 7B teacher's 152k vocabulary: 441 positions). Larger chunks amortise the
 # head's dequantization over more rows; smaller ones bound device memory.

@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import InputError
+from ..provider import DEFAULT_MAX_BATCH_TOKENS
 from .reader import SignalRow, Signals
 from .stats import KLDivergence, KLReport, dense_positions, topk_positions
 
@@ -67,7 +68,7 @@ def compare_signals(a: Signals, b: Signals) -> KLReport:
     return acc.report(notes)
 
 
-def compare_teachers(a, b, rows: Iterable[tuple[np.ndarray, np.ndarray]], *, batch_tokens: int = 4096) -> KLReport:
+def compare_teachers(a, b, rows: Iterable[tuple[np.ndarray, np.ndarray]], *, batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> KLReport:
     """KL(A || B) and the rest of two TeacherModels over the same rows: (input_ids, target_mask)
     pairs, streamed and run in groups of up to batch_tokens tokens (memory stays bounded)."""
     if a.vocab_size != b.vocab_size:

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..binio import HASH_CHUNK, atomic_output, sha256_file
 from ..errors import InputError
+from ..provider import DEFAULT_MAX_BATCH_TOKENS
 from .rows import Row, RowOptions, RowStats, length_batches, read_rows
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class SignalOptions:
     dtype: str = "float32"  # of log-probs (top-k) or logits (dense)
     shard_rows: int = DEFAULT_SHARD_ROWS
     shard_bytes: int = DEFAULT_SHARD_BYTES
-    batch_tokens: int = 4096
+    batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     rows: RowOptions = field(default_factory=RowOptions)
 
 
