@@ -36,18 +36,17 @@ LLAMA="$SRC/vendor/llama.cpp"
 [[ -f "$LLAMA/tools/llama-bench/llama-bench.cpp" ]] || die "$TARBALL: no vendor/llama.cpp/tools/llama-bench in it"
 
 # The sdist has no git history: llama-bench's build_commit is the llama.cpp commit that the
-# sdist's changelog names last, and the build number its llama-cpp-python version's digits.
+# sdist's changelog names last.
 COMMIT=$(grep -m1 -oE 'llama\.cpp@[0-9a-f]{7,40}' "$SRC/CHANGELOG.md" 2>/dev/null | cut -d@ -f2 || true)
-PYVER=$(sed -nE 's/^Version: *//p' "$SRC/PKG-INFO" 2>/dev/null | head -1)
 [[ -n "$COMMIT" ]] || echo "build_llama_bench: $SRC/CHANGELOG.md names no llama.cpp commit; build_commit will read 'unknown'"
 ARGS=(
-  -DLLAMA_BUILD_COMMIT="${COMMIT:-unknown}" -DLLAMA_BUILD_NUMBER="$(tr -cd 0-9 <<<"${PYVER:-0}")"
+  -DLLAMA_BUILD_COMMIT="${COMMIT:-unknown}"
   -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
   # portable CPU code (the binary is built on one machine and run on another): AVX2, no -march=native
   -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-  -DGGML_OPENMP=OFF  # ggml's own thread pool: no libgomp needed where it runs
+  -DGGML_CCACHE=OFF -DGGML_OPENMP=OFF  # ggml's own thread pool: no libgomp needed where it runs
   "-DCMAKE_EXE_LINKER_FLAGS=-static-libstdc++ -static-libgcc"
   -DCMAKE_SKIP_BUILD_RPATH=ON  # no path of this machine in the binary: CUDA libs come from LD_LIBRARY_PATH
 )
@@ -56,62 +55,74 @@ if (( CPU )); then
 else
   NVCC=""
   for c in "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" "$(command -v nvcc || true)" /usr/local/cuda/bin/nvcc; do
-    [[ -n "$c" && -x "$c" ]] && { NVCC=$(realpath "$c"); break; }
+    [[ -n "$c" && -x "$c" ]] && { NVCC=$c; break; }
   done
   [[ -n "$NVCC" ]] || die "no nvcc (set CUDA_HOME, put nvcc on PATH, or install /usr/local/cuda); --cpu builds without CUDA"
+  # the real nvcc (the one on PATH may be a wrapper script): where nvcc itself says it is
+  HERE=$(cd /tmp && "$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)
+  [[ -x "$HERE/nvcc" ]] || die "$NVCC: cannot tell where its toolkit is (nvcc --dryrun names no _HERE_)"
+  NVCC=$(realpath "$HERE/nvcc")
   ROOT=$(dirname "$(dirname "$NVCC")")
-  LIBDIR=""
-  for d in "$ROOT/lib64" "$ROOT/lib" "$ROOT/targets/x86_64-linux/lib"; do
-    [[ -e "$d/libcudart.so" || -e "$d/libcudart.so.13" || -e "$d/libcudart.so.12" ]] && { LIBDIR=$d; break; }
+  # The pieces may be spread out: a toolkit without cuBLAS (/usr/local/cuda with cuBLAS from pip),
+  # a pip-wheel toolkit (nvidia/cu13/{bin,include,lib}: no lib64, which nvcc.profile links from,
+  # no unversioned .so, no libcuda.so stub). So nvcc runs from a view of the toolkit in the build
+  # dir (nvcc is hard-linked or copied there: it finds its profile, headers and libs from its own
+  # path) whose include/ and lib64/ gather the toolkit's and, for what it lacks, those of the pip
+  # nvidia packages of python3 (or of $CUDA_EXTRA, dirs with include/ and lib/).
+  EXTRA=(${CUDA_EXTRA:-})
+  if command -v python3 >/dev/null; then
+    while read -r sp; do [[ -d "$sp/nvidia" ]] && EXTRA+=("$sp"/nvidia/cu13 "$sp"/nvidia/*); done \
+      < <(python3 -c 'import site, sys; print("\n".join([*site.getsitepackages(), *sys.path[1:]]))' 2>/dev/null)
+  fi
+  VIEW="$BUILD_DIR/cuda-toolkit"
+  rm -rf "$VIEW"; mkdir -p "$VIEW/bin" "$VIEW/include" "$VIEW/lib64"
+  for f in "$ROOT"/bin/*; do [[ "$(basename "$f")" == nvcc ]] || ln -s "$f" "$VIEW/bin/"; done
+  cp -l "$NVCC" "$VIEW/bin/nvcc" 2>/dev/null || cp "$NVCC" "$VIEW/bin/nvcc"
+  ln -s "$ROOT/nvvm" "$VIEW/nvvm"
+  ln -s lib64 "$VIEW/lib"
+  for d in "$ROOT/include" "$ROOT/targets/x86_64-linux/include" "${EXTRA[@]/%//include}"; do
+    [[ -d "$d" ]] || continue
+    for f in "$d"/*; do [[ -e "$VIEW/include/$(basename "$f")" ]] || ln -s "$f" "$VIEW/include/"; done
   done
-  [[ -n "$LIBDIR" ]] || die "$ROOT: no libcudart.so* beside nvcc"
-  # FindCUDAToolkit wants unversioned libcudart/libcublas/libcublasLt and a libcuda.so (the toolkit's
-  # stub) to link against; a pip-wheel toolkit has only the versioned ones and no stub.
-  SHIM="$BUILD_DIR/cuda-link"
-  rm -rf "$SHIM"; mkdir -p "$SHIM"
+  for d in "$ROOT/lib64" "$ROOT/lib" "$ROOT/targets/x86_64-linux/lib" "${EXTRA[@]/%//lib}"; do
+    [[ -d "$d" ]] || continue
+    for f in "$d"/*; do [[ -e "$VIEW/lib64/$(basename "$f")" ]] || ln -s "$(realpath "$f")" "$VIEW/lib64/$(basename "$f")"; done
+  done
   for lib in cudart cublas cublasLt; do
-    f=$(ls "$LIBDIR"/lib$lib.so "$LIBDIR"/lib$lib.so.[0-9]* 2>/dev/null | head -1 || true)
-    [[ -n "$f" ]] || die "$LIBDIR: no lib$lib.so*"
-    ln -s "$f" "$SHIM/lib$lib.so"
+    [[ -e "$VIEW/lib64/lib$lib.so" ]] && continue
+    f=$(ls "$VIEW"/lib64/lib$lib.so.[0-9]* 2>/dev/null | head -1 || true)
+    [[ -n "$f" ]] || die "no lib$lib.so* in $ROOT nor in ${EXTRA[*]:-any pip nvidia package} (pip install nvidia-cublas, or set CUDA_EXTRA)"
+    ln -s "$(basename "$f")" "$VIEW/lib64/lib$lib.so"
+  done
+  for h in cuda_runtime.h cuda.h cublas_v2.h; do
+    [[ -e "$VIEW/include/$h" ]] || die "no $h in $ROOT nor in ${EXTRA[*]:-any pip nvidia package}"
   done
   STUB=""
-  for s in "$LIBDIR/stubs/libcuda.so" "$ROOT/lib64/stubs/libcuda.so" "$ROOT/targets/x86_64-linux/lib/stubs/libcuda.so"; do
+  for s in "$ROOT/lib64/stubs/libcuda.so" "$ROOT/lib/stubs/libcuda.so" "$ROOT/targets/x86_64-linux/lib/stubs/libcuda.so"; do
     [[ -f "$s" ]] && { STUB=$s; break; }
   done
+  rm -rf "$VIEW/lib64/stubs"; mkdir -p "$VIEW/lib64/stubs"
   if [[ -n "$STUB" ]]; then
-    ln -s "$STUB" "$SHIM/libcuda.so"
+    ln -s "$STUB" "$VIEW/lib64/stubs/libcuda.so"
   else
     # Every driver entry point that cuda.h declares (after its _v2/_v3 renames), as empty functions
-    # under the driver's soname: link time only.
+    # under the driver's soname: for linking only (the driver's libcuda.so.1 is used at run time).
     echo "build_llama_bench: no libcuda.so stub in $ROOT; making one from cuda.h for linking"
-    gcc -E -P -x c "$ROOT/include/cuda.h" -I"$ROOT/include" \
+    gcc -E -P -x c "$VIEW/include/cuda.h" -I"$VIEW/include" \
       | grep -oE '\bCUresult\s+(CUDAAPI\s+)?cu[A-Za-z0-9_]+\s*\(' \
       | sed -E 's/.*\b(cu[A-Za-z0-9_]+)\s*\(/\1/' | sort -u \
-      | sed 's/.*/void &(void) {}/' >"$SHIM/cuda_stub.c"
-    [[ -s "$SHIM/cuda_stub.c" ]] || die "$ROOT/include/cuda.h: no driver functions found"
-    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$SHIM/libcuda.so" "$SHIM/cuda_stub.c"
+      | sed 's/.*/void &(void) {}/' >"$BUILD_DIR/cuda_stub.c"
+    [[ -s "$BUILD_DIR/cuda_stub.c" ]] || die "$VIEW/include/cuda.h: no driver functions found"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$VIEW/lib64/stubs/libcuda.so" "$BUILD_DIR/cuda_stub.c"
   fi
-  if [[ ! -d "$ROOT/lib64" && ! -d "$ROOT/targets" ]]; then
-    # pip-wheel layout: nvcc.profile links from $TOP/lib64, the wheels ship lib/. A view of the
-    # toolkit with lib64 -> the link dir; nvcc itself is hard-linked (or copied) because it finds
-    # its profile and tools beside its own path.
-    VIEW="$BUILD_DIR/cuda-toolkit"
-    rm -rf "$VIEW"; mkdir -p "$VIEW/bin"
-    for f in "$ROOT"/*; do [[ "$(basename "$f")" == bin ]] || ln -s "$f" "$VIEW/"; done
-    for f in "$ROOT"/bin/*; do [[ "$(basename "$f")" == nvcc ]] || ln -s "$f" "$VIEW/bin/"; done
-    cp -l "$NVCC" "$VIEW/bin/nvcc" 2>/dev/null || cp "$NVCC" "$VIEW/bin/nvcc"
-    for f in "$LIBDIR"/*; do ln -sf "$f" "$SHIM/"; done
-    ln -s "$SHIM" "$VIEW/lib64"
-    echo "build_llama_bench: pip-wheel CUDA toolkit; using the view $VIEW"
-    ROOT=$VIEW; NVCC=$VIEW/bin/nvcc
-  fi
-  NVCC_VER=$("$NVCC" --version | grep -oE 'release [0-9.]+' | cut -d' ' -f2)
-  echo "build_llama_bench: nvcc $NVCC ($NVCC_VER), CUDA libs $LIBDIR"
+  NVCC=$VIEW/bin/nvcc
+  echo "build_llama_bench: nvcc $(realpath "$NVCC") ($("$NVCC" --version | grep -oE 'release [0-9.]+')), toolkit view $VIEW"
+  L=$VIEW/lib64
   ARGS+=(
-    -DGGML_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC" -DCUDAToolkit_ROOT="$ROOT"
-    -DCUDA_CUDART="$SHIM/libcudart.so" -DCUDA_cudart_LIBRARY="$SHIM/libcudart.so"
-    -DCUDA_cublas_LIBRARY="$SHIM/libcublas.so" -DCUDA_cublasLt_LIBRARY="$SHIM/libcublasLt.so"
-    -DCUDA_cuda_driver_LIBRARY="$SHIM/libcuda.so"
+    -DGGML_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC" -DCUDAToolkit_ROOT="$VIEW"
+    -DCUDA_CUDART="$L/libcudart.so" -DCUDA_cudart_LIBRARY="$L/libcudart.so"
+    -DCUDA_cublas_LIBRARY="$L/libcublas.so" -DCUDA_cublasLt_LIBRARY="$L/libcublasLt.so"
+    -DCUDA_cuda_driver_LIBRARY="$L/stubs/libcuda.so"
     -DCMAKE_CUDA_ARCHITECTURES=90-real "-DGGML_CUDA_FA_QUANTS=f16-f16" -DGGML_CUDA_NCCL=OFF
   )
 fi
