@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_7b beside this 
 
 TOPK = 64
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill.py"
+LLAMA_GEN = 128  # llama-bench's tg test: tokens generated from an empty context
 
 
 class Meter:
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--example-batch", type=int, default=4, help="the example's rows per step")
     ap.add_argument("--example-seq-len", type=int, default=1024, help="the example's tokens per row")
     ap.add_argument("--example-top-k", type=int, default=0, help="the example's --top-k (0: dense teacher logits)")
+    ap.add_argument("--llama-bench", action="store_true",
+                    help="then llama.cpp's llama-bench on the same GGUF (bench/llama_bench.py), the GPU freed first")
     a = ap.parse_args(argv)
     for name in ("example_steps", "example_top_k"):
         if getattr(a, name) < 0:
@@ -150,8 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
 
     import make_7b
+    from llama_bench import EngineFigure, compare_table
+    from llama_bench import run as llama_bench_run
 
     import q4k_engine
+    from q4k_engine.errors import Q4KError
 
     def shapes(spec: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]  # type: ignore[misc]
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     def prompts(b: int, t: int) -> np.ndarray:
         return rng.integers(0, cfg.vocab_size, (b, t))
 
+    peer: list[EngineFigure] = []  # the figures llama-bench has a test for
     rows = [f"| load (open, validate, upload) | {load_s:.1f} s |",
             f"| device memory after load | {after_load} |"]
     for b, t in shapes(a.memory):
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(f"| prefill {b}x{t} | {b * t / fwd:,.0f} tokens/s (last-position logits); "
                     f"{b * t / top:,.0f} tokens/s (top-{TOPK} of every position) |")
         print(rows[-1], flush=True)
+        if b == 1:
+            peer.append(EngineFigure(f"prefill 1x{t} (last-position logits)", t / fwd, f"pp{t}"))
     meter.reset(teacher)
     g = None
     for b in (int(x) for x in a.decode_batches.split(",")):
@@ -200,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(f"| decode batch {b} ({g.mode}{f', {g.note}' if g.note else ''}) | {b / ms * 1e3:,.1f} tokens/s "
                     f"({ms:.2f} ms/step after a {a.prompt}-token prompt) |")
         print(rows[-1], flush=True)
+        if b == 1:
+            peer.append(EngineFigure(f"decode batch 1 ({a.prompt}-token prompt, {a.steps} steps)", 1e3 / ms,
+                                     f"tg{LLAMA_GEN}"))
     rows.append(f"| device memory at the end | {meter.used(teacher)} |")
     size = path.stat().st_size
     if a.example_steps:
@@ -214,6 +226,20 @@ def main(argv: list[str] | None = None) -> None:
         rows += example_rows(json.loads(report.read_text()))
         print(f"example report: {report}", flush=True)
 
+    peer_text = ""
+    if a.llama_bench:
+        teacher = g = None  # llama-bench gets the device (all but this process's CUDA context)
+        if a.device == "cuda":
+            print(f"released the bench's teacher: {release()}", flush=True)
+        try:
+            lrows = llama_bench_run(path, prompts=tuple(t for b, t in shapes(a.prefill) if b == 1), gen=LLAMA_GEN)
+            peer_text = "\n\n" + compare_table(peer, lrows, f"llama.cpp on the same file in this run: llama-bench "
+                                             f"{lrows[0].build}, {lrows[0].backend}, flash attention "
+                                             f"{lrows[0].flash_attn}, all layers on the GPU, mean of {lrows[0].reps} "
+                                             "reps (bench/llama_bench.py).")
+        except Q4KError as e:  # the engine's figures are kept
+            peer_text = f"\n\nllama.cpp's llama-bench: not run: {e}"
+
     head = [
         f"Large teacher, {card}, {datetime.date.today()}: {path.name} ({a.shape}{suffix}: {cfg.n_layers} layers, "
         f"hidden {cfg.hidden}, ffn {cfg.ffn}, heads {cfg.n_heads}/{cfg.n_kv_heads}, vocab {cfg.vocab_size}; "
@@ -222,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "| figure | value |",
         "|---|---|",
     ]
-    text = "\n".join(head + rows)
+    text = "\n".join(head + rows) + peer_text
     if a.out:
         a.out.write_text(text + "\n")
     print(text)

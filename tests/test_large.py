@@ -175,7 +175,7 @@ def test_bench_large_runs_on_cpu(tmp_path):
                           "--model", str(model), "--prefill", "1x16,2x16", "--memory", "2x16",
                           "--decode-batches", "1,2", "--steps", "2", "--prompt", "8", "--out", str(out),
                           "--example-steps", "3", "--example-student", "tiny", "--example-batch", "2",
-                          "--example-seq-len", "16"],
+                          "--example-seq-len", "16", "--llama-bench"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     table = out.read_text()
@@ -185,6 +185,9 @@ def test_bench_large_runs_on_cpu(tmp_path):
     report = json.loads((tmp_path / "large-distill.json").read_text())
     assert report["teacher"] == str(model) and report["steps"] == 3 and report["batch"] == 2
     assert report["tokens"] == 3 * 2 * 16 and f"{report['student_parameters']:,} parameters" in table
+    # llama-bench beside it when a binary runs here (a CPU build); else a line saying why not, the
+    # engine's figures kept
+    assert "| prefill 1x16 (last-position logits) |" in table or "llama.cpp's llama-bench: not run: " in table
     assert model.exists()  # --remove is off, and a given --model is never removed
 
 
