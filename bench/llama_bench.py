@@ -97,9 +97,16 @@ def run_env(lib_dirs: list[Path], base: dict[str, str] | None = None) -> dict[st
 
 
 def probe(binary: Path, env: dict[str, str]) -> str | None:
-    """None if `binary --list-devices` runs, else why not (one line)."""
+    """None if `binary --list-devices` runs, else why not (one line). A carried binary that lost
+    its execute bit gets it back (said on stderr)."""
     if not binary.is_file():
         return f"{binary}: no such file"
+    if not os.access(binary, os.X_OK):
+        try:
+            binary.chmod(binary.stat().st_mode | 0o111)
+            print(f"llama_bench: {binary} was not executable; made it so", file=sys.stderr)
+        except OSError as e:
+            return f"{binary}: not executable, and cannot be made so: {e.strerror or e}"
     try:
         r = subprocess.run([str(binary), "--list-devices"], env=env, capture_output=True, text=True, timeout=120)
     except OSError as e:

@@ -100,6 +100,14 @@ def test_find_binary_prefers_the_carried_one(tmp_path):
     assert lb.find_binary(whl, tmp_path / "build", tmp_path / "no-script.sh", lib_dirs=[]) == carried
 
 
+def test_find_binary_restores_a_lost_execute_bit(tmp_path, capsys):
+    whl = tmp_path / ".whl"
+    carried = _script(whl / "llama-bench", "exit 0")
+    carried.chmod(0o644)
+    assert lb.find_binary(whl, tmp_path / "build", tmp_path / "no-script.sh", lib_dirs=[]) == carried
+    assert os.access(carried, os.X_OK) and "was not executable; made it so" in capsys.readouterr().err
+
+
 def test_find_binary_builds_once_when_the_carried_one_fails(tmp_path, capsys):
     """A carried binary that does not run (missing library, other CPU) is passed over with a line
     saying why; the stripped sdist is built with the build script, and that build is reused."""
@@ -133,7 +141,7 @@ def test_command_line(tmp_path):
     cmd = lb.command(Path("/x/llama-bench"), tmp_path / "m.gguf", (512, 2048), 128, True, 99, 3)
     assert cmd == ["/x/llama-bench", "-m", str(tmp_path / "m.gguf"), "-p", "512,2048", "-n", "128", "-fa", "on",
                    "-ngl", "99", "-r", "3", "-o", "json"]
-    assert lb.command(Path("b"), Path("m"), (64,), 8, False, 0, 1)[6:10] == ["-n", "8", "-fa", "off"]
+    assert lb.command(Path("b"), Path("m"), (64,), 8, False, 0, 1)[5:11] == ["-n", "8", "-fa", "off", "-ngl", "0"]
 
 
 def test_run_refuses_a_missing_model(tmp_path):
@@ -157,3 +165,38 @@ def test_tables():
     assert "| pp4096 | not run |" in cmp[6]
     with pytest.raises(InputError, match="ran no test"):
         lb.table([], "m.gguf")
+
+
+def test_synthetic_gguf_has_what_llama_cpp_needs(tmp_path):
+    """What llama.cpp's vocabulary loader (src/llama-vocab.cpp) demands of a byte-level BPE GGUF,
+    checked on the synthetic shapes' tokenizer (bench/make_7b.py --format gguf): tokenizer model
+    "gpt2" with merges, a pre-tokenizer name it knows ("gpt-2"), one distinct non-empty token per
+    embedding row (it aborts on duplicates), a token type per token, every byte's token (its
+    byte_to_token lookup throws without one), BOS/EOS ids that are control tokens; merges "a b"
+    whose parts and result are tokens."""
+    import gguf
+    import numpy as np
+
+    from q4k_engine.shapes import write_shape
+    from q4k_engine.tokenizer import bytes_to_unicode
+
+    r = gguf.GGUFReader(write_shape(tmp_path / "tiny.gguf", "tiny", n_layers=1))
+
+    def field(key):
+        f = r.fields[key]
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            return [f.contents(i) for i in range(len(f.data))]
+        return f.contents()
+
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    embd = next(t for t in r.tensors if t.name == "token_embd.weight")
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    assert len(tokens) == len(types) == int(embd.shape[1])  # GGUF shapes are [hidden, vocab]
+    assert len(set(tokens)) == len(tokens) and all(tokens)
+    assert set(bytes_to_unicode().values()) <= set(tokens)
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert types[field(key)] == 3, key  # LLAMA_TOKEN_TYPE_CONTROL
+    merges, vocab = field("tokenizer.ggml.merges"), set(tokens)
+    assert merges and all(m.find(" ", 1) > 0 for m in merges)
+    assert all({a, b, a + b} <= vocab for a, b in (m.split(" ", 1) for m in merges))
+    assert set(np.unique(types)) <= {1, 3, 5}  # normal, control, unused (the padding rows)
