@@ -213,7 +213,7 @@ def table(rows: list[BenchRow], model: str) -> str:
     if not rows:
         raise InputError("llama-bench ran no test")
     r0 = rows[0]
-    head = [f"llama.cpp llama-bench {r0.build}, {r0.backend} on {r0.gpu or 'CPU'}, {datetime.date.today()}: {model} "
+    head = [f"llama.cpp llama-bench {r0.build}, {r0.backend}{f' on {r0.gpu}' if r0.gpu else ''}, {datetime.date.today()}: {model} "
             f"({r0.model_type}), flash attention {r0.flash_attn}, {r0.n_gpu_layers} layers offloaded.", "",
             "| test | tokens/s | ± sd | reps |", "|---|---|---|---|"]
     return "\n".join(head + [f"| {r.test} | {r.tps_mean:,.1f} | {r.tps_std:,.1f} | {r.reps} |" for r in rows])
