@@ -36,7 +36,7 @@ from .tensors import ModelFile, QTensor
 FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 F16_MAX = 65504.0
 _CHUNK_VALUES = 1 << 20  # values decoded and re-encoded at a time: memory stays bounded for any tensor
-_FILE_TYPE_Q4_K_M = 15  # general.file_type of a Q4_K_M file (llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M)
+FILE_TYPE_Q4_K_M = 15  # general.file_type of a Q4_K_M file (llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M)
 
 # --------------------------------------------------------------------------------------------
 # re-encoding one tensor
@@ -238,5 +238,5 @@ def requantize(model: ModelFile, scheme: str = "q4_k_m", *, progress: bool = Fal
         if out[name].dtype != target:
             warnings.warn(f"{model.path}: tensor {name} is stored as F32: a value exceeds F16's range", Q4KWarning,
                           stacklevel=2)
-    metadata = model.metadata | ({"general.file_type": _FILE_TYPE_Q4_K_M} if "general.file_type" in model.metadata else {})
+    metadata = model.metadata | ({"general.file_type": FILE_TYPE_Q4_K_M} if "general.file_type" in model.metadata else {})
     return dataclasses.replace(model, tensors=out, metadata=metadata)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ModelConfig, expected_shapes
-from .convert import q4_k_m_type
+from .convert import FILE_TYPE_Q4_K_M, q4_k_m_type
 from .dtypes import TYPE_INFO, GGMLType, tensor_bytes
 from .errors import InputError
 from .loader import arch_config
@@ -246,7 +246,10 @@ def shape_model(shape: str | Shape, *, n_layers: int | None = None, seed: int = 
 
         tensors[tname] = QTensor(tname, dtype, tshape, LazyBytes(nbytes, make))  # type: ignore[arg-type]
     label = f"synthetic-{name}-q4_k_m" + (f"-{config.n_layers}l" if n_layers else "")
-    return ModelFile(Path(label), "synthetic", config, tensors, shape_tokenizer(spec.vocab), {"general.name": label})
+    # general.file_type: llama.cpp otherwise guesses the file type from the commonest tensor type,
+    # which for few layers or the 72B's many F32 norms and biases reads "all F32"
+    return ModelFile(Path(label), "synthetic", config, tensors, shape_tokenizer(spec.vocab),
+                     {"general.name": label, "general.file_type": FILE_TYPE_Q4_K_M})
 
 
 def write_shape(path: Path | str, shape: str | Shape, fmt: str | None = None, *, n_layers: int | None = None,

@@ -200,3 +200,5 @@ def test_synthetic_gguf_has_what_llama_cpp_needs(tmp_path):
     assert merges and all(m.find(" ", 1) > 0 for m in merges)
     assert all({a, b, a + b} <= vocab for a, b in (m.split(" ", 1) for m in merges))
     assert set(np.unique(types)) <= {1, 3, 5}  # normal, control, unused (the padding rows)
+    assert field("general.file_type") == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M: else llama.cpp guesses, e.g. "all F32"
+    assert r.fields["general.file_type"].types == [gguf.GGUFValueType.UINT32]  # the type llama.cpp reads
