@@ -4,9 +4,10 @@
     python bench/llama_bench.py --compare [--model 7B.gguf] [--out FILE.md]
         # the same GGUF through q4k-engine and llama-bench in one run, side by side with ratios
 
-The binary: `.whl/llama-bench` (carried, built elsewhere by bench/build_llama_bench.sh) if it runs
-here, else built once from `.whl/llama-cpp-python-*-stripped.tar.gz` (bench/strip_llama_sdist.py)
-into /tmp/llama-build, saying so. It is linked against libcudart/libcublas/libcublasLt.so.13, which
+The binary: `.whl/llama-bench` (carried, built elsewhere by bench/build_llama_bench.sh), or
+`.whl/llama-bench.xz` (the same, xz-compressed to carry: ~21 MB instead of ~50) unpacked into
+/tmp/llama-build, if it runs here; else one built once from `.whl/llama-cpp-python-*-stripped.tar.gz`
+(bench/strip_llama_sdist.py) into /tmp/llama-build, saying so. It is linked against libcudart/libcublas/libcublasLt.so.13, which
 come from the pip `nvidia-*` packages (site-packages/nvidia/*/lib, nvidia/cu13/lib) or
 /usr/local/cuda/lib64: those directories are put on LD_LIBRARY_PATH when it runs.
 
@@ -23,7 +24,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import lzma
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -121,12 +124,21 @@ def probe(binary: Path, env: dict[str, str]) -> str | None:
 
 def find_binary(whl: Path = WHL, build_dir: Path = BUILD_DIR, build_script: Path = BUILD_SCRIPT,
                 lib_dirs: list[Path] | None = None) -> Path:
-    """A llama-bench that runs here: whl/llama-bench, else build_dir/llama-bench (an earlier build),
-    else one built now from whl/llama-cpp-python-*-stripped.tar.gz. Each step that is passed over is
+    """A llama-bench that runs here: whl/llama-bench, else build_dir/llama-bench (unpacked from
+    whl/llama-bench.xz when that is newer, or an earlier build), else one built now from
+    whl/llama-cpp-python-*-stripped.tar.gz. Each step that is passed over is
     said on stderr with why; DeviceError when none runs."""
     env = run_env(cuda_lib_dirs() if lib_dirs is None else lib_dirs)
+    packed, unpacked = whl / "llama-bench.xz", build_dir / "llama-bench"
+    if packed.is_file() and (not unpacked.is_file() or unpacked.stat().st_mtime < packed.stat().st_mtime):
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with lzma.open(packed) as src, atomic_output(unpacked) as tmp:
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            tmp.chmod(0o755)
+        print(f"llama_bench: unpacked {packed} to {unpacked}", file=sys.stderr)
     whys = []
-    for cand in (whl / "llama-bench", build_dir / "llama-bench"):
+    for cand in (whl / "llama-bench", unpacked):
         why = probe(cand, env)
         if why is None:
             return cand

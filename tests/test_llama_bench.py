@@ -100,6 +100,22 @@ def test_find_binary_prefers_the_carried_one(tmp_path):
     assert lb.find_binary(whl, tmp_path / "build", tmp_path / "no-script.sh", lib_dirs=[]) == carried
 
 
+def test_find_binary_unpacks_the_carried_xz(tmp_path, capsys):
+    """The binary is carried xz-compressed (~21 MB, not ~50): unpacked once into the build dir,
+    executable, byte for byte."""
+    import lzma
+
+    whl, build = tmp_path / ".whl", tmp_path / "build"
+    whl.mkdir()
+    body = b"#!/bin/sh\nexit 0\n" + bytes(range(256)) * 8  # a script, then bytes of every value
+    (whl / "llama-bench.xz").write_bytes(lzma.compress(body))
+    got = lb.find_binary(whl, build, tmp_path / "no-script.sh", lib_dirs=[])
+    assert got == build / "llama-bench" and got.read_bytes() == body and os.access(got, os.X_OK)
+    assert "unpacked" in capsys.readouterr().err
+    lb.find_binary(whl, build, tmp_path / "no-script.sh", lib_dirs=[])
+    assert "unpacked" not in capsys.readouterr().err  # once
+
+
 def test_find_binary_restores_a_lost_execute_bit(tmp_path, capsys):
     whl = tmp_path / ".whl"
     carried = _script(whl / "llama-bench", "exit 0")
