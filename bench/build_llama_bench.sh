@@ -11,7 +11,9 @@
 # (nvidia/cu13/{bin,include,lib}, as `pip install --target DIR nvidia-cuda-nvcc nvidia-cuda-runtime
 # nvidia-cublas nvidia-cuda-cccl` lays it out) works too: the missing unversioned .so links and a
 # link-time libcuda.so stub are made in the build dir (the driver's libcuda.so.1 is used at run time).
-# libstdc++/libgcc are linked statically; libcudart/libcublas/libcublasLt/libcuda stay dynamic.
+# libstdc++/libgcc are linked statically; libcudart/libcublas/libcublasLt/libcuda stay dynamic; glibc
+# stays dynamic too, so the binary needs the build machine's glibc or newer (Debian 12's: 2.36).
+# To carry it (bench/llama_bench.py): `xz -6 -k OUTDIR/llama-bench` -> .whl/llama-bench.xz.
 # --cpu: no CUDA (a check that a GGUF loads in llama.cpp on a machine without a GPU).
 # Env: BUILD_DIR (default OUTDIR/build), JOBS (default nproc).
 set -euo pipefail
