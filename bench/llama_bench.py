@@ -143,7 +143,7 @@ def find_binary(whl: Path = WHL, build_dir: Path = BUILD_DIR, build_script: Path
         if why is None:
             return cand
         whys.append(why)
-        print(f"llama_bench: not using {cand}: {why}", file=sys.stderr)
+        print(f"llama_bench: not using {why}", file=sys.stderr)
     tarballs = sorted(whl.glob("llama-cpp-python-*-stripped.tar.gz"))
     if not tarballs:
         raise DeviceError(f"no runnable llama-bench ({'; '.join(whys)}) and no {whl}/llama-cpp-python-*-stripped.tar.gz "
