@@ -37,12 +37,13 @@ STAGES=(
   "distill-example|set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_example.py && python3 examples/distill.py --teacher $Q4K_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda --student-size 100m --rows 1024 --seq-len 512 --batch 8 --report-json $LOG/distill-smollm2.json | tail -4 && python3 -c 'import sys; sys.path.insert(0, \"bench\"); import make_7b; make_7b.ensure_7b()' && python3 examples/distill.py --teacher /tmp/qwen2-7b-q4km-synthetic.apr --device cuda --student-size 100m --rows 512 --seq-len 512 --batch 8 --report-json $LOG/distill-7b.json | tail -4"
   "distill-shards|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_shards.py && set -o pipefail && python3 bench/bench_distill.py | tee $LOG/distill.md"
   "ray|set -o pipefail && python3 bench/bench_ray.py | tee $LOG/ray.md"
+  "llama-bench|python3 bench/llama_bench.py --compare --out $LOG/llama-vs-engine.md"
 )
 # Run only when named (bash bench/gpu-check.sh large-72b): each writes a 20-47 GB GGUF to /tmp first
 # (minutes) and removes it at the end; the two do not fit on a 64 GB disk together.
 OPTIONAL=(
-  "large-72b|python3 bench/bench_large.py --shape qwen2-72b --remove --out $LOG/large-72b.md"
-  "large-32b|python3 bench/bench_large.py --shape qwen2-32b --remove --out $LOG/large-32b.md"
+  "large-72b|python3 bench/bench_large.py --shape qwen2-72b --remove --llama-bench --example-steps 20 --out $LOG/large-72b.md"
+  "large-32b|python3 bench/bench_large.py --shape qwen2-32b --remove --llama-bench --out $LOG/large-32b.md"
 )
 for stage in "${OPTIONAL[@]}"; do
   for f in "$@"; do [[ "${stage%%|*}" == "$f" ]] && STAGES+=("$stage"); done
