@@ -101,10 +101,9 @@ def memory_estimate(model: ModelFile, batch: int, seq: int, topk: int = TOPK_DEF
     weights = sum(t.nbytes for t in model.tensors.values())
     # Top-k output: the provider runs forwards of at most max_batch_tokens (whole sequences) and the
     # LM head plus the reduction on chunks of positions (provider.HEAD_CHUNK_BYTES of fp32 logits);
-    # a chunk's logits, their in-place log-softmax and the selection's temporaries come to about three
-    # chunks (measured on the H200: 7B 1x2048 pool peak 5.67 GB, 72B 4x2048 49.10 GB). Then k values
-    # (fp32) and ids (int64) and the tail (fp32) per position. No KV cache: a prefill's k/v live one
-    # layer at a time.
+    # the reduction (ops.topk_logprobs) makes no temporary of the chunk's size, so one chunk of logits
+    # beside the head's dequantize scratch (in the workspace). Then k values (fp32) and ids (int64)
+    # and the tail (fp32) per position. No KV cache: a prefill's k/v live one layer at a time.
     fwd_tokens = min(tokens, max(seq, DEFAULT_MAX_BATCH_TOKENS // seq * seq))
     chunk = min(fwd_tokens, max(1, HEAD_CHUNK_BYTES // (4 * c.vocab_size)))
     parts = {
@@ -115,7 +114,7 @@ def memory_estimate(model: ModelFile, batch: int, seq: int, topk: int = TOPK_DEF
         "logits_fp16": tokens * c.vocab_size * 2,
         "logits_fp32": tokens * c.vocab_size * 4,
         "topk_activations_fp32": fwd_tokens * per_token * 4 + workspace,
-        "topk_logits": chunk * c.vocab_size * 4 * 3 + tokens * (topk * (4 + 8) + 4),
+        "topk_logits": chunk * c.vocab_size * 4 + tokens * (topk * (4 + 8) + 4),
     }
     return {
         "batch": batch,

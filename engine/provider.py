@@ -59,9 +59,9 @@ POSITIONS = ("all", "last")
 # (5.85 GB measured on an H200) and takes 6.21 GB at 4096, for about the same tokens/s (bench/RESULTS.md).
 DEFAULT_MAX_BATCH_TOKENS = 2048
 # float32 logits per LM-head chunk: the head and every reduction run on this many bytes of
-# positions at a time (a 7B teacher's 152k vocabulary: 441 positions). Larger chunks amortise the
+# positions at a time (a 7B teacher's 152k vocabulary: 330 positions). Larger chunks amortise the
 # head's dequantization over more rows; smaller ones bound device memory.
-HEAD_CHUNK_BYTES = 256 << 20
+HEAD_CHUNK_BYTES = 192 << 20
 
 
 class PerPosition(NamedTuple):
