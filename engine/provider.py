@@ -56,7 +56,8 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 POSITIONS = ("all", "last")
 # Tokens per forward call: sequences are grouped up to this many tokens (a longer sequence runs
 # alone). Bounds the activations of one call: a 7B teacher's device memory stays within 6 GB at 2048
-# (5.85 GB measured on an H200) and takes 6.21 GB at 4096, for about the same tokens/s (bench/RESULTS.md).
+# (5.90 GB at its peak over 2,000 rows on an H200, 25.0k tokens/s); 4096 took 6.31 GB and ran ~15%
+# faster (bench/RESULTS.md). Callers with memory to spare pass a larger max_batch_tokens.
 DEFAULT_MAX_BATCH_TOKENS = 2048
 # float32 logits per LM-head chunk: the head and every reduction run on this many bytes of
 # positions at a time (a 7B teacher's 152k vocabulary: 330 positions). Larger chunks amortise the
