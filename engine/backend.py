@@ -98,8 +98,9 @@ class Backend(Protocol):
     # of x / temperature over the last dim, float32; inplace: into x when it is float32 and contiguous
     def logsumexp(self, x: Array, temperature: float = 1.0) -> Array: ...  # log(sum(exp(x / t))) over the last dim, float32; -inf for a row of -inf
     def release_cached(self) -> None: ...
-    # hand memory that the backend caches but no live array uses back to the device (CUDA: the
-    # CuPy pool's free blocks); called after the upload and between the layers and the LM head
+    # hand memory that the backend caches but no live array uses back to the device (CUDA: the free
+    # blocks of CuPy's default pool, a caller's own among them); the provider calls it after the
+    # upload, before each forward and between its layers and its LM head
     def topk_logprobs(self, x: Array, k: int, temperature: float = 1.0,
                       tail: bool = False) -> tuple[Array, Array, Array | None]: ...
     # the k largest of log_softmax(x / temperature) [rows, n] per row (as topk orders them) and, with
