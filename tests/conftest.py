@@ -1,4 +1,5 @@
-"""Shared test plumbing: fresh seeds (printed), the `gpu` marker skipped when q4k_engine.gpu.probe() says no."""
+"""Shared test plumbing: fresh seeds (printed), the `gpu` marker skipped when q4k_engine.gpu.probe() says no,
+the demo teacher on the CPU."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import q4k_engine
 from q4k_engine.gpu import probe
 
 
@@ -37,3 +39,9 @@ def rng(request) -> np.random.Generator:
 def module_seed(request) -> int:
     """One fresh seed for a test module's shared models (printed; Q4K_SEED replays a run)."""
     return fresh_seed(f"{request.module.__name__} models")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo teacher on the CPU, loaded once per test module (a module may define its own `demo`)."""
+    return q4k_engine.load("demo", device="cpu")

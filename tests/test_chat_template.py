@@ -127,17 +127,23 @@ def test_features_template_details_match_transformers(demo):
         '[assistant 4]{"a": "x", "k": 1} {"u": 0, "v": 0} YEAR')
 
 
+def assert_mask_is_transformers(template, tok, hf, msgs):
+    """Our ids and assistant mask of msgs equal transformers' own with the tagged GENERATION template;
+    returns the mask."""
+    ids, mask = encode_chat(template, tok, msgs, assistant_mask=True)
+    out = hf.apply_chat_template(msgs, chat_template=GENERATION, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    assert ids == out["input_ids"]
+    assert mask.astype(int).tolist() == out["assistant_masks"]
+    return mask
+
+
 def test_generation_blocks_give_transformers_assistant_mask(demo, rng):
     model, tok, hf = demo
     template = template_for(model, GENERATION)
     assert template.has_generation_blocks
     for turns in (1, 2, 3):
-        msgs = conversation(rng, turns, system=turns == 3)
-        ids, mask = encode_chat(template, tok, msgs, assistant_mask=True)
-        out = hf.apply_chat_template(msgs, chat_template=GENERATION, tokenize=True, return_dict=True,
-                                     return_assistant_tokens_mask=True)
-        assert ids == out["input_ids"]
-        assert mask.astype(int).tolist() == out["assistant_masks"]
+        mask = assert_mask_is_transformers(template, tok, hf, conversation(rng, turns, system=turns == 3))
         assert mask.sum() > turns  # every answer and its end-of-turn token
 
 
@@ -149,12 +155,7 @@ def test_prefix_spans_equal_generation_blocks(demo, rng):
     template = template_for(model, untagged)
     assert not template.has_generation_blocks
     for turns in (1, 2, 3):
-        msgs = conversation(rng, turns, system=turns == 2)
-        ids, mask = encode_chat(template, tok, msgs, assistant_mask=True)
-        out = hf.apply_chat_template(msgs, chat_template=GENERATION, tokenize=True, return_dict=True,
-                                     return_assistant_tokens_mask=True)
-        assert ids == out["input_ids"]
-        assert mask.astype(int).tolist() == out["assistant_masks"]
+        assert_mask_is_transformers(template, tok, hf, conversation(rng, turns, system=turns == 2))
 
 
 def test_two_turn_assistant_mask_token_by_token(demo, rng):

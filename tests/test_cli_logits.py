@@ -15,11 +15,6 @@ from q4k_engine.synthetic import synthetic_model
 from cli_checks import assert_one_line_error
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return q4k_engine.load("demo", device="cpu")
-
-
 def invoke(*args: str):
     return CliRunner().invoke(main, ["logits", "--device", "cpu", *args])
 

@@ -5,7 +5,6 @@ destinations and mismatched resumes are one line, exit 2; a student's vocabulary
 padded."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from q4k_engine.cli.main import main
 from q4k_engine.distill.rows import RowOptions, read_rows
 from q4k_engine.distill.shards import MANIFEST, SignalOptions, write_signals
 
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, dir_bytes as files, disk_full_at, invoke_demo_logits as invoke
 from conftest import fresh_seed
 from distill_data import mixed_rows, write_jsonl
 
@@ -31,23 +30,10 @@ MAX_LEN = 64  # rows cut to this (and counted): keeps the CPU reference forward 
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return q4k_engine.load("demo", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory, demo) -> Path:
     """200 rows: text, input_ids and chat messages, in a fresh order every run."""
     seed = fresh_seed("shards dataset")
     return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", mixed_rows(200, demo.vocab_size, seed))
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, ["logits", "--model", "demo", "--device", "cpu", *args])
-
-
-def files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
 def rows_of(demo, path: Path, **options):
@@ -139,15 +125,7 @@ def test_resume_after_a_failure_is_byte_identical(demo, tmp_path, monkeypatch):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert invoke(*args, "--out", str(whole)).exit_code == 0
     real = shards.write_parquet
-    calls = []
-
-    def full_disk(path, data):
-        calls.append(data.index)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(shards, "write_parquet", full_disk)
+    monkeypatch.setattr(shards, "write_parquet", disk_full_at(real, 3))
     assert_one_line_error(invoke(*args, "--out", str(cut)), "shard-00002.parquet", "No space left on device")
     manifest = json.loads((cut / MANIFEST).read_text())
     assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard-00000.parquet",
@@ -326,15 +304,8 @@ def test_gpu_shards_resume_byte_identical_and_agree_with_cpu(demo, tmp_path, mon
     data = write_jsonl(tmp_path / "g.jsonl", mixed_rows(40, demo.vocab_size, fresh_seed("gpu dataset")))
     opts = SignalOptions(k=8, shard_rows=8, rows=RowOptions(max_seq_len=MAX_LEN))
     write_signals(gpu, data, tmp_path / "whole", opts, log=lambda _: None)
-    real, calls = shards.write_parquet, []
-
-    def fail_third(path, d):
-        calls.append(d.index)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, d)
-
-    monkeypatch.setattr(shards, "write_parquet", fail_third)
+    real = shards.write_parquet
+    monkeypatch.setattr(shards, "write_parquet", disk_full_at(real, 3))
     with pytest.raises(q4k_engine.InputError, match="No space left"):
         write_signals(gpu, data, tmp_path / "cut", opts, log=lambda _: None)
     monkeypatch.setattr(shards, "write_parquet", real)

@@ -13,16 +13,14 @@ from pathlib import Path
 
 import pytest
 import ray
-from click.testing import CliRunner
 
-import q4k_engine
-from q4k_engine.cli.main import main
 from q4k_engine.distill import ray_run, shards
 from q4k_engine.distill.ray_run import DATASET_NAME, write_signals_ray
 from q4k_engine.distill.rows import RowOptions
 from q4k_engine.distill.shards import MANIFEST, SignalOptions
 from q4k_engine.errors import InputError, UnsupportedError
 
+from cli_checks import dir_bytes as files, invoke_demo_logits as invoke
 from conftest import fresh_seed
 from distill_data import mixed_rows, write_jsonl
 
@@ -42,22 +40,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return q4k_engine.load("demo", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory, demo) -> Path:
     seed = fresh_seed("ray dataset")
     return write_jsonl(tmp_path_factory.mktemp("data") / "data.jsonl", mixed_rows(48, demo.vocab_size, seed))
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, ["logits", "--model", "demo", "--device", "cpu", *args])
-
-
-def files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
 @pytest.fixture(scope="module")
