@@ -103,9 +103,7 @@ class Backend(Protocol):
     # upload, before each forward and between its layers and its LM head
     def topk_logprobs(self, x: Array, k: int, temperature: float = 1.0,
                       tail: bool = False) -> tuple[Array, Array, Array | None]: ...
-    # the k largest of log_softmax(x / temperature) [rows, n] per row (as topk orders them) and, with
-    # tail, the logsumexp of the other log-probs (the tail mass; -inf where k covers the row). CUDA
+    # the k largest of log_softmax(x / temperature) [rows, n] per row (descending, ties to the lower
+    # index; indices int32) and, with tail, the logsumexp of the other log-probs (the tail mass; -inf where k covers the row). CUDA
     # does it in one kernel without a [rows, n] temporary; x may be a row-strided view.
-    def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...
     def all_finite(self, x: Array) -> bool: ...  # no NaN/Inf anywhere in x (float16/32): one bool back
-    # the k largest of each row of x [..., n], descending, ties to the lower index; indices int32

@@ -249,6 +249,8 @@ class NumpyBackend:
         return vals, idx, self.logsumexp(y)
 
     def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest of each row of x [..., n], descending, ties to the lower index (indices
+        int32): the oracle's selection, and the order of topk_logprobs (ops.topk is CUDA's twin)."""
         n = x.shape[-1]
         if not 1 <= k <= n:
             raise InputError(f"top-k needs 1 <= k <= {n}, got k={k}")

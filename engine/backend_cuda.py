@@ -458,9 +458,6 @@ class CudaBackend:
     def topk_logprobs(self, x: Any, k: int, temperature: float = 1.0, tail: bool = False) -> tuple[Any, Any, Any]:
         return self._ops.topk_logprobs(x, k, temperature, tail)
 
-    def topk(self, x: Any, k: int) -> tuple[Any, Any]:
-        return self._ops.topk(x, k)
-
     def all_finite(self, x: Any) -> bool:
         return self._ops.all_finite(x)
 
