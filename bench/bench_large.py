@@ -62,7 +62,8 @@ class Meter:
             return "n/a (cpu)"
         m = teacher.backend.memory_report()
         context = "" if m.context_counted else ", CUDA context not counted (no NVML)"
-        return f"{m.process_used / 1e9:.2f} GB (pool peak {m.pool_peak_held / 1e9:.2f} GB{context})"
+        return (f"{m.process_peak / 1e9:.2f} GB at the peak, {m.process_used / 1e9:.2f} GB after "
+                f"(pool peak {m.pool_peak_held / 1e9:.2f} GB{context})")
 
     def reset(self, teacher) -> None:
         if self.cuda:

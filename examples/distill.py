@@ -322,13 +322,14 @@ def summarize(args: argparse.Namespace, losses: list[float], steps: list[dict[st
     }
     if args.device == "cuda":
         # The teacher's figure is its CuPy pool's high-water mark (its weights, activations and the
-        # logits it handed over); the process figure also holds the student and both CUDA runtimes.
+        # logits it handed over); the process figure (MemoryReport.process_peak) adds what the process
+        # holds besides that pool at the end: the student's torch cache and both CUDA runtimes.
         mem = teacher.backend.memory_report() if teacher is not None else None
         free, total = torch.cuda.mem_get_info()
         report["memory"] = {
             "teacher": str(mem) if mem is not None else "offline (no teacher on the device)",
             "teacher_pool_peak_bytes": mem.pool_peak_held if mem is not None else 0,
-            "process_device_bytes": mem.process_used if mem is not None else None,
+            "process_device_bytes": mem.process_peak if mem is not None else None,
             "device_used_bytes": total - free,
             "student_max_allocated": torch.cuda.max_memory_allocated(),
         }
