@@ -4,8 +4,8 @@ GEMV (M = 1, 8): effective bandwidth (quantized weight + activation + output byt
 device-to-device copy bandwidth (bytes read + written); kernel time from CUDA-graph replays (no
 Python launch overhead), plus the time of a plain call from Python for reference. Dequantize: the
 f16 scratch writer of the cuBLAS path alone (quant bytes read + f16 bytes written over copy
-bandwidth). GEMM (M = 128, 512, 2048): TFLOP/s over dense fp16 cuBLAS (`cupy.matmul`) on the same
-shape, plain calls from Python. Times: CUDA events after warm-up, medians. Weights (and scratches)
+bandwidth). GEMM (M = 16 .. 2048): TFLOP/s over dense fp16 cuBLAS (`cupy.matmul`) on the same
+shape, plain calls from Python; the gated MLP's gate/up pair the same way. Times: CUDA events after warm-up, medians. Weights (and scratches)
 are rotated over enough copies to exceed the L2 cache, so GEMV and dequantize times are DRAM times.
 
     python bench/bench_kernels.py [--quick] [--parts dequant,gemm,gemv] [--out RESULTS_PART.md]
@@ -19,7 +19,7 @@ import statistics
 SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584),
           (4096, 4096), (14336, 4096), (4096, 14336)]
 GEMV_M = (1, 8)
-GEMM_M = (128, 512, 2048)
+GEMM_M = (16, 64, 128, 256, 512, 1024, 2048)
 PARTS = ("dequant", "gemm", "gemv")  # in the order they run
 
 
@@ -182,6 +182,34 @@ def bench_gemm(dtypes, shapes, ms) -> list[dict]:
     return rows_out
 
 
+def bench_glu(dtypes, shapes, ms) -> list[dict]:
+    """The gated MLP's gate/up pair on the [ffn, hidden] shapes: glu_matmul on the fused path (one
+    launch) and on the cuBLAS path, against two dense fp16 cuBLAS GEMMs of the same shapes."""
+    import cupy as cp
+
+    from q4k_engine.kernels.matmul import glu_matmul
+
+    rows_out = []
+    for out_f, in_f in shapes:
+        if out_f <= in_f:
+            continue
+        dense = cp.random.standard_normal((out_f, in_f), dtype=cp.float32).astype(cp.float16)
+        pairs = {dt: (random_qweight(dt, out_f, in_f), random_qweight(dt, out_f, in_f)) for dt in dtypes}
+        for m in ms:
+            x = cp.random.standard_normal((m, in_f), dtype=cp.float32) * 0.01
+            x16 = x.astype(cp.float16)
+            flop = 4.0 * m * out_f * in_f
+            t_dense = time_ms(lambda: (cp.matmul(x16, dense.T), cp.matmul(x16, dense.T)))
+            res = {"shape": f"2x{out_f}x{in_f}", "M": m, "dense_TFLOPs": flop / t_dense / 1e9, "dense_us": t_dense * 1e3}
+            for dt, (wg, wu) in pairs.items():
+                for path in ("mma", "cublas"):
+                    t = time_ms(lambda: glu_matmul(x, wg, wu, "silu", path=path))
+                    res[f"{dt.name}_{path}_frac"] = t_dense / t
+                    res[f"{dt.name}_{path}_us"] = t * 1e3
+            rows_out.append(res)
+    return rows_out
+
+
 def fmt_table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -227,9 +255,14 @@ def main() -> None:
              fmt_table(deq, ["type", "shape", "us", "TB_s", "frac"]))
     if "gemm" in parts:
         gemm = bench_gemm(types, shapes, GEMM_M)
-        cols = ["shape", "M", "dense_TFLOPs", "dense_us", "Q4_K_cublas_us"]
+        cols = ["shape", "M", "dense_TFLOPs", "dense_us", "Q4_K_mma_us", "Q4_K_cublas_us"]
         cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas", "auto")]
-        emit("GEMM (frac = dense fp16 cuBLAS time / kernel time; us = plain calls from Python)", fmt_table(gemm, cols))
+        emit("GEMM (frac = dense fp16 cuBLAS time / kernel time; mma = the fused GEMM, cublas = dequantize + "
+             "cuBLAS, auto = the default dispatch; us = plain calls from Python)", fmt_table(gemm, cols))
+        glu = bench_glu(types, shapes, GEMM_M)
+        cols = ["shape", "M", "dense_TFLOPs", "dense_us", "Q4_K_mma_us", "Q4_K_cublas_us"]
+        cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas")]
+        emit("Gated MLP gate/up (glu_matmul; frac = two dense fp16 cuBLAS GEMMs' time / ours)", fmt_table(glu, cols))
     if "gemv" in parts:
         gemv = [r for dt in types for r in bench_gemv(dt, bw, l2, shapes)]
         emit("GEMV (frac = effective bandwidth / copy bandwidth; us = graph-replayed kernel time)",

@@ -284,12 +284,23 @@ def bench_model(path: str | None) -> None:
                       f"device used {m.device_used / 1e9:.2f} GB; target <= {target} GB (GB = 1e9 bytes)")
         del out
 
-    # --- prefill throughput, all-position fp16 logits ---
-    shapes = ([512], [512] * 4, [2048] * 2)
-    ours = {}
+    # --- prefill throughput, all-position fp16 logits: the default dispatch, and the dequantize +
+    # cuBLAS path at every M > GEMV_MAX_M (what ran before the fused GEMM) ---
+    from q4k_engine.kernels import matmul as mm
+
+    shapes = ([128], [512], [512] * 4, [2048], [2048] * 8)
+    ours, ours_cublas = {}, {}
     for lengths in shapes:
         ms = wall_ms(lambda: run(be, w, lengths))
         ours[len(lengths), lengths[0]] = sum(lengths) / ms * 1e3
+    fused_max = mm.FUSED_MAX_M
+    mm.FUSED_MAX_M = mm.GEMV_MAX_M
+    try:
+        for lengths in shapes:
+            ms = wall_ms(lambda: run(be, w, lengths))
+            ours_cublas[len(lengths), lengths[0]] = sum(lengths) / ms * 1e3
+    finally:
+        mm.FUSED_MAX_M = fused_max
 
     del w, be
     gc.collect()
@@ -338,11 +349,15 @@ def bench_model(path: str | None) -> None:
         hf_note = f"HF peer failed: {type(e).__name__}: {e}"
 
     report.append(hf_note)
-    report.append("prefill, all-position fp16 logits (tokens/s):")
-    report.append(f"  {'shape':10s} {'q4k-engine':>11s} {'dense fp16':>11s} {'ratio':>6s} {'HF bf16':>9s} {'ratio':>6s}")
+    report.append(f"prefill, all-position fp16 logits (tokens/s; default dispatch: fused GEMM for "
+                  f"{mm.GEMV_MAX_M} < M <= {fused_max}, dequantize + cuBLAS above; 'cuBLAS path' = the "
+                  f"latter at every M > {mm.GEMV_MAX_M}):")
+    report.append(f"  {'shape':10s} {'q4k-engine':>11s} {'ms':>8s} {'cuBLAS path':>12s} {'dense fp16':>11s} {'ratio':>6s} "
+                  f"{'HF bf16':>9s} {'ratio':>6s}")
     for key in ours:
         h = hf.get(key)
-        report.append(f"  {key[0]}x{key[1]:<8d} {ours[key]:11.0f} {dense[key]:11.0f} {ours[key] / dense[key]:6.2f} "
+        report.append(f"  {key[0]}x{key[1]:<8d} {ours[key]:11.0f} {key[0] * key[1] / ours[key] * 1e3:8.2f} "
+                      f"{ours_cublas[key]:12.0f} {dense[key]:11.0f} {ours[key] / dense[key]:6.2f} "
                       f"{h if h else float('nan'):9.0f} {ours[key] / h if h else float('nan'):6.2f}")
     report.append("decode: bench/bench_decode.py (CUDA graphs, against the bandwidth floor of the same run)")
     print("\n".join(report))

@@ -126,7 +126,7 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
     is uploaded (not a launch error at the first forward); and a FallbackWarning for layers whose
     gated MLP cannot take the fused f16 path. Reads the file's shapes and types, and the device's
     opt-in shared memory per block when given (the GPU's own limit)."""
-    from q4k_engine.kernels.matmul import padded_cols
+    from q4k_engine.kernels.matmul import FUSED_MAX_M, padded_cols
     from q4k_engine.kernels.ops import MAX_HEAD_DIM, flash_smem_bytes
 
     c = model.config
@@ -142,12 +142,15 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
     for t in model.tensors.values():
         if len(t.shape) == 2 and t.dtype not in SUPPORTED:
             raise UnsupportedError(f"{t.name}: GGML type {GGMLType(t.dtype).name} has no GPU kernel")
-    unfused = []
+    unfused, mixed = [], []
     for i in range(c.n_layers):
         gate, up = model.tensors.get(f"blk.{i}.ffn_gate.weight"), model.tensors.get(f"blk.{i}.ffn_up.weight")
-        if gate is not None and up is not None and len(gate.shape) == len(up.shape) == 2 and \
-                padded_cols(gate.dtype, gate.shape[1]) != padded_cols(up.dtype, up.shape[1]):
+        if gate is None or up is None or not len(gate.shape) == len(up.shape) == 2:
+            continue
+        if padded_cols(gate.dtype, gate.shape[1]) != padded_cols(up.dtype, up.shape[1]):
             unfused.append((i, gate, up))
+        elif gate.dtype != up.dtype:
+            mixed.append((i, gate, up))
     if unfused:
         i, gate, up = unfused[0]
         warnings.warn(f"{model.path}: in {len(unfused)} of {c.n_layers} layers (first blk.{i}) ffn_gate "
@@ -155,6 +158,13 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
                       f"{padded_cols(gate.dtype, gate.shape[1])} and {padded_cols(up.dtype, up.shape[1])} values: "
                       "their gated MLP runs as two float32 matmuls on the GPU, not the fused f16 path "
                       "(slower, more memory)", FallbackWarning, stacklevel=5)
+    if mixed:
+        i, gate, up = mixed[0]
+        warnings.warn(f"{model.path}: in {len(mixed)} of {c.n_layers} layers (first blk.{i}) ffn_gate "
+                      f"({GGMLType(gate.dtype).name}) and ffn_up ({GGMLType(up.dtype).name}) differ in type: "
+                      f"up to {FUSED_MAX_M} tokens a forward their gated MLP runs as two fused GEMMs with "
+                      "float32 products and a separate activation, not as one launch (slower, more memory)",
+                      FallbackWarning, stacklevel=5)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@
 // gemv/gemm_mma read x as [M, kpad], kpad = blocks per row * block values (zero-padded by the
 // caller); prep_f16 reads the unpadded [M, cols] and writes the padded f16 copy itself.
 #include "quant_decode.cuh"
+#include "act.cuh"
 
 #ifndef QTYPE
 #error "QTYPE (GGML type code) must be defined"
@@ -428,13 +429,26 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ------------------------------------------------------------------------------------------
-// Tensor-core GEMM. Block: 256 threads = 8 warps as 2 (out) x 4 (tokens), warp tile 64 x 32.
-// A = W tile (out x k, row-major in smem), B = x tile (tokens x k: the "col" operand), D = out x tokens.
+// Fused tensor-core GEMM (kernels/matmul.py _gemm_fused): y[M, out] = x[M, kpad] . W^T, x as f16
+// [M, ldx] (zero tail past cols), W dequantized a tile at a time into shared memory as f16, never
+// into a scratch in global memory; mma.sync m16n8k16 with fp32 sums (sm_80 and later).
+//
+// Block: 256 threads = 8 warps, WO (along W's rows) x WT (along tokens); a tile is BO = 128 rows of
+// W x BT tokens, walked in k tiles of BK = 128 values. Per k tile a thread dequantizes two 32-value
+// units (rows r and r + 64 of the tile, unit j = tid % 4) and copies x with cp.async.
+// Pipeline (two shared-memory stages): iteration i waits for x tile i and syncs; starts the
+// cp.async of x tile i+1 into the other stage; runs the mma of stage i; then finishes the W units
+// of tile i+1, whose global loads were issued one iteration earlier (Dec::fetch), into the other
+// stage and issues the loads of tile i+2. The loads of W are in flight during a whole tile's mma.
+// Grid: x = token tiles (neighbouring blocks share W's tile in L2), y = row tiles, z = splits of k.
+// Split-K (S = gridDim.z > 1): block z takes k tiles [z KT / S, (z+1) KT / S) and writes fp32 sums
+// to ws[z] ([M, out]); splitk_sum adds the S parts in order (deterministic) into y.
+// GLU (gate_up_bt<BT>): tile rows [0, 64) are gate rows o0 + r, rows [64, 128) the same rows of up;
+// the gate warps hand their sums to the up warps through shared memory, which write
+// f16 act(gate) * up: the two [M, rows] products never exist.
 #define BO 128
-#define BT 128
 #define BK 128
 #define LDS (BK + 8)  // f16 per smem row; the 16-byte pad makes ldmatrix rows hit distinct banks
-#define GEMM_SMEM ((BO + BT) * LDS * 2)
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
@@ -454,84 +468,229 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    gemm_mma(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const float* x, int ldx,
-             int M, float* y, int ldy, int out) {
-    extern __shared__ uint4 smem_raw[];
-    __half* sW = (__half*)smem_raw;
-    __half* sX = sW + BO * LDS;
-    const WDesc w{base, row_bytes, nblk, nb, cols};
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int o0 = blockIdx.x * BO, t0 = blockIdx.y * BT;
-    const int wo = (warp & 1) * 64, wt = (warp >> 1) * 32;
-    const int kpad = nb * D::QK, units = nb * D::UNITS;
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (rows past M, k past kpad).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
-    float acc[4][4][4];
+// Dec::fetch / Dec::finish where the type splits its load (Q4_K, Q6_K), else load at fetch time.
+template <class T>
+__device__ __forceinline__ auto dec_fetch(T& d, const WDesc& w, i64 row, int u, int)
+    -> decltype(d.fetch(w, row, u), void()) {
+    d.fetch(w, row, u);
+}
+template <class T>
+__device__ __forceinline__ void dec_fetch(T& d, const WDesc& w, i64 row, int u, long) {
+    d.load(w, row, u);
+}
+template <class T>
+__device__ __forceinline__ auto dec_finish(T& d, int) -> decltype(d.finish(), void()) {
+    d.finish();
+}
+template <class T>
+__device__ __forceinline__ void dec_finish(T&, long) {}
+
+template <int BT> struct GemmShape {
+    static constexpr int WO = BT == 128 ? 2 : BT == 16 ? 8 : 4;  // warps along W's rows
+    static constexpr int WT = 8 / WO;                            // warps along tokens
+    static constexpr int MI = BO / (16 * WO);                    // m16 tiles a warp (rows)
+    static constexpr int NJ = BT / (8 * WT);                     // n8 tiles a warp (tokens), even
+    static constexpr int SMEM = 2 * (BO + BT) * LDS * 2;
+    static_assert(NJ % 2 == 0 && MI >= 1, "tile shape");
+};
+
+// The two units of W a thread dequantizes per k tile: tile rows r0 = tid / 4 and r0 + 64 (for the
+// GLU: gate row and up row o0 + r0), unit j = tid % 4 of the tile.
+struct WUnits {
+    D dec[2];
+    i64 row[2];
+    const WDesc* w[2];
+    int j;
+
+    __device__ void fetch(int kt) {
+        const int u = kt * (BK / 32) + j;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 2; i++)
+            if (u < w[i]->nb * D::UNITS) dec_fetch(dec[i], *w[i], row[i], u, 0);
+    }
+    __device__ void store(int kt, __half* sW, int r0) {  // sW: this stage's [BO][LDS]
+        const int u = kt * (BK / 32) + j, k0 = kt * BK;
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 2; i++) {
+            __half* dst = sW + (r0 + 64 * i) * LDS;
+            if (u < w[i]->nb * D::UNITS) {
+                dec_finish(dec[i], 0);
+                const int ka = D::kpos(u, 0) - k0, kb = D::kpos(u, 1) - k0;
+#pragma unroll
+                for (int gg = 0; gg < 4; gg++) {  // values 8 (gg & 1) .. +7 of run gg / 2
+                    const float4 lo = dec[i].get4(2 * gg), hi = dec[i].get4(2 * gg + 1);
+                    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                    store8_f16(dst + (gg < 2 ? ka : kb) + 8 * (gg & 1), v);
+                }
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; q++) *(uint4*)(dst + 32 * j + 8 * q) = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    }
+};
+
+template <int BT, bool GLU>
+__device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, const __half* __restrict__ x,
+                                          int ldx, int M, void* y, int ldy, int y_f16, float* ws,
+                                          int out, int act) {
+    typedef GemmShape<BT> S;
+    extern __shared__ uint4 smem_raw[];
+    __half* sW = (__half*)smem_raw;  // [2][BO][LDS]
+    __half* sX = sW + 2 * BO * LDS;  // [2][BT][LDS]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int t0 = blockIdx.x * BT, o0 = blockIdx.y * (GLU ? BO / 2 : BO);
+    const int wo = (warp % S::WO) * (16 * S::MI), wt = (warp / S::WO) * (8 * S::NJ);
+    const int kpad = wa.nb * D::QK, KT = (kpad + BK - 1) / BK;
+    const int kt0 = (int)((i64)blockIdx.z * KT / gridDim.z), kt1 = (int)((i64)(blockIdx.z + 1) * KT / gridDim.z);
+
+    WUnits wu;
+    const int r0 = tid >> 2;
+    wu.j = tid & 3;
+    if (GLU) {
+        wu.w[0] = &wa; wu.w[1] = &wb;
+        wu.row[0] = wu.row[1] = min(o0 + r0, out - 1);
+    } else {
+        wu.w[0] = wu.w[1] = &wa;
+        wu.row[0] = min(o0 + r0, out - 1);
+        wu.row[1] = min(o0 + r0 + 64, out - 1);
+    }
+    auto load_x = [&](int kt, __half* dst) {
+        const int k0 = kt * BK;
+        for (int c = tid; c < BT * (BK / 8); c += 256) {
+            const int t = c / (BK / 8), kk = (c % (BK / 8)) * 8;
+            const bool ok = t0 + t < M && k0 + kk < kpad;
+            const __half* src = ok ? x + (i64)(t0 + t) * ldx + k0 + kk : x;
+            cp_async16(dst + t * LDS + kk, src, ok ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    float acc[S::MI][S::NJ][4];
+#pragma unroll
+    for (int i = 0; i < S::MI; i++)
+#pragma unroll
+        for (int j = 0; j < S::NJ; j++)
 #pragma unroll
             for (int v = 0; v < 4; v++) acc[i][j][v] = 0.0f;
 
-    for (int k0 = 0; k0 < kpad; k0 += BK) {
-        // W slice: 128 rows x 4 units; units past the row's end (32-value types) become zeros.
-#pragma unroll
-        for (int it = 0; it < 2; it++) {
-            const int task = tid + 256 * it, r = task >> 2, j = task & 3;
-            const int u = k0 / 32 + j;
-            __half* dst = sW + r * LDS;
-            if (u < units) {
-                D dec;
-                dec.load(w, min(o0 + r, out - 1), u);
-                const int ka = D::kpos(u, 0) - k0, kb = D::kpos(u, 1) - k0;
-#pragma unroll
-                for (int g = 0; g < 8; g++)
-                    store4_f16(dst + (g < 4 ? ka : kb) + 4 * (g & 3), dec.get4(g));
-            } else {
-#pragma unroll
-                for (int g = 0; g < 8; g++)
-                    *(uint2*)(dst + 32 * j + 4 * g) = make_uint2(0u, 0u);
-            }
-        }
-        // x slice: 128 tokens x 128 values, fp32 -> f16; missing tokens/values are zeros.
-#pragma unroll 4
-        for (int it = 0; it < 16; it++) {
-            const int task = tid + 256 * it, t = task >> 5, kq = (task & 31) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t0 + t < M && k0 + kq < kpad) v = __ldg((const float4*)(x + (i64)(t0 + t) * ldx + k0 + kq));
-            store4_f16(sX + t * LDS + kq, v);
-        }
+    const int n = kt1 - kt0;
+    if (n > 0) {
+        wu.fetch(kt0);
+        load_x(kt0, sX);
+        wu.store(kt0, sW, r0);
+        if (n > 1) wu.fetch(kt0 + 1);
+    }
+    for (int i = 0; i < n; i++) {
+        const int st = i & 1;
+        cp_async_wait_all();
         __syncthreads();
+        if (i + 1 < n) load_x(kt0 + i + 1, sX + (st ^ 1) * BT * LDS);
+        const __half* cW = sW + st * BO * LDS;
+        const __half* cX = sX + st * BT * LDS;
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
-            u32 a[4][4], b[4][2];
+            u32 a[S::MI][4], b[S::NJ][2];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                ldsm_x4(smem_u32(sW + (wo + 16 * i + (lane & 15)) * LDS + ks + (lane >> 4) * 8),
-                        a[i][0], a[i][1], a[i][2], a[i][3]);
+            for (int mi = 0; mi < S::MI; mi++)
+                ldsm_x4(smem_u32(cW + (wo + 16 * mi + (lane & 15)) * LDS + ks + (lane >> 4) * 8),
+                        a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
 #pragma unroll
-            for (int j = 0; j < 2; j++)
-                ldsm_x4(smem_u32(sX + (wt + 16 * j + (lane & 7) + (lane >> 4) * 8) * LDS + ks +
+            for (int jj = 0; jj < S::NJ / 2; jj++)
+                ldsm_x4(smem_u32(cX + (wt + 16 * jj + (lane & 7) + (lane >> 4) * 8) * LDS + ks +
                                  ((lane >> 3) & 1) * 8),
-                        b[2 * j][0], b[2 * j][1], b[2 * j + 1][0], b[2 * j + 1][1]);
+                        b[2 * jj][0], b[2 * jj][1], b[2 * jj + 1][0], b[2 * jj + 1][1]);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int mi = 0; mi < S::MI; mi++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) mma16816(acc[i][j], a[i], b[j][0], b[j][1]);
+                for (int nj = 0; nj < S::NJ; nj++) mma16816(acc[mi][nj], a[mi], b[nj][0], b[nj][1]);
+        }
+        if (i + 1 < n) {
+            wu.store(kt0 + i + 1, sW + (st ^ 1) * BO * LDS, r0);
+            if (i + 2 < n) wu.fetch(kt0 + i + 2);
+        }
+    }
+    // D fragment v of (mi, nj): W row wo + 16 mi + g + 8 (v >> 1), token wt + 8 nj + 2 tq + (v & 1).
+    const int g = lane >> 2, tq = lane & 3;
+    if (GLU) {
+        constexpr int LG = BT + 4;
+        float* sG = (float*)smem_raw;  // gate sums [64][LG], over stage 0 once every warp is done
+        __syncthreads();
+        if (wo < 64) {
+#pragma unroll
+            for (int mi = 0; mi < S::MI; mi++)
+#pragma unroll
+                for (int nj = 0; nj < S::NJ; nj++)
+#pragma unroll
+                    for (int v = 0; v < 4; v++)
+                        sG[(wo + 16 * mi + g + 8 * (v >> 1)) * LG + wt + 8 * nj + 2 * tq + (v & 1)] = acc[mi][nj][v];
         }
         __syncthreads();
+        if (wo >= 64) {
+            __half* yh = (__half*)y;
+#pragma unroll
+            for (int mi = 0; mi < S::MI; mi++)
+#pragma unroll
+                for (int nj = 0; nj < S::NJ; nj++)
+#pragma unroll
+                    for (int v = 0; v < 4; v++) {
+                        const int r = wo - 64 + 16 * mi + g + 8 * (v >> 1), tt = wt + 8 * nj + 2 * tq + (v & 1);
+                        const int o = o0 + r, t = t0 + tt;
+                        if (o < out && t < M)
+                            yh[(i64)t * ldy + o] = __float2half_rn(glu_act(sG[r * LG + tt], act) * acc[mi][nj][v]);
+                    }
+        }
+        return;
     }
-    // D fragment: c0,c1 at (out g, tokens 2t, 2t+1); c2,c3 at out g+8.
-    const int g = lane >> 2, tq = lane & 3;
+    float* part = gridDim.z > 1 ? ws + (i64)blockIdx.z * M * out : nullptr;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int mi = 0; mi < S::MI; mi++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int nj = 0; nj < S::NJ; nj++)
 #pragma unroll
             for (int v = 0; v < 4; v++) {
-                const int o = o0 + wo + 16 * i + g + 8 * (v >> 1);
-                const int t = t0 + wt + 8 * j + 2 * tq + (v & 1);
-                if (o < out && t < M) y[(i64)t * ldy + o] = acc[i][j][v];
+                const int o = o0 + wo + 16 * mi + g + 8 * (v >> 1);
+                const int t = t0 + wt + 8 * nj + 2 * tq + (v & 1);
+                if (o >= out || t >= M) continue;
+                const float a = acc[mi][nj][v];
+                if (part) part[(i64)t * out + o] = a;
+                else if (y_f16) ((__half*)y)[(i64)t * ldy + o] = __float2half_rn(a);
+                else ((float*)y)[(i64)t * ldy + o] = a;
             }
+}
+
+#define GEMM_FUSED(BT, MINB)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                        \
+        gemm_bt##BT(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x,    \
+                    int ldx, int M, void* y, int ldy, int y_f16, float* ws, int out) {             \
+        const WDesc w{base, row_bytes, nblk, nb, cols};                                            \
+        gemm_body<BT, false>(w, w, x, ldx, M, y, ldy, y_f16, ws, out, 0);                          \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                        \
+        gate_up_bt##BT(const u8* gbase, const u8* ubase, i64 row_bytes, i64 nblk, int nb, int cols, \
+                       const __half* x, int ldx, int M, __half* y, int ldy, int out, int act) {    \
+        const WDesc wg{gbase, row_bytes, nblk, nb, cols}, wu{ubase, row_bytes, nblk, nb, cols};    \
+        gemm_body<BT, true>(wg, wu, x, ldx, M, y, ldy, 1, nullptr, out, act);                      \
+    }
+GEMM_FUSED(16, 2) GEMM_FUSED(32, 2) GEMM_FUSED(64, 2) GEMM_FUSED(128, 1)
+
+// y[t, o] = sum over z of ws[z][t, o] (z in order), as fp32 or f16: the split-K parts of gemm_bt*.
+extern "C" __global__ void __launch_bounds__(256)
+    splitk_sum(const float* __restrict__ ws, int S, int M, int out, void* y, int ldy, int y_f16) {
+    const i64 n = (i64)M * out, plane = n;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float a = 0.0f;
+        for (int z = 0; z < S; z++) a += ws[z * plane + i];
+        const i64 t = i / out, o = i - t * out;
+        if (y_f16) ((__half*)y)[t * ldy + o] = __float2half_rn(a);
+        else ((float*)y)[t * ldy + o] = a;
+    }
 }

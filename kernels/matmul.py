@@ -2,11 +2,13 @@
 
 Paths (kernels/matmul.cu, one compiled module per GGML type):
 - "gemv"   M <= 8: one pass over W for all M tokens, fp32 activations and accumulation.
-- "mma"    fused tensor-core GEMM: W tiles dequantized into shared memory as f16, mma.sync.
+- "mma"    fused tensor-core GEMM: W dequantized a tile at a time into shared memory as f16 (never
+           into a global scratch), x as f16, mma.sync with fp32 sums; split-K for short matrices;
+           gate and up of a gated MLP in one launch with the activation in the epilogue.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
-`matmul` picks gemv for M <= 8 and the cublas peer above, measured faster than mma at every
-shape and M of bench/RESULTS.md, "Kernels"; `path=` forces one (tests, benchmarks).
+`matmul` picks gemv for M <= 8, mma up to FUSED_MAX_M tokens and the cuBLAS path above: the
+crossovers measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from q4k_engine.tensors import QTensor
 from .build import _cupy, module, sm_count as _sm_count
 
 GEMV_MAX_M = 8
-GEMM_TILE = 128  # BO = BT in matmul.cu
-GEMM_SMEM_BYTES = (128 + 128) * (128 + 8) * 2
-# Above GEMV_MAX_M the dequantize + cuBLAS peer is the default: it beats the fused mma.sync kernel
-# from 9 tokens on for every measured shape (bench/RESULTS.md "Kernels", H200), since the fused
-# kernel's time is flat up to its 128-token tile and 1.1-7x the peer's there. path="mma" stays
-# selectable (tests, benchmarks).
+# The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M, the dequantize +
+# cuBLAS peer above (bench/RESULTS.md, "Fused GEMM": where the two cross on the 7B's shapes).
+FUSED_MAX_M = 64
+# matmul.cu gemm_bt<BT>: W tile rows (BO) and tokens per tile (BT), smem of two stages of both tiles.
+FUSED_ROWS = 128
+FUSED_TILES = (16, 32, 64, 128)
+_FUSED_LDS = 128 + 8
 # Cap of the cuBLAS path's f16 scratch (and of glu_matmul's product blocks). 64 MB keeps the
 # chunks large enough for cuBLAS (a 7B MLP weight in 3 chunks, its LM head in 17) while a 7B
 # teacher's peak stays near its weights (bench/RESULTS.md, "Model").
@@ -234,12 +237,81 @@ def _gemv(xp, w: GpuWeight, y, m0: int, m: int) -> None:
     kern(grid, (256,), (*w.kernel_args(), x, np.int32(xp.shape[1]), out, np.int32(y.shape[1]), np.int32(w.rows)))
 
 
-def _gemm_mma(xp, w: GpuWeight, y) -> None:
-    kern = _kernel(w, "gemm_mma")
-    kern.max_dynamic_shared_size_bytes = GEMM_SMEM_BYTES
-    grid = (-(-w.rows // GEMM_TILE), -(-xp.shape[0] // GEMM_TILE))
-    kern(grid, (256,), (*w.kernel_args(), xp, np.int32(xp.shape[1]), np.int32(xp.shape[0]), y,
-                        np.int32(y.shape[1]), np.int32(w.rows)), shared_mem=GEMM_SMEM_BYTES)
+def _fused_tile(m: int) -> int:
+    """Tokens per tile of the fused GEMM for M tokens: the smallest tile that holds them, else 128."""
+    return next((bt for bt in FUSED_TILES if m <= bt), FUSED_TILES[-1])
+
+
+def _fused_smem(bt: int) -> int:
+    return 2 * (FUSED_ROWS + bt) * _FUSED_LDS * 2
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_function(dtype: GGMLType, name: str, bt: int, device: int):
+    kern = _function(dtype, name, device)
+    kern.max_dynamic_shared_size_bytes = _fused_smem(bt)  # above the 48 KiB default: opt in once
+    return kern
+
+
+def _fused_splits(tiles: int, ktiles: int, bt: int, device: int) -> int:
+    """Splits of k for a grid of `tiles` blocks: enough blocks to fill the GPU once (2 blocks an SM
+    up to 64-token tiles, 1 at 128), at least 4 k tiles (of 128 values) a split, at most 16."""
+    slots = _sm_count(device) * (1 if bt == 128 else 2)
+    if 2 * tiles > slots:
+        return 1
+    return max(1, min(slots // tiles, ktiles // 4, 16))
+
+
+def _x16(x, w: GpuWeight):
+    """x as the fused GEMM's f16 operand [M, kpad] (zero tail, 16-byte aligned rows): an f16 x as
+    is when it already is one, else converted (or padded) in one launch."""
+    x16 = _x16_ready(x, w)
+    if x16 is None:
+        x16 = _cupy().empty((x.shape[0], w.kpad), dtype=np.float16)
+        _prep_f16(w, 0, 0, x16, x, x16)
+    return x16
+
+
+def _gemm_fused(x, w: GpuWeight, y) -> None:
+    """y (fp32 or f16 [M, rows]) = x . W^T on gemm_bt<BT> (matmul.cu), split-K when the row tiles
+    alone would leave SMs idle (fp32 parts in a workspace, summed in order by splitk_sum)."""
+    cp = _cupy()
+    dev = cp.cuda.runtime.getDevice()
+    m = x.shape[0]
+    x16 = _x16(x, w)
+    bt = _fused_tile(m)
+    grid = (-(-m // bt), -(-w.rows // FUSED_ROWS))
+    s = _fused_splits(grid[0] * grid[1], -(-w.kpad // 128), bt, dev)
+    ws = cp.empty((s, m, w.rows), dtype=cp.float32) if s > 1 else None
+    f16 = np.int32(y.dtype == np.float16)
+    _fused_function(w.dtype, f"gemm_bt{bt}", bt, dev)(
+        (*grid, s), (256,), (*w.kernel_args(), x16, np.int32(x16.shape[1]), np.int32(m), y, np.int32(y.shape[1]),
+                             f16, ws if ws is not None else y, np.int32(w.rows)), shared_mem=_fused_smem(bt))
+    if ws is not None:
+        n = m * w.rows
+        _function(w.dtype, "splitk_sum", dev)((int(min(-(-n // 256), 8 * 65535)),), (256,),
+                                             (ws, np.int32(s), np.int32(m), np.int32(w.rows), y,
+                                              np.int32(y.shape[1]), f16))
+
+
+def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str):
+    """act(x . Wg^T) * (x . Wu^T) as f16 [M, rows] from one launch of gate_up_bt<BT> (same type and
+    shape of gate and up): 64 gate rows and the same 64 up rows a tile, the activation in the
+    epilogue; the two [M, rows] products never exist."""
+    from . import ops
+
+    cp = _cupy()
+    dev = cp.cuda.runtime.getDevice()
+    m = x.shape[0]
+    x16 = _x16(x, wg)
+    out = cp.empty((m, wg.rows), dtype=cp.float16)
+    bt = _fused_tile(m)
+    grid = (-(-m // bt), -(-wg.rows // (FUSED_ROWS // 2)))
+    _fused_function(wg.dtype, f"gate_up_bt{bt}", bt, dev)(
+        grid, (256,), (wg.data, wu.data, *wg.kernel_args()[1:], x16, np.int32(x16.shape[1]), np.int32(m),
+                       out, np.int32(wg.rows), np.int32(wg.rows), np.int32(ops.ACTS[act])),
+        shared_mem=_fused_smem(bt))
+    return out
 
 
 def _prep_f16(w: GpuWeight, r0: int, n: int, out, x=None, x16=None) -> None:
@@ -371,7 +443,7 @@ PATHS = ("gemv", "mma", "cublas")
 
 
 def _default_path(m: int) -> str:
-    return "gemv" if m <= GEMV_MAX_M else "cublas"
+    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
 
 
 def matmul(x, w: GpuWeight, out=None, path: str | None = None):
@@ -401,14 +473,14 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     if path == "cublas":
         _gemm_cublas(x, w, out)
         return out
-    # gemv and mma read fp32 x and write fp32 y.
+    if path == "mma":
+        _gemm_fused(x, w, out)
+        return out
+    # gemv reads fp32 x and writes fp32 y.
     y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
     xp = _padded_x(x.astype(cp.float32, copy=False), w)
-    if path == "gemv":
-        for m0 in range(0, m, GEMV_MAX_M):
-            _gemv(xp, w, y, m0, min(GEMV_MAX_M, m - m0))
-    else:
-        _gemm_mma(xp, w, y)
+    for m0 in range(0, m, GEMV_MAX_M):
+        _gemv(xp, w, y, m0, min(GEMV_MAX_M, m - m0))
     if y is not out:
         out[...] = y
     return out
@@ -417,12 +489,15 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
 def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = None):
     """act(x . Wg^T) * (x . Wu^T), the input of a gated MLP's down projection.
 
-    On the cuBLAS path (M > GEMV_MAX_M by default) the result is float16 [M, rows]: the f16
-    operand the down projection's cuBLAS path would round it to anyway, built a block of rows at
-    a time (a 7B MLP at 2048 tokens then holds 78 MB, not the 310 MB of two fp32 products); gate
-    and up products are rounded to f16 before the activation. Otherwise (or when the two weights'
-    padded row lengths differ, which CudaBackend.check_model reports when the model is loaded) it is
-    float32, from two matmuls and an in-place glu.
+    On the mma path (GEMV_MAX_M < M <= FUSED_MAX_M by default) with gate and up of one type, the
+    result is float16 [M, rows] from one fused launch (fp32 sums and activation, one rounding).
+    On the cuBLAS path (M above) it is float16 [M, rows] too: the f16 operand the down
+    projection's cuBLAS path would round it to anyway, built a block of rows at a time (a 7B MLP
+    at 2048 tokens then holds 78 MB, not the 310 MB of two fp32 products); gate and up products
+    are rounded to f16 before the activation. Otherwise (M <= GEMV_MAX_M; on the mma path gate
+    and up of two types; on the cuBLAS path padded row lengths that differ; check_kernel_limits
+    warns of the last two when the model is loaded) it is float32, from two matmuls and an
+    in-place glu.
     """
     from . import ops
 
@@ -432,6 +507,10 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
     path = path or _default_path(x.shape[0])
+    if path not in PATHS:
+        raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
+    if path == "mma" and x.shape[0] and wg.dtype == wu.dtype:
+        return _glu_fused(x, wg, wu, act)
     if path == "cublas" and x.shape[0] and wg.kpad == wu.kpad:
         return _glu_cublas(x, wg, wu, act)
     gate = matmul(x, wg, path=path)

@@ -6,6 +6,7 @@
 // Each kernel has a NumPy twin in engine/backend_cpu.py (the oracle of tests/test_ops_gpu.py).
 
 #include <cuda_fp16.h>
+#include "act.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -119,12 +120,7 @@ __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ 
 }
 
 // ---------------------------------------------------------------------------------------------
-// act(gate) * up, act 0 = silu, 1 = gelu (tanh approximation).
-__device__ __forceinline__ float glu_act(float g, int act) {
-    if (act == 0) return g / (1.f + expf(-g));
-    const float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-    return 0.5f * g * (1.f + tanhf(u));
-}
+// act(gate) * up (glu_act: act.cuh).
 
 __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up,
                     float* __restrict__ out, long long n, int act) {

@@ -79,17 +79,26 @@ template <int T> struct Dec;
 // ---- Q4_K: 144 B = d, dmin, scales[12], qs[128]; unit u: chunk c = u/2, half h = u%2 ----
 template <> struct Dec<T_Q4_K> {
     static constexpr int QK = 256, UNITS = 8;
-    uint4 q;
+    uint4 q, hd;
+    int c;
     float d0, m0, d1, m1;
     __device__ static int kpos(int u, int run) {
         int b = u >> 3, c = (u & 7) >> 1, h = u & 1;
         return b * 256 + 64 * c + 32 * run + 16 * h;
     }
     __device__ void load(const WDesc& w, i64 row, int u) {
+        fetch(w, row, u);
+        finish();
+    }
+    // fetch issues the loads only; finish (after them) derives the scales. The GEMM's tile loader
+    // fetches a tile ahead and finishes when the bytes are needed.
+    __device__ void fetch(const WDesc& w, i64 row, int u) {
         const u8* blk = w.base + row * w.row_bytes + (i64)(u >> 3) * 144;
-        int c = (u & 7) >> 1, h = u & 1;
-        uint4 hd = __ldg((const uint4*)blk);
-        q = __ldg((const uint4*)(blk + 16 + 32 * c + 16 * h));
+        c = (u & 7) >> 1;
+        hd = __ldg((const uint4*)blk);
+        q = __ldg((const uint4*)(blk + 16 + 32 * c + 16 * (u & 1)));
+    }
+    __device__ void finish() {
         float d = h2f((u16)(hd.x & 0xFFFF)), dmin = h2f((u16)(hd.x >> 16));
         float sc, mn;
         scale_min_k4(2 * c, hd.y, hd.z, hd.w, sc, mn);
@@ -141,22 +150,33 @@ template <> struct Dec<T_Q6_K> {
     static constexpr int QK = 256, UNITS = 8;
     uint4 q, qh;
     int q0;
+    signed char s0, s1;
+    u16 dh;
     float d0, d1;
     __device__ static int kpos(int u, int run) {
         int b = u >> 3, h = (u >> 2) & 1, qq = ((u >> 1) & 1) + 2 * run, l0 = 16 * (u & 1);
         return b * 256 + 128 * h + 32 * qq + l0;
     }
     __device__ void load(const WDesc& w, i64 row, int u) {
+        fetch(w, row, u);
+        finish();
+    }
+    __device__ void fetch(const WDesc& w, i64 row, int u) {  // loads only (see Dec<T_Q4_K>)
         i64 b = row * w.nb + (u >> 3);
         int h = (u >> 2) & 1, l0 = 16 * (u & 1);
         q0 = (u >> 1) & 1;
         q = __ldg((const uint4*)(w.base + b * 128 + 64 * h + 32 * q0 + l0));
         qh = __ldg((const uint4*)(w.base + w.nblk * 128 + b * 64 + 32 * h + l0));
         const signed char* sc = (const signed char*)(w.base + w.nblk * 192 + b * 16);
-        float d = h2f(__ldg((const u16*)(w.base + w.nblk * 208 + b * 2)));
+        dh = __ldg((const u16*)(w.base + w.nblk * 208 + b * 2));
         int s = 8 * h + 2 * q0 + (u & 1);
-        d0 = d * (float)__ldg(sc + s);
-        d1 = d * (float)__ldg(sc + s + 4);
+        s0 = __ldg(sc + s);
+        s1 = __ldg(sc + s + 4);
+    }
+    __device__ void finish() {
+        float d = h2f(dh);
+        d0 = d * (float)s0;
+        d1 = d * (float)s1;
     }
     __device__ float4 get4(int g) const {
         u32 w = word4(q, g & 3), hb = word4(qh, g & 3);

@@ -156,6 +156,15 @@ def test_unfused_gated_mlp_is_reported(module_seed):
         check_kernel_limits(model)
 
 
+def test_gated_mlp_of_two_types_is_reported(module_seed):
+    # same padded rows (Q4_K, Q6_K: 256-value blocks) but two types: no one-launch fused gate/up
+    model = synthetic_model("llama", seed=module_seed)
+    model = _retyped(_retyped(model, "blk.0.ffn_gate.weight", GGMLType.Q4_K), "blk.0.ffn_up.weight", GGMLType.Q6_K)
+    with pytest.warns(FallbackWarning, match=r"in 1 of 2 layers \(first blk.0\) ffn_gate \(Q4_K\) and ffn_up "
+                                             r"\(Q6_K\) differ in type: up to \d+ tokens a forward"):
+        check_kernel_limits(model)
+
+
 @pytest.mark.parametrize("error, reason", [
     (ImportError("No module named 'cupy'"), "CuPy is not installed"),
     (OSError("libcudart.so.12: cannot open shared object file"), "CuPy failed to import (OSError: libcudart.so.12"),

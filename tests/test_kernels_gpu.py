@@ -111,12 +111,32 @@ def test_gemv_m1_launch_configs(rng, dtype, rows, cols):
     check(run(x, w, "gemv"), x, w_ref, TOL_FP32)
 
 
-@pytest.mark.parametrize("m", [1, 9, 17, 300])
+@pytest.mark.parametrize("m", [1, 9, 17, 40, 100, 300])
 @pytest.mark.parametrize("path", ["mma", "cublas"])
 @pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
 def test_gemm(rng, dtype, path, m):
+    """Every tile of the fused GEMM (16, 32, 64, 128 tokens; 300 = three tiles, the last ragged),
+    300 rows = three row tiles, the last ragged; rows with a padded tail."""
     w, w_ref, x = setup(rng, dtype, 300, cols_for(dtype, True), m)
     check(run(x, w, path), x, w_ref, TOL_F16)
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("m", [1, 13, 50, 130])
+@pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_gemm_fused_split_k(rng, dtype, m, out_dtype):
+    """Short matrices with long rows run split over k (parts summed in order by splitk_sum): the
+    split is checked to happen; fp32 and f16 output."""
+    rows, cols = 200, 4096 + 64
+    w, w_ref, x = setup(rng, dtype, rows, cols, m)
+    splits = mm._fused_splits(-(-m // mm._fused_tile(m)) * -(-rows // mm.FUSED_ROWS), -(-w.kpad // 128),
+                              mm._fused_tile(m), cp.cuda.runtime.getDevice())
+    print(f"{dtype.name} {rows}x{cols} M={m}: {splits} splits")
+    assert splits > 1
+    out = cp.full((m, rows), np.nan, dtype=out_dtype)
+    y = mm.matmul(cp.asarray(x), w, out=out, path="mma")
+    assert y is out
+    check(y, x, w_ref, TOL_F16 + (2.0 ** -11 if out_dtype == np.float16 else 0.0))
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 300, 2048])
@@ -151,7 +171,7 @@ def test_cublas_path_runs_on_the_current_stream(rng):
     check(y, x, w_ref, TOL_F16)
 
 
-@pytest.mark.parametrize("path", ["gemv", "cublas"])
+@pytest.mark.parametrize("path", ["gemv", "mma", "cublas"])
 def test_matmul_f16_in_and_out(rng, path):
     """f16 x (glu_matmul's output) and f16 y (the LM head's logits): values as the fp32 product of
     the f16-rounded x, plus the f16 rounding of the output, on both paths; x with a padded tail."""
@@ -170,12 +190,14 @@ def act_ref(g: np.ndarray, act: str) -> np.ndarray:
     return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
 
 
-@pytest.mark.parametrize("m", [1, 8, 9, 300])
+@pytest.mark.parametrize("m,path", [(1, None), (8, None), (9, "mma"), (40, "mma"), (300, "mma"),
+                                    (9, "cublas"), (300, "cublas")])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
-def test_glu_matmul(rng, dtype, act, m, monkeypatch):
-    """act(x Wg^T) * (x Wu^T): fp32 at M <= 8; f16 from the cuBLAS path above, built in row blocks
-    (a scratch of 64 rows per weight forces 4, the last one ragged; f16 products).
+def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
+    """act(x Wg^T) * (x Wu^T): fp32 at M <= 8; f16 above, from the fused gate/up launch (mma: 64
+    gate rows and their up rows a tile, 200 rows = a ragged last tile) or the cuBLAS path, built in
+    row blocks (a scratch of 64 rows per weight forces 4, the last one ragged; f16 products).
 
     Bound: each product's error is at most tol * sum(|x||W|) (as in check()); through act(g) * u
     (|act'| <= 1.1 for silu and gelu) that is tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the
@@ -188,7 +210,7 @@ def test_glu_matmul(rng, dtype, act, m, monkeypatch):
     x64 = x.astype(np.float64)
     x *= np.float32(8 / max(np.abs(x64 @ g_ref.T).max(), np.abs(x64 @ u_ref.T).max()))
     monkeypatch.setattr(mm, "SCRATCH_BYTES", 2 * 64 * wg.kpad * 2)
-    y = mm.glu_matmul(cp.asarray(x), wg, wu, act)
+    y = mm.glu_matmul(cp.asarray(x), wg, wu, act, path=path)
     f16 = m > mm.GEMV_MAX_M
     assert y.shape == (m, rows) and y.dtype == (np.float16 if f16 else np.float32)
     got = cp.asnumpy(y).astype(np.float64)
@@ -204,14 +226,16 @@ def test_glu_matmul(rng, dtype, act, m, monkeypatch):
     assert err <= tol, f"glu_matmul error {err:.3e} > {tol}"
 
 
-def test_glu_matmul_mixed_types(rng):
-    """Gate and up of different types whose padded row lengths differ (F16: 32-value units, Q4_K:
-    256): the cuBLAS path cannot share one scratch, so two matmuls and a float32 glu."""
+@pytest.mark.parametrize("gate_type,path", [(GGMLType.F16, "cublas"), (GGMLType.F16, "mma"), (GGMLType.Q6_K, "mma")],
+                         ids=["F16-cublas", "F16-mma", "Q6_K-mma"])
+def test_glu_matmul_mixed_types(rng, gate_type, path):
+    """Gate and up of different types: the cuBLAS path cannot share one scratch when their padded
+    row lengths differ (F16: 32-value units, Q4_K: 256), the fused launch needs one type: two
+    matmuls and a float32 glu."""
     rows, cols, m = 96, cols_for(GGMLType.Q4_K, True), 17
-    wg, g_ref, x = setup(rng, GGMLType.F16, rows, cols, m)
+    wg, g_ref, x = setup(rng, gate_type, rows, cols, m)
     wu, u_ref, _ = setup(rng, GGMLType.Q4_K, rows, cols, m)
-    assert wg.kpad != wu.kpad
-    y = mm.glu_matmul(cp.asarray(x), wg, wu, "silu")
+    y = mm.glu_matmul(cp.asarray(x), wg, wu, "silu", path=path)
     assert y.dtype == np.float32 and y.shape == (m, rows)
     x64 = x.astype(np.float64)
     ref = act_ref(x64 @ g_ref.T, "silu") * (x64 @ u_ref.T)
@@ -254,8 +278,9 @@ def test_gemm_cublas_unaligned_x(rng):
     flat = rng.standard_normal(1 + 8 * 196).astype(np.float32)
     x = cp.asarray(flat)[1:].reshape(8, 196)
     assert x.data.ptr % 16 == 4 and x.flags.c_contiguous
-    out = cp.full((8, 40), np.nan, dtype=cp.float32)
-    check(mm.matmul(x, w, out=out, path="cublas"), flat[1:].reshape(8, 196), w_ref, TOL_F16)
+    for path in ("cublas", "mma"):
+        out = cp.full((8, 40), np.nan, dtype=cp.float32)
+        check(mm.matmul(x, w, out=out, path=path), flat[1:].reshape(8, 196), w_ref, TOL_F16)
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
@@ -294,7 +319,8 @@ def test_bad_inputs(rng):
 @pytest.mark.parametrize("model", ["gemma", "smollm"])
 def test_real_tensors(rng, model):
     """Every 2-D weight type of the two real models, on the model's own bytes (up to 1024 rows of its
-    first tensor of that type): GEMV at M = 1 and 8, the cuBLAS path at M = 17, and row gather."""
+    first tensor of that type): GEMV at M = 1 and 8, the cuBLAS path at M = 17, the fused GEMM at
+    M = 17 and 130, and row gather."""
     import realmodels
     from q4k_engine.loader import open_model
 
@@ -309,7 +335,8 @@ def test_real_tensors(rng, model):
         w = mm.prepare_weight(t.dtype, (rows, t.cols), cp.asarray(raw))
         w_ref = dequantize_ref(raw, t.dtype, (rows, t.cols)).astype(np.float64)
         print(f"{model} {t.name} {t.dtype.name} {rows}x{t.cols}")
-        for m, path, tol in ((1, "gemv", TOL_FP32), (8, "gemv", TOL_FP32), (17, "cublas", TOL_F16)):
+        for m, path, tol in ((1, "gemv", TOL_FP32), (8, "gemv", TOL_FP32), (17, "cublas", TOL_F16),
+                             (17, "mma", TOL_F16), (130, "mma", TOL_F16)):
             x = rng.standard_normal((m, t.cols)).astype(np.float32)
             check(run(x, w, path), x, w_ref, tol)
         ids = rng.integers(0, rows, 9).astype(np.int32)
