@@ -437,9 +437,9 @@ extern "C" __global__ void __launch_bounds__(256)
 // W x BT tokens, walked in k tiles of BK = 128 values. Per k tile a thread dequantizes two 32-value
 // units (rows r and r + 64 of the tile, unit j = tid % 4) and copies x with cp.async.
 // Pipeline (two shared-memory stages): iteration i waits for x tile i and syncs; starts the
-// cp.async of x tile i+1 into the other stage; runs the mma of stage i; then finishes the W units
-// of tile i+1, whose global loads were issued one iteration earlier (Dec::fetch), into the other
-// stage and issues the loads of tile i+2. The loads of W are in flight during a whole tile's mma.
+// cp.async of x tile i+1 into the other stage; runs the mma of stage i, and between its steps
+// finishes the W units of tile i+1, whose global loads were issued one iteration earlier
+// (Dec::fetch), into the other stage, then issues the loads of tile i+2.
 // Grid: x = token tiles (neighbouring blocks share W's tile in L2), y = row tiles, z = splits of k.
 // Split-K (S = gridDim.z > 1): block z takes k tiles [z KT / S, (z+1) KT / S) and writes fp32 sums
 // to ws[z] ([M, out]); splitk_sum adds the S parts in order (deterministic) into y.
@@ -474,7 +474,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
                  "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Dec::fetch / Dec::finish where the type splits its load (Q4_K, Q6_K), else load at fetch time.
 template <class T>
@@ -498,42 +498,79 @@ template <int BT> struct GemmShape {
     static constexpr int WT = 8 / WO;                            // warps along tokens
     static constexpr int MI = BO / (16 * WO);                    // m16 tiles a warp (rows)
     static constexpr int NJ = BT / (8 * WT);                     // n8 tiles a warp (tokens), even
-    static constexpr int SMEM = 2 * (BO + BT) * LDS * 2;
+    static constexpr int XS = BT <= 32 ? 3 : 2;                   // x stages (copies in flight: XS - 1)
+    static constexpr int SMEM = (2 * BO + XS * BT) * LDS * 2;
     static_assert(NJ % 2 == 0 && MI >= 1, "tile shape");
 };
 
+// One decoded unit (32 values: run 0 at ka, run 1 at kb of the tile row) as f16 into shared memory.
+#if QTYPE == T_Q4_K
+// Q4_K in f16x2 arithmetic, 1.75 instructions a value: two neighbouring quant bytes are spread to
+// the two 16-bit lanes (PRMT); a nibble OR 0x6400 is the f16 1024 + q (1024 + 16 q for a high
+// nibble), minus 1024 exactly q (16 q); then one HFMA2 with the sub-block's scale (over 16 for
+// high nibbles) and minus its min, both rounded to f16 (the fp32 path rounds only the result).
+__device__ __forceinline__ u32 h2u(__half2 h) { return *(u32*)&h; }
+__device__ __forceinline__ __half2 u2h(u32 u) { return *(__half2*)&u; }
+__device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, int kb) {
+    const __half2 s0 = __float2half2_rn(dec.d0), n0 = __float2half2_rn(-dec.m0);
+    const __half2 s1 = __float2half2_rn(dec.d1 * 0.0625f), n1 = __float2half2_rn(-dec.m1);
+    const __half2 k1024 = __float2half2_rn(1024.0f);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {  // values 8r .. 8r+7 of each run: quant bytes 8r .. 8r+7
+        u32 lo[4], hi[4];
+#pragma unroll
+        for (int wd = 0; wd < 2; wd++) {
+            const u32 w = word4(dec.q, 2 * r + wd);
+#pragma unroll
+            for (int pr = 0; pr < 2; pr++) {  // bytes 2pr, 2pr+1 of the word
+                const u32 p = __byte_perm(w, 0u, pr ? 0x4342u : 0x4140u);
+                const __half2 l = __hsub2(u2h((p & 0x000F000Fu) | 0x64006400u), k1024);
+                const __half2 h = __hsub2(u2h((p & 0x00F000F0u) | 0x64006400u), k1024);
+                lo[2 * wd + pr] = h2u(__hfma2(l, s0, n0));
+                hi[2 * wd + pr] = h2u(__hfma2(h, s1, n1));
+            }
+        }
+        *(uint4*)(dst + ka + 8 * r) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        *(uint4*)(dst + kb + 8 * r) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    }
+}
+#else
+__device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, int kb) {
+#pragma unroll
+    for (int gg = 0; gg < 4; gg++) {  // values 8 (gg & 1) .. +7 of run gg / 2
+        const float4 lo = dec.get4(2 * gg), hi = dec.get4(2 * gg + 1);
+        const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        store8_f16(dst + (gg < 2 ? ka : kb) + 8 * (gg & 1), v);
+    }
+}
+#endif
+
 // The two units of W a thread dequantizes per k tile: tile rows r0 = tid / 4 and r0 + 64 (for the
-// GLU: gate row and up row o0 + r0), unit j = tid % 4 of the tile.
+// GLU: gate row and up row o0 + r0), unit j = tid % 4 of the tile. Two register sets: the loads of
+// tile kt go to set kt % 2, two tiles ahead of their use (the main loop is unrolled by two, so the
+// set indices are compile-time constants and the sets stay in registers).
 struct WUnits {
-    D dec[2];
+    D dec[2][2];
     i64 row[2];
-    const WDesc* w[2];
+    WDesc w[2];
     int j;
 
-    __device__ void fetch(int kt) {
+    __device__ __forceinline__ void fetch(int set, int kt) {
         const int u = kt * (BK / 32) + j;
 #pragma unroll
         for (int i = 0; i < 2; i++)
-            if (u < w[i]->nb * D::UNITS) dec_fetch(dec[i], *w[i], row[i], u, 0);
+            if (u < w[i].nb * D::UNITS) dec_fetch(dec[set][i], w[i], row[i], u, 0);
     }
-    __device__ void store(int kt, __half* sW, int r0) {  // sW: this stage's [BO][LDS]
+    // Unit i of tile kt (in register set `set`) into sW (that stage's [BO][LDS]).
+    __device__ __forceinline__ void store(int set, int i, int kt, __half* sW, int r0) {
         const int u = kt * (BK / 32) + j, k0 = kt * BK;
+        __half* dst = sW + (r0 + 64 * i) * LDS;
+        if (u < w[i].nb * D::UNITS) {
+            dec_finish(dec[set][i], 0);
+            store_unit(dec[set][i], dst, D::kpos(u, 0) - k0, D::kpos(u, 1) - k0);
+        } else {
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            __half* dst = sW + (r0 + 64 * i) * LDS;
-            if (u < w[i]->nb * D::UNITS) {
-                dec_finish(dec[i], 0);
-                const int ka = D::kpos(u, 0) - k0, kb = D::kpos(u, 1) - k0;
-#pragma unroll
-                for (int gg = 0; gg < 4; gg++) {  // values 8 (gg & 1) .. +7 of run gg / 2
-                    const float4 lo = dec[i].get4(2 * gg), hi = dec[i].get4(2 * gg + 1);
-                    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-                    store8_f16(dst + (gg < 2 ? ka : kb) + 8 * (gg & 1), v);
-                }
-            } else {
-#pragma unroll
-                for (int q = 0; q < 4; q++) *(uint4*)(dst + 32 * j + 8 * q) = make_uint4(0u, 0u, 0u, 0u);
-            }
+            for (int q = 0; q < 4; q++) *(uint4*)(dst + 32 * j + 8 * q) = make_uint4(0u, 0u, 0u, 0u);
         }
     }
 };
@@ -545,7 +582,7 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
     typedef GemmShape<BT> S;
     extern __shared__ uint4 smem_raw[];
     __half* sW = (__half*)smem_raw;  // [2][BO][LDS]
-    __half* sX = sW + 2 * BO * LDS;  // [2][BT][LDS]
+    __half* sX = sW + 2 * BO * LDS;  // [XS][BT][LDS]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int t0 = blockIdx.x * BT, o0 = blockIdx.y * (GLU ? BO / 2 : BO);
     const int wo = (warp % S::WO) * (16 * S::MI), wt = (warp / S::WO) * (8 * S::NJ);
@@ -555,11 +592,11 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
     WUnits wu;
     const int r0 = tid >> 2;
     wu.j = tid & 3;
+    wu.w[0] = wa;
+    wu.w[1] = GLU ? wb : wa;
     if (GLU) {
-        wu.w[0] = &wa; wu.w[1] = &wb;
         wu.row[0] = wu.row[1] = min(o0 + r0, out - 1);
     } else {
-        wu.w[0] = wu.w[1] = &wa;
         wu.row[0] = min(o0 + r0, out - 1);
         wu.row[1] = min(o0 + r0 + 64, out - 1);
     }
@@ -582,40 +619,57 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
 #pragma unroll
             for (int v = 0; v < 4; v++) acc[i][j][v] = 0.0f;
 
+    // Iteration i (tile kt0 + i, P = i % 2): x tile i is in stage i % XS, W tile i in sW stage P;
+    // tile i+1's units (set P^1) are stored into sW stage P^1 between the mma steps and tile i+3's
+    // loads issued into that set; x tile i + XS - 1 is copied.
     const int n = kt1 - kt0;
     if (n > 0) {
-        wu.fetch(kt0);
-        load_x(kt0, sX);
-        wu.store(kt0, sW, r0);
-        if (n > 1) wu.fetch(kt0 + 1);
-    }
-    for (int i = 0; i < n; i++) {
-        const int st = i & 1;
-        cp_async_wait_all();
-        __syncthreads();
-        if (i + 1 < n) load_x(kt0 + i + 1, sX + (st ^ 1) * BT * LDS);
-        const __half* cW = sW + st * BO * LDS;
-        const __half* cX = sX + st * BT * LDS;
+        wu.fetch(0, kt0);
+        if (n > 1) wu.fetch(1, kt0 + 1);
 #pragma unroll
-        for (int ks = 0; ks < BK; ks += 16) {
-            u32 a[S::MI][4], b[S::NJ][2];
-#pragma unroll
-            for (int mi = 0; mi < S::MI; mi++)
-                ldsm_x4(smem_u32(cW + (wo + 16 * mi + (lane & 15)) * LDS + ks + (lane >> 4) * 8),
-                        a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
-#pragma unroll
-            for (int jj = 0; jj < S::NJ / 2; jj++)
-                ldsm_x4(smem_u32(cX + (wt + 16 * jj + (lane & 7) + (lane >> 4) * 8) * LDS + ks +
-                                 ((lane >> 3) & 1) * 8),
-                        b[2 * jj][0], b[2 * jj][1], b[2 * jj + 1][0], b[2 * jj + 1][1]);
-#pragma unroll
-            for (int mi = 0; mi < S::MI; mi++)
-#pragma unroll
-                for (int nj = 0; nj < S::NJ; nj++) mma16816(acc[mi][nj], a[mi], b[nj][0], b[nj][1]);
+        for (int q = 0; q < S::XS - 1; q++) {
+            if (q < n) load_x(kt0 + q, sX + q * BT * LDS);
+            else cp_async_commit();
         }
-        if (i + 1 < n) {
-            wu.store(kt0 + i + 1, sW + (st ^ 1) * BO * LDS, r0);
-            if (i + 2 < n) wu.fetch(kt0 + i + 2);
+        wu.store(0, 0, kt0, sW, r0);
+        wu.store(0, 1, kt0, sW, r0);
+        if (n > 2) wu.fetch(0, kt0 + 2);
+    }
+    for (int i0 = 0; i0 < n; i0 += 2) {
+#pragma unroll
+        for (int P = 0; P < 2; P++) {
+            const int i = i0 + P;
+            if (i >= n) break;
+            cp_async_wait<S::XS - 2>();
+            __syncthreads();
+            const bool more = i + 1 < n;
+            if (i + S::XS - 1 < n) load_x(kt0 + i + S::XS - 1, sX + ((i + S::XS - 1) % S::XS) * BT * LDS);
+            else cp_async_commit();  // an empty group keeps the wait count uniform
+            const __half* cW = sW + P * BO * LDS;
+            const __half* cX = sX + (i % S::XS) * BT * LDS;
+            __half* nW = sW + (P ^ 1) * BO * LDS;
+#pragma unroll
+            for (int ks = 0; ks < BK; ks += 16) {
+                if (more && ks == 0) wu.store(P ^ 1, 0, kt0 + i + 1, nW, r0);
+                if (more && ks == BK / 2) {
+                    wu.store(P ^ 1, 1, kt0 + i + 1, nW, r0);
+                    if (i + 3 < n) wu.fetch(P ^ 1, kt0 + i + 3);
+                }
+                u32 a[S::MI][4], b[S::NJ][2];
+#pragma unroll
+                for (int mi = 0; mi < S::MI; mi++)
+                    ldsm_x4(smem_u32(cW + (wo + 16 * mi + (lane & 15)) * LDS + ks + (lane >> 4) * 8),
+                            a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+#pragma unroll
+                for (int jj = 0; jj < S::NJ / 2; jj++)
+                    ldsm_x4(smem_u32(cX + (wt + 16 * jj + (lane & 7) + (lane >> 4) * 8) * LDS + ks +
+                                     ((lane >> 3) & 1) * 8),
+                            b[2 * jj][0], b[2 * jj][1], b[2 * jj + 1][0], b[2 * jj + 1][1]);
+#pragma unroll
+                for (int mi = 0; mi < S::MI; mi++)
+#pragma unroll
+                    for (int nj = 0; nj < S::NJ; nj++) mma16816(acc[mi][nj], a[mi], b[nj][0], b[nj][1]);
+            }
         }
     }
     // D fragment v of (mi, nj): W row wo + 16 mi + g + 8 (v >> 1), token wt + 8 nj + 2 tq + (v & 1).
