@@ -126,7 +126,7 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
     is uploaded (not a launch error at the first forward); and a FallbackWarning for layers whose
     gated MLP cannot take the fused f16 path. Reads the file's shapes and types, and the device's
     opt-in shared memory per block when given (the GPU's own limit)."""
-    from q4k_engine.kernels.matmul import FUSED_MAX_M, padded_cols
+    from q4k_engine.kernels.matmul import GLU_FUSED_MAX_M, padded_cols
     from q4k_engine.kernels.ops import MAX_HEAD_DIM, flash_smem_bytes
 
     c = model.config
@@ -162,7 +162,7 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
         i, gate, up = mixed[0]
         warnings.warn(f"{model.path}: in {len(mixed)} of {c.n_layers} layers (first blk.{i}) ffn_gate "
                       f"({GGMLType(gate.dtype).name}) and ffn_up ({GGMLType(up.dtype).name}) differ in type: "
-                      f"up to {FUSED_MAX_M} tokens a forward their gated MLP runs as two fused GEMMs with "
+                      f"up to {GLU_FUSED_MAX_M} tokens a forward their gated MLP runs as two fused GEMMs with "
                       "float32 products and a separate activation, not as one launch (slower, more memory)",
                       FallbackWarning, stacklevel=5)
 
@@ -390,7 +390,7 @@ class CudaBackend:
         return self._mm.gather_rows(w, self._cp.ascontiguousarray(ids, dtype=self._cp.int32))
 
     def matmul(self, x: Any, w: Any) -> Any:
-        # float16 x is glu_matmul's output, taken as is by the cuBLAS path
+        # float16 x is glu_matmul's output, taken as is by the fused and cuBLAS paths
         if x.dtype != self._cp.float16:
             x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
         return self._mm.matmul(x, w)

@@ -6,14 +6,14 @@
 //   through L1; each loaded x value serves R rows from registers and 4 lanes by broadcast.
 // - gemv1_r<R> (Q4_K, Q6_K, M = 1 only): x staged in shared memory, the affine factored per scale
 //   group, one PRMT + one FFMA per weight (see below).
-// - gemm_mma: compute-bound; a 128 (out) x 128 (tokens) tile per block, W's 128 x 128 slice is
-//   dequantized into shared memory as f16, x converted to f16, and multiplied with
-//   mma.sync m16n8k16 (fp32 accumulation).
+// - gemm_bt<BT>, gate_up_bt<BT>: the fused tensor-core GEMM (below): W dequantized a 128 x 128
+//   tile at a time into shared memory as f16, x as f16, mma.sync m16n8k16 with fp32 sums.
 // - prep_f16: rows [r0, r0+n) of W as f16 into a scratch and x as f16, in one launch (the
 //   dequantize + cuBLAS peer path); bandwidth-bound, one 16-byte store per thread.
 // - gather_f32: rows ids[i] of W as fp32 (embedding lookup straight from quantized rows).
-// gemv/gemm_mma read x as [M, kpad], kpad = blocks per row * block values (zero-padded by the
-// caller); prep_f16 reads the unpadded [M, cols] and writes the padded f16 copy itself.
+// gemv reads x as fp32 [M, kpad], the fused GEMM as f16 [M, kpad] (kpad = blocks per row * block
+// values, zero-padded by the caller); prep_f16 reads the unpadded [M, cols] and writes the padded f16
+// copy itself.
 #include "quant_decode.cuh"
 #include "act.cuh"
 
@@ -503,14 +503,15 @@ template <int BT> struct GemmShape {
     static_assert(NJ % 2 == 0 && MI >= 1, "tile shape");
 };
 
+__device__ __forceinline__ u32 h2u(__half2 h) { return *(u32*)&h; }
+__device__ __forceinline__ __half2 u2h(u32 u) { return *(__half2*)&u; }
+
 // One decoded unit (32 values: run 0 at ka, run 1 at kb of the tile row) as f16 into shared memory.
 #if QTYPE == T_Q4_K
 // Q4_K in f16x2 arithmetic, 1.75 instructions a value: two neighbouring quant bytes are spread to
 // the two 16-bit lanes (PRMT); a nibble OR 0x6400 is the f16 1024 + q (1024 + 16 q for a high
 // nibble), minus 1024 exactly q (16 q); then one HFMA2 with the sub-block's scale (over 16 for
 // high nibbles) and minus its min, both rounded to f16 (the fp32 path rounds only the result).
-__device__ __forceinline__ u32 h2u(__half2 h) { return *(u32*)&h; }
-__device__ __forceinline__ __half2 u2h(u32 u) { return *(__half2*)&u; }
 __device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, int kb) {
     const __half2 s0 = __float2half2_rn(dec.d0), n0 = __float2half2_rn(-dec.m0);
     const __half2 s1 = __float2half2_rn(dec.d1 * 0.0625f), n1 = __float2half2_rn(-dec.m1);
@@ -574,6 +575,63 @@ struct WUnits {
         }
     }
 };
+
+// The fused GEMMs' output: D fragment v of (mi, nj) is W row wo + 16 mi + g + 8 (v >> 1), token
+// wt + 8 nj + 2 tq + (v & 1) of the tile. GLU: tile rows [0, 64) are gate rows, whose warps hand
+// their sums to the up warps through shared memory (over the pipeline's buffers: every warp is
+// done with them); f16 act(gate) * up. Else y (fp32 or f16) or, split over k, ws[z].
+template <int MI, int NJ, int BT, bool GLU>
+__device__ __forceinline__ void gemm_epilogue(const float (&acc)[MI][NJ][4], void* smem_raw, int wo, int wt,
+                                              int o0, int t0, int M, void* y, int ldy, int y_f16, float* ws,
+                                              int out, int act) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    if (GLU) {
+        constexpr int LG = BT + 4;
+        float* sG = (float*)smem_raw;  // gate sums [64][LG], over stage 0 once every warp is done
+        __syncthreads();
+        if (wo < 64) {
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                for (int nj = 0; nj < NJ; nj++)
+#pragma unroll
+                    for (int v = 0; v < 4; v++)
+                        sG[(wo + 16 * mi + g + 8 * (v >> 1)) * LG + wt + 8 * nj + 2 * tq + (v & 1)] = acc[mi][nj][v];
+        }
+        __syncthreads();
+        if (wo >= 64) {
+            __half* yh = (__half*)y;
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                for (int nj = 0; nj < NJ; nj++)
+#pragma unroll
+                    for (int v = 0; v < 4; v++) {
+                        const int r = wo - 64 + 16 * mi + g + 8 * (v >> 1), tt = wt + 8 * nj + 2 * tq + (v & 1);
+                        const int o = o0 + r, t = t0 + tt;
+                        if (o < out && t < M)
+                            yh[(i64)t * ldy + o] = __float2half_rn(glu_act(sG[r * LG + tt], act) * acc[mi][nj][v]);
+                    }
+        }
+        return;
+    }
+    float* part = gridDim.z > 1 ? ws + (i64)blockIdx.z * M * out : nullptr;
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int nj = 0; nj < NJ; nj++)
+#pragma unroll
+            for (int v = 0; v < 4; v++) {
+                const int o = o0 + wo + 16 * mi + g + 8 * (v >> 1);
+                const int t = t0 + wt + 8 * nj + 2 * tq + (v & 1);
+                if (o >= out || t >= M) continue;
+                const float a = acc[mi][nj][v];
+                if (part) part[(i64)t * out + o] = a;
+                else if (y_f16) ((__half*)y)[(i64)t * ldy + o] = __float2half_rn(a);
+                else ((float*)y)[(i64)t * ldy + o] = a;
+            }
+}
 
 template <int BT, bool GLU>
 __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, const __half* __restrict__ x,
@@ -672,53 +730,7 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
             }
         }
     }
-    // D fragment v of (mi, nj): W row wo + 16 mi + g + 8 (v >> 1), token wt + 8 nj + 2 tq + (v & 1).
-    const int g = lane >> 2, tq = lane & 3;
-    if (GLU) {
-        constexpr int LG = BT + 4;
-        float* sG = (float*)smem_raw;  // gate sums [64][LG], over stage 0 once every warp is done
-        __syncthreads();
-        if (wo < 64) {
-#pragma unroll
-            for (int mi = 0; mi < S::MI; mi++)
-#pragma unroll
-                for (int nj = 0; nj < S::NJ; nj++)
-#pragma unroll
-                    for (int v = 0; v < 4; v++)
-                        sG[(wo + 16 * mi + g + 8 * (v >> 1)) * LG + wt + 8 * nj + 2 * tq + (v & 1)] = acc[mi][nj][v];
-        }
-        __syncthreads();
-        if (wo >= 64) {
-            __half* yh = (__half*)y;
-#pragma unroll
-            for (int mi = 0; mi < S::MI; mi++)
-#pragma unroll
-                for (int nj = 0; nj < S::NJ; nj++)
-#pragma unroll
-                    for (int v = 0; v < 4; v++) {
-                        const int r = wo - 64 + 16 * mi + g + 8 * (v >> 1), tt = wt + 8 * nj + 2 * tq + (v & 1);
-                        const int o = o0 + r, t = t0 + tt;
-                        if (o < out && t < M)
-                            yh[(i64)t * ldy + o] = __float2half_rn(glu_act(sG[r * LG + tt], act) * acc[mi][nj][v]);
-                    }
-        }
-        return;
-    }
-    float* part = gridDim.z > 1 ? ws + (i64)blockIdx.z * M * out : nullptr;
-#pragma unroll
-    for (int mi = 0; mi < S::MI; mi++)
-#pragma unroll
-        for (int nj = 0; nj < S::NJ; nj++)
-#pragma unroll
-            for (int v = 0; v < 4; v++) {
-                const int o = o0 + wo + 16 * mi + g + 8 * (v >> 1);
-                const int t = t0 + wt + 8 * nj + 2 * tq + (v & 1);
-                if (o >= out || t >= M) continue;
-                const float a = acc[mi][nj][v];
-                if (part) part[(i64)t * out + o] = a;
-                else if (y_f16) ((__half*)y)[(i64)t * ldy + o] = __float2half_rn(a);
-                else ((float*)y)[(i64)t * ldy + o] = a;
-            }
+    gemm_epilogue<S::MI, S::NJ, BT, GLU>(acc, smem_raw, wo, wt, o0, t0, M, y, ldy, y_f16, ws, out, act);
 }
 
 #define GEMM_FUSED(BT, MINB)                                                                       \
@@ -735,6 +747,7 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
         gemm_body<BT, true>(wg, wu, x, ldx, M, y, ldy, 1, nullptr, out, act);                      \
     }
 GEMM_FUSED(16, 2) GEMM_FUSED(32, 2) GEMM_FUSED(64, 2) GEMM_FUSED(128, 1)
+
 
 // y[t, o] = sum over z of ws[z][t, o] (z in order), as fp32 or f16: the split-K parts of gemm_bt*.
 extern "C" __global__ void __launch_bounds__(256)

@@ -7,8 +7,9 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
            gate and up of a gated MLP in one launch with the activation in the epilogue.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
-`matmul` picks gemv for M <= 8, mma up to FUSED_MAX_M tokens and the cuBLAS path above: the
-crossovers measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
+`matmul` picks gemv for M <= 8, mma up to FUSED_MAX_M tokens (glu_matmul: GLU_FUSED_MAX_M) and
+the cuBLAS path above: the crossovers measured in bench/RESULTS.md; `path=` forces one (tests,
+benchmarks).
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from q4k_engine.tensors import QTensor
 from .build import _cupy, module, sm_count as _sm_count
 
 GEMV_MAX_M = 8
-# The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M, the dequantize +
-# cuBLAS peer above (bench/RESULTS.md, "Fused GEMM": where the two cross on the 7B's shapes).
+# The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M (gated MLPs' gate/up
+# pair: GLU_FUSED_MAX_M), the dequantize + cuBLAS peer above: where the two crossed on the 7B's
+# shapes on the H200 (bench/RESULTS.md, "Fused GEMM"; the one-launch gate/up pair wins longer).
 FUSED_MAX_M = 64
+GLU_FUSED_MAX_M = 128
 # matmul.cu gemm_bt<BT>: W tile rows (BO) and tokens per tile (BT), smem of two stages of both tiles.
 FUSED_ROWS = 128
 FUSED_TILES = (16, 32, 64, 128)
@@ -242,22 +245,34 @@ def _fused_tile(m: int) -> int:
     return next((bt for bt in FUSED_TILES if m <= bt), FUSED_TILES[-1])
 
 
-def _fused_smem(bt: int) -> int:
-    """matmul.cu GemmShape<BT>::SMEM: two stages of the W tile, XS of the x tile (f16)."""
-    return (2 * FUSED_ROWS + (3 if bt <= 32 else 2) * bt) * _FUSED_LDS * 2
+@dataclass(frozen=True)
+class _FusedPlan:
+    """One fused launch: kernel names (plain, gate/up), tokens per tile, shared memory, blocks an SM."""
+
+    kernel: str
+    glu_kernel: str
+    bt: int
+    smem: int
+    per_sm: int
+
+
+def _fused_plan(dtype: GGMLType, m: int) -> _FusedPlan:
+    bt = _fused_tile(m)
+    smem = (2 * FUSED_ROWS + (3 if bt <= 32 else 2) * bt) * _FUSED_LDS * 2  # GemmShape<BT>::SMEM
+    return _FusedPlan(f"gemm_bt{bt}", f"gate_up_bt{bt}", bt, smem, 1 if bt == 128 else 2)
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_function(dtype: GGMLType, name: str, bt: int, device: int):
+def _fused_function(dtype: GGMLType, name: str, smem: int, device: int):
     kern = _function(dtype, name, device)
-    kern.max_dynamic_shared_size_bytes = _fused_smem(bt)  # above the 48 KiB default: opt in once
+    kern.max_dynamic_shared_size_bytes = smem  # above the 48 KiB default: opt in once
     return kern
 
 
-def _fused_splits(tiles: int, ktiles: int, bt: int, device: int) -> int:
-    """Splits of k for a grid of `tiles` blocks: enough blocks to fill the GPU once (2 blocks an SM
-    up to 64-token tiles, 1 at 128), at least 4 k tiles (of 128 values) a split, at most 16."""
-    slots = _sm_count(device) * (1 if bt == 128 else 2)
+def _fused_splits(tiles: int, ktiles: int, per_sm: int, device: int) -> int:
+    """Splits of k for a grid of `tiles` blocks: enough blocks to fill the GPU once (`per_sm`
+    resident an SM), at least 4 k tiles (of 128 values) a split, at most 16."""
+    slots = _sm_count(device) * per_sm
     if 2 * tiles > slots:
         return 1
     return max(1, min(slots // tiles, ktiles // 4, 16))
@@ -274,20 +289,21 @@ def _x16(x, w: GpuWeight):
 
 
 def _gemm_fused(x, w: GpuWeight, y) -> None:
-    """y (fp32 or f16 [M, rows]) = x . W^T on gemm_bt<BT> (matmul.cu), split-K when the row tiles
-    alone would leave SMs idle (fp32 parts in a workspace, summed in order by splitk_sum)."""
+    """y (fp32 or f16 [M, rows]) = x . W^T on the fused kernel _fused_plan picks (matmul.cu), split
+    over k when the row tiles alone would leave SMs idle (fp32 parts in a workspace, summed in
+    order by splitk_sum)."""
     cp = _cupy()
     dev = cp.cuda.runtime.getDevice()
     m = x.shape[0]
     x16 = _x16(x, w)
-    bt = _fused_tile(m)
-    grid = (-(-m // bt), -(-w.rows // FUSED_ROWS))
-    s = _fused_splits(grid[0] * grid[1], -(-w.kpad // 128), bt, dev)
+    plan = _fused_plan(w.dtype, m)
+    grid = (-(-m // plan.bt), -(-w.rows // FUSED_ROWS))
+    s = _fused_splits(grid[0] * grid[1], -(-w.kpad // 128), plan.per_sm, dev)
     ws = cp.empty((s, m, w.rows), dtype=cp.float32) if s > 1 else None
     f16 = np.int32(y.dtype == np.float16)
-    _fused_function(w.dtype, f"gemm_bt{bt}", bt, dev)(
+    _fused_function(w.dtype, plan.kernel, plan.smem, dev)(
         (*grid, s), (256,), (*w.kernel_args(), x16, np.int32(x16.shape[1]), np.int32(m), y, np.int32(y.shape[1]),
-                             f16, ws if ws is not None else y, np.int32(w.rows)), shared_mem=_fused_smem(bt))
+                             f16, ws if ws is not None else y, np.int32(w.rows)), shared_mem=plan.smem)
     if ws is not None:
         n = m * w.rows
         _function(w.dtype, "splitk_sum", dev)((int(min(-(-n // 256), 8 * 65535)),), (256,),
@@ -296,7 +312,7 @@ def _gemm_fused(x, w: GpuWeight, y) -> None:
 
 
 def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str):
-    """act(x . Wg^T) * (x . Wu^T) as f16 [M, rows] from one launch of gate_up_bt<BT> (same type and
+    """act(x . Wg^T) * (x . Wu^T) as f16 [M, rows] from one fused gate/up launch (same type and
     shape of gate and up): 64 gate rows and the same 64 up rows a tile, the activation in the
     epilogue; the two [M, rows] products never exist."""
     from . import ops
@@ -306,12 +322,12 @@ def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str):
     m = x.shape[0]
     x16 = _x16(x, wg)
     out = cp.empty((m, wg.rows), dtype=cp.float16)
-    bt = _fused_tile(m)
-    grid = (-(-m // bt), -(-wg.rows // (FUSED_ROWS // 2)))
-    _fused_function(wg.dtype, f"gate_up_bt{bt}", bt, dev)(
+    plan = _fused_plan(wg.dtype, m)
+    grid = (-(-m // plan.bt), -(-wg.rows // (FUSED_ROWS // 2)))
+    _fused_function(wg.dtype, plan.glu_kernel, plan.smem, dev)(
         grid, (256,), (wg.data, wu.data, *wg.kernel_args()[1:], x16, np.int32(x16.shape[1]), np.int32(m),
                        out, np.int32(wg.rows), np.int32(wg.rows), np.int32(ops.ACTS[act])),
-        shared_mem=_fused_smem(bt))
+        shared_mem=plan.smem)
     return out
 
 
@@ -443,8 +459,8 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
 PATHS = ("gemv", "mma", "cublas")
 
 
-def _default_path(m: int) -> str:
-    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
+def _default_path(m: int, fused_max: int | None = None) -> str:
+    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= (fused_max or FUSED_MAX_M) else "cublas"
 
 
 def matmul(x, w: GpuWeight, out=None, path: str | None = None):
@@ -490,7 +506,7 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
 def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = None):
     """act(x . Wg^T) * (x . Wu^T), the input of a gated MLP's down projection.
 
-    On the mma path (GEMV_MAX_M < M <= FUSED_MAX_M by default) with gate and up of one type, the
+    On the mma path (GEMV_MAX_M < M <= GLU_FUSED_MAX_M by default) with gate and up of one type, the
     result is float16 [M, rows] from one fused launch (fp32 sums and activation, one rounding).
     On the cuBLAS path (M above) it is float16 [M, rows] too: the f16 operand the down
     projection's cuBLAS path would round it to anyway, built a block of rows at a time (a 7B MLP
@@ -507,7 +523,7 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     if x.ndim != 2 or x.shape[1] != wg.cols or x.dtype != np.float32:
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
-    path = path or _default_path(x.shape[0])
+    path = path or _default_path(x.shape[0], GLU_FUSED_MAX_M)
     if path not in PATHS:
         raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mma" and x.shape[0] and wg.dtype == wu.dtype:

@@ -129,9 +129,10 @@ def test_gemm_fused_split_k(rng, dtype, m, out_dtype):
     split is checked to happen; fp32 and f16 output."""
     rows, cols = 200, 4096 + 64
     w, w_ref, x = setup(rng, dtype, rows, cols, m)
-    splits = mm._fused_splits(-(-m // mm._fused_tile(m)) * -(-rows // mm.FUSED_ROWS), -(-w.kpad // 128),
-                              mm._fused_tile(m), cp.cuda.runtime.getDevice())
-    print(f"{dtype.name} {rows}x{cols} M={m}: {splits} splits")
+    plan = mm._fused_plan(dtype, m)
+    splits = mm._fused_splits(-(-m // plan.bt) * -(-rows // mm.FUSED_ROWS), -(-w.kpad // 128), plan.per_sm,
+                              cp.cuda.runtime.getDevice())
+    print(f"{dtype.name} {rows}x{cols} M={m}: {plan.kernel}, {splits} splits")
     assert splits > 1
     out = cp.full((m, rows), np.nan, dtype=out_dtype)
     y = mm.matmul(cp.asarray(x), w, out=out, path="mma")
@@ -190,8 +191,8 @@ def act_ref(g: np.ndarray, act: str) -> np.ndarray:
     return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
 
 
-@pytest.mark.parametrize("m,path", [(1, None), (8, None), (9, "mma"), (40, "mma"), (300, "mma"),
-                                    (9, "cublas"), (300, "cublas")])
+@pytest.mark.parametrize("m,path", [(1, None), (8, None), (9, "mma"), (40, "mma"), (64, "mma"), (100, "mma"),
+                                    (300, "mma"), (9, "cublas"), (300, "cublas")])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
