@@ -436,10 +436,13 @@ extern "C" __global__ void __launch_bounds__(256)
 // Block: 256 threads = 8 warps, WO (along W's rows) x WT (along tokens); a tile is BO = 128 rows of
 // W x BT tokens, walked in k tiles of BK = 128 values. Per k tile a thread dequantizes two 32-value
 // units (rows r and r + 64 of the tile, unit j = tid % 4) and copies x with cp.async.
-// Pipeline (two shared-memory stages): iteration i waits for x tile i and syncs; starts the
-// cp.async of x tile i+1 into the other stage; runs the mma of stage i, and between its steps
-// finishes the W units of tile i+1, whose global loads were issued one iteration earlier
-// (Dec::fetch), into the other stage, then issues the loads of tile i+2.
+// Pipeline: two shared-memory stages of the f16 W tile, XS of the x tile (3 up to 32 tokens, else
+// 2). Iteration i waits for x tile i and syncs; starts the cp.async of x tile i + XS - 1; runs the
+// mma of W stage i % 2, and between its steps finishes the W units of tile i+1 (their global loads,
+// Dec::fetch, were issued two iterations earlier into a second register set) into the other stage,
+// then issues the loads of tile i+3. Q4_K is dequantized in f16x2 arithmetic (store_unit).
+// Measured (bench/RESULTS.md): the main loop alone stops near 300 TFLOP/s on an H200; the decode,
+// not the loads, costs the rest.
 // Grid: x = token tiles (neighbouring blocks share W's tile in L2), y = row tiles, z = splits of k.
 // Split-K (S = gridDim.z > 1): block z takes k tiles [z KT / S, (z+1) KT / S) and writes fp32 sums
 // to ws[z] ([M, out]); splitk_sum adds the S parts in order (deterministic) into y.

@@ -28,10 +28,11 @@ from .build import _cupy, module, sm_count as _sm_count
 GEMV_MAX_M = 8
 # The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M (gated MLPs' gate/up
 # pair: GLU_FUSED_MAX_M), the dequantize + cuBLAS peer above: where the two crossed on the 7B's
-# shapes on the H200 (bench/RESULTS.md, "Fused GEMM"; the one-launch gate/up pair wins longer).
+# shapes on an H200 (bench/RESULTS.md, "a fused quantized GEMM"; the one-launch gate/up pair wins
+# longer).
 FUSED_MAX_M = 64
 GLU_FUSED_MAX_M = 128
-# matmul.cu gemm_bt<BT>: W tile rows (BO) and tokens per tile (BT), smem of two stages of both tiles.
+# matmul.cu gemm_bt<BT>: W tile rows (BO), tokens per tile (BT), f16 values a shared-memory row (LDS).
 FUSED_ROWS = 128
 FUSED_TILES = (16, 32, 64, 128)
 _FUSED_LDS = 128 + 8
@@ -256,7 +257,7 @@ class _FusedPlan:
     per_sm: int
 
 
-def _fused_plan(dtype: GGMLType, m: int) -> _FusedPlan:
+def _fused_plan(m: int) -> _FusedPlan:
     bt = _fused_tile(m)
     smem = (2 * FUSED_ROWS + (3 if bt <= 32 else 2) * bt) * _FUSED_LDS * 2  # GemmShape<BT>::SMEM
     return _FusedPlan(f"gemm_bt{bt}", f"gate_up_bt{bt}", bt, smem, 1 if bt == 128 else 2)
@@ -289,14 +290,14 @@ def _x16(x, w: GpuWeight):
 
 
 def _gemm_fused(x, w: GpuWeight, y) -> None:
-    """y (fp32 or f16 [M, rows]) = x . W^T on the fused kernel _fused_plan picks (matmul.cu), split
+    """y (fp32 or f16 [M, rows]) = x . W^T on gemm_bt<BT> (matmul.cu, BT from _fused_plan), split
     over k when the row tiles alone would leave SMs idle (fp32 parts in a workspace, summed in
     order by splitk_sum)."""
     cp = _cupy()
     dev = cp.cuda.runtime.getDevice()
     m = x.shape[0]
     x16 = _x16(x, w)
-    plan = _fused_plan(w.dtype, m)
+    plan = _fused_plan(m)
     grid = (-(-m // plan.bt), -(-w.rows // FUSED_ROWS))
     s = _fused_splits(grid[0] * grid[1], -(-w.kpad // 128), plan.per_sm, dev)
     ws = cp.empty((s, m, w.rows), dtype=cp.float32) if s > 1 else None
@@ -322,7 +323,7 @@ def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str):
     m = x.shape[0]
     x16 = _x16(x, wg)
     out = cp.empty((m, wg.rows), dtype=cp.float16)
-    plan = _fused_plan(wg.dtype, m)
+    plan = _fused_plan(m)
     grid = (-(-m // plan.bt), -(-wg.rows // (FUSED_ROWS // 2)))
     _fused_function(wg.dtype, plan.glu_kernel, plan.smem, dev)(
         grid, (256,), (wg.data, wu.data, *wg.kernel_args()[1:], x16, np.int32(x16.shape[1]), np.int32(m),
