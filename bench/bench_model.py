@@ -290,18 +290,17 @@ def bench_model(path: str | None) -> None:
     from q4k_engine.kernels import matmul as mm
 
     shapes = ([128], [512], [512] * 4, [2048], [2048] * 8)
-    limits = (mm.FUSED_MAX_M, mm.GLU_FUSED_MAX_M)
+    limit = mm.FUSED_MAX_M
     ours, ours_cublas = {}, {}
     try:
         for _ in range(2):
             for lengths in shapes:
                 key = len(lengths), lengths[0]
-                for store, (mm.FUSED_MAX_M, mm.GLU_FUSED_MAX_M) in ((ours, limits), (ours_cublas, (mm.GEMV_MAX_M,) * 2)):
+                for store, mm.FUSED_MAX_M in ((ours, limit), (ours_cublas, mm.GEMV_MAX_M)):
                     tps = sum(lengths) / wall_ms(lambda: run(be, w, lengths)) * 1e3
                     store[key] = max(store.get(key, 0.0), tps)
     finally:
-        mm.FUSED_MAX_M, mm.GLU_FUSED_MAX_M = limits
-    fused_max = limits[0]
+        mm.FUSED_MAX_M = limit
 
     del w, be
     gc.collect()
@@ -351,8 +350,8 @@ def bench_model(path: str | None) -> None:
 
     report.append(hf_note)
     report.append(f"prefill, all-position fp16 logits (tokens/s, the better of two rounds; default dispatch: "
-                  f"fused GEMM for {mm.GEMV_MAX_M} < M <= {fused_max} (gate/up: <= {limits[1]}), dequantize + "
-                  f"cuBLAS above; 'cuBLAS path' = the latter at every M > {mm.GEMV_MAX_M}):")
+                  f"fused GEMM for {mm.GEMV_MAX_M} < M <= {limit}, dequantize + cuBLAS above; 'cuBLAS path' "
+                  f"= the latter at every M > {mm.GEMV_MAX_M}):")
     report.append(f"  {'shape':10s} {'q4k-engine':>11s} {'ms':>8s} {'cuBLAS path':>12s} {'dense fp16':>11s} {'ratio':>6s} "
                   f"{'HF bf16':>9s} {'ratio':>6s}")
     for key in ours:

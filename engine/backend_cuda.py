@@ -126,7 +126,7 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
     is uploaded (not a launch error at the first forward); and a FallbackWarning for layers whose
     gated MLP cannot take the fused f16 path. Reads the file's shapes and types, and the device's
     opt-in shared memory per block when given (the GPU's own limit)."""
-    from q4k_engine.kernels.matmul import GLU_FUSED_MAX_M, padded_cols
+    from q4k_engine.kernels.matmul import FUSED_MAX_M, padded_cols
     from q4k_engine.kernels.ops import MAX_HEAD_DIM, flash_smem_bytes
 
     c = model.config
@@ -162,7 +162,7 @@ def check_kernel_limits(model: ModelFile, smem_per_block: int | None = None, dev
         i, gate, up = mixed[0]
         warnings.warn(f"{model.path}: in {len(mixed)} of {c.n_layers} layers (first blk.{i}) ffn_gate "
                       f"({GGMLType(gate.dtype).name}) and ffn_up ({GGMLType(up.dtype).name}) differ in type: "
-                      f"up to {GLU_FUSED_MAX_M} tokens a forward their gated MLP runs as two fused GEMMs with "
+                      f"up to {FUSED_MAX_M} tokens a forward their gated MLP runs as two fused GEMMs with "
                       "float32 products and a separate activation, not as one launch (slower, more memory)",
                       FallbackWarning, stacklevel=5)
 

@@ -7,9 +7,8 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
            gate and up of a gated MLP in one launch with the activation in the epilogue.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
-`matmul` picks gemv for M <= 8, mma up to FUSED_MAX_M tokens (glu_matmul: GLU_FUSED_MAX_M) and
-the cuBLAS path above: the crossovers measured in bench/RESULTS.md; `path=` forces one (tests,
-benchmarks).
+`matmul` and `glu_matmul` pick gemv for M <= 8, mma up to FUSED_MAX_M tokens and the cuBLAS
+path above: the crossovers measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -26,12 +25,10 @@ from q4k_engine.tensors import QTensor
 from .build import _cupy, module, sm_count as _sm_count
 
 GEMV_MAX_M = 8
-# The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M (gated MLPs' gate/up
-# pair: GLU_FUSED_MAX_M), the dequantize + cuBLAS peer above: where the two crossed on the 7B's
-# shapes on an H200 (bench/RESULTS.md, "a fused quantized GEMM"; the one-launch gate/up pair wins
-# longer).
-FUSED_MAX_M = 64
-GLU_FUSED_MAX_M = 128
+# The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M, the dequantize +
+# cuBLAS peer above: where the two crossed on the 7B's shapes on an H200 (bench/RESULTS.md, "a
+# fused quantized GEMM": kernel tables, and the 7B's 1x128 forward, 1.25x faster with 128 than 64).
+FUSED_MAX_M = 128
 # matmul.cu gemm_bt<BT>: W tile rows (BO), tokens per tile (BT), f16 values a shared-memory row (LDS).
 FUSED_ROWS = 128
 FUSED_TILES = (16, 32, 64, 128)
@@ -460,8 +457,8 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
 PATHS = ("gemv", "mma", "cublas")
 
 
-def _default_path(m: int, fused_max: int | None = None) -> str:
-    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= (fused_max or FUSED_MAX_M) else "cublas"
+def _default_path(m: int) -> str:
+    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
 
 
 def matmul(x, w: GpuWeight, out=None, path: str | None = None):
@@ -507,7 +504,7 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
 def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = None):
     """act(x . Wg^T) * (x . Wu^T), the input of a gated MLP's down projection.
 
-    On the mma path (GEMV_MAX_M < M <= GLU_FUSED_MAX_M by default) with gate and up of one type, the
+    On the mma path (GEMV_MAX_M < M <= FUSED_MAX_M by default) with gate and up of one type, the
     result is float16 [M, rows] from one fused launch (fp32 sums and activation, one rounding).
     On the cuBLAS path (M above) it is float16 [M, rows] too: the f16 operand the down
     projection's cuBLAS path would round it to anyway, built a block of rows at a time (a 7B MLP
@@ -524,7 +521,7 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     if x.ndim != 2 or x.shape[1] != wg.cols or x.dtype != np.float32:
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
-    path = path or _default_path(x.shape[0], GLU_FUSED_MAX_M)
+    path = path or _default_path(x.shape[0])
     if path not in PATHS:
         raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mma" and x.shape[0] and wg.dtype == wu.dtype:
