@@ -1,0 +1,62 @@
+"""bench/fp8_drift.py (the FP8 mode's accuracy emulated on the NumPy oracle) without a GPU: its e4m3
+rounding against known values of the format, the per-row and per-block scales, and a run on the
+demo model."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("fp8_drift", REPO / "bench" / "fp8_drift.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fp8_drift", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fd = _module()
+
+
+def test_e4m3_grid():
+    # every integer 0..16 is exact (so are 4-bit quants), 17 is a tie between 16 and 18 and goes to
+    # the even mantissa, 448 is the largest finite value, 2^-9 the smallest subnormal
+    assert np.array_equal(fd.e4m3(np.arange(17.0)), np.arange(17.0))
+    got = fd.e4m3(np.array([17.0, 19.0, 1.0625, 1.07, 448.0, -448.0, 2.0 ** -9, 2.0 ** -11]))
+    assert got.tolist() == [16.0, 20.0, 1.0, 1.125, 448.0, -448.0, 2.0 ** -9, 0.0]
+
+
+def test_scaled_e4m3_rows_and_blocks():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 70)) * np.array([1e-3, 1.0, 50.0, 0.0, 7.0])[:, None]
+    for block in (None, 32):
+        q = fd.scaled_e4m3(x, block)
+        assert q.shape == x.shape
+        assert not q[3].any(), "a zero row stays zero"
+        # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for values in its normal range
+        big = np.abs(x) > np.abs(x).max(axis=1, keepdims=True) * 2.0 ** -6
+        assert (np.abs(q - x)[big] <= 2.0 ** -4 * np.abs(x)[big]).all()
+        # the largest magnitude of each scale group maps to +-448 * scale, i.e. to itself
+        groups = [slice(0, 70)] if block is None else [slice(0, 32), slice(32, 64), slice(64, 70)]
+        for g in groups:
+            i = np.abs(x[:, g]).argmax(axis=1)
+            np.testing.assert_allclose(q[:, g][np.arange(5), i], x[:, g][np.arange(5), i], rtol=1e-6)
+
+
+def test_drift_runs_on_the_demo_model():
+    from q4k_engine.synthetic import demo_model_path
+
+    lines = fd.drift(demo_model_path(), 12)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| activation")]
+    assert len(rows) == len(fd.VARIANTS)
+    for row in rows:
+        kl, top1 = (float(v) for v in row.strip("| ").split(" | ")[3:5])
+        assert 0.0 <= kl < 1.0 and 0.0 <= top1 <= 1.0, row
