@@ -4,7 +4,9 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
 - "gemv"   M <= 8: one pass over W for all M tokens, fp32 activations and accumulation.
 - "mma"    fused tensor-core GEMM: W dequantized a tile at a time into shared memory as f16 (never
            into a global scratch), x as f16, mma.sync with fp32 sums; split-K for short matrices;
-           gate and up of a gated MLP in one launch with the activation in the epilogue.
+           gate and up of a gated MLP in one launch with the activation in the epilogue. Token
+           tiles as large as the device's shared memory allows (on ~99 KiB parts such as GB10:
+           32 tokens); where none fits, the default dispatch says so and takes the cuBLAS path.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
 `matmul` and `glu_matmul` pick gemv for M <= 8, mma up to FUSED_MAX_M tokens and the cuBLAS
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from q4k_engine.dtypes import TYPE_INFO, SUPPORTED, GGMLType, row_bytes
-from q4k_engine.errors import InputError, UnsupportedError
+from q4k_engine.errors import FallbackWarning, InputError, UnsupportedError
 from q4k_engine.tensors import QTensor
 
 from .build import _cupy, module, sm_count as _sm_count
@@ -254,10 +257,38 @@ class _FusedPlan:
     per_sm: int
 
 
-def _fused_plan(m: int) -> _FusedPlan:
-    bt = _fused_tile(m)
-    smem = (2 * FUSED_ROWS + (3 if bt <= 32 else 2) * bt) * _FUSED_LDS * 2  # GemmShape<BT>::SMEM
-    return _FusedPlan(f"gemm_bt{bt}", f"gate_up_bt{bt}", bt, smem, 1 if bt == 128 else 2)
+@functools.lru_cache(maxsize=1024)  # called per matmul: a few hundred a forward at small M
+def _fused_plan(m: int, smem_limit: int | None = None) -> _FusedPlan | None:
+    """The launch for M tokens: the token tile that holds them (else 128), or the largest smaller
+    one whose shared memory fits `smem_limit` (a device's opt-in limit per block: 227 KiB on
+    H100/H200, 163 KiB on A100, about 99 KiB on consumer Blackwell and GB10, where tiles of 64 and
+    128 tokens do not fit and M is covered by several 32-token tiles); None when none fits."""
+    for bt in reversed([t for t in FUSED_TILES if t <= _fused_tile(m)]):
+        smem = (2 * FUSED_ROWS + (3 if bt <= 32 else 2) * bt) * _FUSED_LDS * 2  # GemmShape<BT>::SMEM
+        if smem_limit is None or smem <= smem_limit:
+            return _FusedPlan(f"gemm_bt{bt}", f"gate_up_bt{bt}", bt, smem, 1 if bt == 128 else 2)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _no_fused_tile(device: int) -> None:
+    """Say once per device that the fused GEMM's smallest tile does not fit its shared memory."""
+    warnings.warn(f"GPU {device}: {smem_optin(device)} bytes of shared memory per block hold no tile of the "
+                  "fused quantized GEMM: matmuls of more than 8 tokens run as dequantize + cuBLAS",
+                  FallbackWarning, stacklevel=4)
+
+
+def _mma_plan(m: int, forced: bool) -> _FusedPlan | None:
+    """The fused launch for M tokens on the current device; None (after saying why, once) when its
+    shared memory holds no tile and the path was the default's choice, an error when it was forced."""
+    dev = _cupy().cuda.runtime.getDevice()
+    plan = _fused_plan(m, smem_optin(dev))
+    if plan is None:
+        if forced:
+            raise UnsupportedError(f"GPU {dev}: {smem_optin(dev)} bytes of shared memory per block hold no tile "
+                                   "of the fused quantized GEMM (path 'mma')")
+        _no_fused_tile(dev)
+    return plan
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,15 +317,14 @@ def _x16(x, w: GpuWeight):
     return x16
 
 
-def _gemm_fused(x, w: GpuWeight, y) -> None:
-    """y (fp32 or f16 [M, rows]) = x . W^T on gemm_bt<BT> (matmul.cu, BT from _fused_plan), split
+def _gemm_fused(x, w: GpuWeight, y, plan: _FusedPlan) -> None:
+    """y (fp32 or f16 [M, rows]) = x . W^T on gemm_bt<BT> (matmul.cu, BT from the plan), split
     over k when the row tiles alone would leave SMs idle (fp32 parts in a workspace, summed in
     order by splitk_sum)."""
     cp = _cupy()
     dev = cp.cuda.runtime.getDevice()
     m = x.shape[0]
     x16 = _x16(x, w)
-    plan = _fused_plan(m)
     grid = (-(-m // plan.bt), -(-w.rows // FUSED_ROWS))
     s = _fused_splits(grid[0] * grid[1], -(-w.kpad // 128), plan.per_sm, dev)
     ws = cp.empty((s, m, w.rows), dtype=cp.float32) if s > 1 else None
@@ -309,7 +339,7 @@ def _gemm_fused(x, w: GpuWeight, y) -> None:
                                               np.int32(y.shape[1]), f16))
 
 
-def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str):
+def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str, plan: _FusedPlan):
     """act(x . Wg^T) * (x . Wu^T) as f16 [M, rows] from one fused gate/up launch (same type and
     shape of gate and up): 64 gate rows and the same 64 up rows a tile, the activation in the
     epilogue; the two [M, rows] products never exist."""
@@ -320,7 +350,6 @@ def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str):
     m = x.shape[0]
     x16 = _x16(x, wg)
     out = cp.empty((m, wg.rows), dtype=cp.float16)
-    plan = _fused_plan(m)
     grid = (-(-m // plan.bt), -(-wg.rows // (FUSED_ROWS // 2)))
     _fused_function(wg.dtype, plan.glu_kernel, plan.smem, dev)(
         grid, (256,), (wg.data, wu.data, *wg.kernel_args()[1:], x16, np.int32(x16.shape[1]), np.int32(m),
@@ -464,8 +493,8 @@ def _default_path(m: int) -> str:
 def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     """y[M, out] = x[M, in] . W^T.
 
-    x is float32, or float16 (what glu_matmul hands the down projection: the cuBLAS path takes it
-    as its operand, the others widen it). `out` (C-contiguous [M, out], float32 or float16) is
+    x is float32, or float16 (what glu_matmul hands the down projection: the fused and cuBLAS
+    paths take it as their operand, the GEMV widens it). `out` (C-contiguous [M, out], float32 or float16) is
     written if given; else a float32 one is made. Sums are fp32 whatever the output type.
     """
     cp = _cupy()
@@ -481,15 +510,16 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
         raise InputError(f"matmul: out must be C-contiguous float32/float16 {(m, w.rows)}, got {out.dtype} {out.shape}")
     if m == 0:
         return out
-    if path is None:
-        path = _default_path(m)
+    forced = path is not None
+    path = path or _default_path(m)
     if path not in PATHS:
         raise InputError(f"matmul: unknown path {path!r}; one of {PATHS}")
-    if path == "cublas":
+    plan = _mma_plan(m, forced) if path == "mma" else None
+    if path == "cublas" or (path == "mma" and plan is None):
         _gemm_cublas(x, w, out)
         return out
     if path == "mma":
-        _gemm_fused(x, w, out)
+        _gemm_fused(x, w, out, plan)
         return out
     # gemv reads fp32 x and writes fp32 y.
     y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
@@ -521,11 +551,16 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     if x.ndim != 2 or x.shape[1] != wg.cols or x.dtype != np.float32:
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
+    forced = path is not None
     path = path or _default_path(x.shape[0])
     if path not in PATHS:
         raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
-    if path == "mma" and x.shape[0] and wg.dtype == wu.dtype:
-        return _glu_fused(x, wg, wu, act)
+    if path == "mma" and x.shape[0]:
+        plan = _mma_plan(x.shape[0], forced)
+        if plan is None:
+            path = "cublas"
+        elif wg.dtype == wu.dtype:
+            return _glu_fused(x, wg, wu, act, plan)
     if path == "cublas" and x.shape[0] and wg.kpad == wu.kpad:
         return _glu_cublas(x, wg, wu, act)
     gate = matmul(x, wg, path=path)

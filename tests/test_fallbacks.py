@@ -210,3 +210,36 @@ def test_probe_names_why_no_device_is_usable(monkeypatch, count, reason):
     finally:
         gpu.probe.cache_clear()
     assert not p.usable and p.reason.startswith(reason)
+
+
+def test_fused_gemm_tile_fits_the_device_shared_memory(monkeypatch):
+    """The fused GEMM's token tile is chosen within the device's shared memory per block (H200 227 KiB,
+    A100 163 KiB, GB10 about 99 KiB: 32-token tiles there); with no tile that fits, the default
+    dispatch says so once and takes the cuBLAS path, and a forced path="mma" is an error."""
+    from q4k_engine.kernels import matmul as mm
+
+    assert mm._fused_plan(100).bt == 128
+    assert mm._fused_plan(100, 227 << 10).bt == mm._fused_plan(100, 163 << 10).bt == 128
+    assert mm._fused_plan(100, 101376).bt == 32 and mm._fused_plan(10, 101376).bt == 16
+    plan = mm._fused_plan(100, 101376)
+    assert plan.smem <= 101376 and plan.kernel == "gemm_bt32" and plan.glu_kernel == "gate_up_bt32"
+    assert mm._fused_plan(100, 64 << 10) is None
+
+    class FakeRuntime:
+        @staticmethod
+        def getDevice():
+            return 7
+
+    class FakeCupy:
+        class cuda:
+            runtime = FakeRuntime
+
+    monkeypatch.setattr(mm, "_cupy", lambda: FakeCupy)
+    monkeypatch.setattr(mm, "smem_optin", lambda device: 64 << 10)
+    mm._no_fused_tile.cache_clear()
+    with pytest.warns(FallbackWarning, match=r"GPU 7: 65536 bytes of shared memory per block hold no tile of the "
+                                             r"fused quantized GEMM: matmuls of more than 8 tokens run as dequantize"):
+        assert mm._mma_plan(100, forced=False) is None
+    with pytest.raises(UnsupportedError, match="hold no tile of the fused quantized GEMM"):
+        mm._mma_plan(100, forced=True)
+    mm._no_fused_tile.cache_clear()

@@ -129,7 +129,7 @@ def test_gemm_fused_split_k(rng, dtype, m, out_dtype):
     split is checked to happen; fp32 and f16 output."""
     rows, cols = 200, 4096 + 64
     w, w_ref, x = setup(rng, dtype, rows, cols, m)
-    plan = mm._fused_plan(m)
+    plan = mm._fused_plan(m, mm.smem_optin(cp.cuda.runtime.getDevice()))
     splits = mm._fused_splits(-(-m // plan.bt) * -(-rows // mm.FUSED_ROWS), -(-w.kpad // 128), plan.per_sm,
                               cp.cuda.runtime.getDevice())
     print(f"{dtype.name} {rows}x{cols} M={m}: {plan.kernel}, {splits} splits")
