@@ -34,8 +34,7 @@ def test_e4m3_grid():
     assert got.tolist() == [16.0, 20.0, 1.0, 1.125, 448.0, -448.0, 2.0 ** -9, 0.0]
 
 
-def test_scaled_e4m3_rows_and_blocks():
-    rng = np.random.default_rng(0)
+def test_scaled_e4m3_rows_and_blocks(rng):
     x = rng.standard_normal((5, 70)) * np.array([1e-3, 1.0, 50.0, 0.0, 7.0])[:, None]
     for block in (None, 32):
         q = fd.scaled_e4m3(x, block)
