@@ -4,7 +4,7 @@ An FP8 tensor-core GEMM (mma.sync m16n8k32 e4m3, or wgmma) multiplies float8 e4m
 sums. This emulates its roundings on the oracle's forward, every other step unchanged:
 - activations: every matmul's input rounded to e4m3, with one scale per row (amax / 448: the issue's
   "per-row scales") or one per 32 values of a row (a scale per k32 mma step, applied to the fp32
-  partial sums with the weight's block scale);
+  partial sums with the weight's block scale), or per 16 (finer than one mma step: two half-steps);
 - weights: exact, or rounded to e4m3 with one scale per 32-value block of a row. Exact is what the
   kernel gets for 4-bit quants (Q4_K, Q4_0, Q4_1: the integer quants 0..15 are exact in e4m3, the
   block scales and mins applied in fp32 per k32 step); rounded, what types whose quants do not fit
@@ -117,7 +117,7 @@ def drift(path: Path, n_tokens: int) -> list[str]:
 
 # (activation scale block (None: a row), weights rounded too, LM head kept at f16)
 VARIANTS = [(None, False, False), (None, False, True), (None, True, True),
-            (32, False, False), (32, False, True), (32, True, True)]
+            (32, False, False), (32, False, True), (32, True, True), (16, False, True)]
 
 
 def main() -> None:
