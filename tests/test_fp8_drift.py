@@ -3,27 +3,13 @@ rounding against known values of the format, the per-row and per-block scales, a
 demo model."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench_scripts import bench_module
 
 pytest.importorskip("torch")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("fp8_drift", REPO / "bench" / "fp8_drift.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fp8_drift", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fd = _module()
+fd = bench_module("fp8_drift")
 
 
 def test_e4m3_grid():

@@ -3,30 +3,20 @@ output of the vendored llama.cpp), finding the CUDA libraries it links against, 
 building the binary, and the tables."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import bench_module
 
 from q4k_engine.errors import DeviceError, InputError
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parent / "llama_bench_sample.json"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("llama_bench", REPO / "bench" / "llama_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llama_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-lb = _module()
+lb = bench_module("llama_bench")
 
 
 def test_parse_recorded_output():
