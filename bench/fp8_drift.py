@@ -64,20 +64,19 @@ def scaled_e4m3(x: np.ndarray, axis_block: int | None = None) -> np.ndarray:
 def fp8_backend(act_block: int | None, weights_too: bool, head_f16: bool):
     """A NumpyBackend whose matmuls see the FP8 roundings (module docstring): activation scales per
     row (act_block None) or per act_block values of a row."""
-    from q4k_engine.backend_cpu import NumpyBackend
+    from q4k_engine.backend_cpu import TILE_VALUES, NumpyBackend
     from q4k_engine.quants import dequantize_rows
 
     class Fp8Emulation(NumpyBackend):
         def matmul(self, x, w):
             xq = scaled_e4m3(x, act_block)
+            if not weights_too:  # the oracle's own matmul (float64 sums) of the rounded input
+                return NumpyBackend.matmul(self, xq, w)
             out = np.empty((xq.shape[0], w.rows), np.float32)
-            step = max(1, (1 << 24) // max(1, w.cols))
+            step = max(1, TILE_VALUES // max(1, w.cols))  # the oracle's row chunks
             for s in range(0, w.rows, step):
                 e = min(w.rows, s + step)
-                wd = dequantize_rows(w, s, e).astype(np.float64)
-                if weights_too:
-                    wd = scaled_e4m3(wd, 32)
-                out[:, s:e] = xq @ wd.T
+                out[:, s:e] = xq @ scaled_e4m3(dequantize_rows(w, s, e), 32).T
             return out
 
         def lm_head(self, x, w, dtype=np.float32):

@@ -18,8 +18,7 @@ from q4k_engine.distill.compare import compare_signals, compare_teachers
 from q4k_engine.distill.reader import open_signals
 from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
 from q4k_engine.errors import InputError
-from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS
-from q4k_engine.provider import load
+from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS, load
 
 
 @click.command()
