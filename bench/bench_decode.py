@@ -38,13 +38,19 @@ def breakdown(teacher, b: int, ctx: int) -> tuple[float, float, int]:
     rng = cp.random.default_rng(0)
     mats = [m for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.gate, lw.up, lw.down)] + [w.output]
     xs = {m.cols: rng.standard_normal((b, m.cols), dtype=cp.float32) for m in mats}
+    x = xs[cfg.hidden]
     q = rng.standard_normal((b, cfg.n_heads, cfg.head_dim), dtype=cp.float32)
     k = rng.standard_normal((b * ctx, cfg.n_kv_heads, cfg.head_dim), dtype=cp.float32)
     layout = ops.SeqLayout.build(np.arange(b), np.ones(b), np.full(b, ctx - 1), np.arange(b) * ctx, np.full(b, ctx))
 
-    def gemvs() -> None:
-        for m in mats:
-            be.matmul(xs[m.cols], m)
+    def gemvs() -> None:  # the weight products of a step, as the forward calls them
+        for lw in w.layers:
+            for m in (lw.wq, lw.wk, lw.wv):
+                be.matmul(x, m)
+            be.matmul(x, lw.wo)
+            be.glu_matmul(x, lw.gate, lw.up, cfg.act)
+            be.matmul(xs[lw.down.cols], lw.down)
+        be.matmul(x, w.output)
 
     def attention() -> None:
         for i in range(cfg.n_layers):

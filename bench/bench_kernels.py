@@ -8,7 +8,7 @@ bandwidth). GEMM (M = 16 .. 2048): TFLOP/s over dense fp16 cuBLAS (`cupy.matmul`
 shape, plain calls from Python; the gated MLP's gate/up pair the same way. Times: CUDA events after warm-up, medians. Weights (and scratches)
 are rotated over enough copies to exceed the L2 cache, so GEMV and dequantize times are DRAM times.
 
-    python bench/bench_kernels.py [--quick] [--parts dequant,gemm,gemv] [--out RESULTS_PART.md]
+    python bench/bench_kernels.py [--quick] [--parts dequant,gemm,gemv,small] [--out RESULTS_PART.md]
 """
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584
           (4096, 4096), (14336, 4096), (4096, 14336)]
 GEMV_M = (1, 8)
 GEMM_M = (16, 64, 128, 256, 512, 1024, 2048)
-PARTS = ("dequant", "gemm", "gemv")  # in the order they run
+# Decode's M: which path each of 1..8 tokens should take, on the 7B's matrices of one step (the
+# gate/up pair apart, in bench_small).
+SMALL_M = (1, 2, 3, 4, 6, 8)
+SMALL_SHAPES = [(512, 3584), (3584, 3584), (3584, 18944), (152064, 3584)]
+PARTS = ("dequant", "gemm", "gemv", "small")  # in the order they run
 
 
 def time_ms(fn, min_sample_ms: float = 2.0, samples: int = 15) -> float:
@@ -210,6 +214,45 @@ def bench_glu(dtypes, shapes, ms) -> list[dict]:
     return rows_out
 
 
+def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
+    """M = 1..8 on the GEMV ("gemv") and the fused GEMM ("mma", a 16-token tile), graph-replayed
+    (decode replays its steps from a CUDA graph), weights rotated past the L2 cache; the gate/up
+    pair 2x18944x3584 as glu_matmul (gemv: gemv1_glu at M = 1, else two GEMVs and a glu; mma: one
+    fused launch). frac = quantized weight bytes / time / copy bandwidth."""
+    import cupy as cp
+
+    from q4k_engine.kernels.matmul import glu_matmul, matmul
+
+    rows_out = []
+    for dt in dtypes:
+        for out_f, in_f in SMALL_SHAPES + [(18944, 3584)]:
+            glu = (out_f, in_f) == (18944, 3584)
+            n = max(1, -(-3 * l2_bytes // random_qweight(dt, out_f, in_f).data.nbytes))
+            copies = [tuple(random_qweight(dt, out_f, in_f) for _ in range(2 if glu else 1)) for _ in range(n)]
+            wbytes = sum(w.data.nbytes for w in copies[0])
+            for m in SMALL_M:
+                x = cp.random.standard_normal((m, in_f), dtype=cp.float32) * 0.01
+                y = cp.empty((m, out_f), cp.float32)
+                res = {"type": dt.name, "shape": f"{'2x' if glu else ''}{out_f}x{in_f}", "M": m}
+                for path in ("gemv", "mma"):
+                    state = {"i": 0}
+
+                    def call():
+                        ws = copies[state["i"] % len(copies)]
+                        state["i"] += 1
+                        if glu:
+                            glu_matmul(x, ws[0], ws[1], "silu", path=path)
+                        else:
+                            matmul(x, ws[0], out=y, path=path)
+
+                    t = graph_time_ms(call, calls=max(20, len(copies)))
+                    res[f"{path}_us"] = t * 1e3
+                    res[f"{path}_frac"] = wbytes / (t * 1e-3) / copy_bw
+                res["mma_over_gemv"] = res["gemv_us"] / res["mma_us"]
+                rows_out.append(res)
+    return rows_out
+
+
 def fmt_table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -268,6 +311,11 @@ def main() -> None:
         emit("GEMV (frac = effective bandwidth / copy bandwidth; us = graph-replayed kernel time)",
              fmt_table(gemv, ["type", "shape", "weight_MB", "m1_us", "m1_frac", "m8_us", "m8_frac", "m8_over_m1",
                               "m1_host_us"]))
+    if "small" in parts:
+        small = bench_small(types, bw, l2)
+        emit("Decode's M: GEMV vs the fused GEMM's 16-token tile (graph-replayed us; frac = weight bytes / time / "
+             "copy bandwidth; mma_over_gemv > 1: the fused GEMM is faster)",
+             fmt_table(small, ["type", "shape", "M", "gemv_us", "gemv_frac", "mma_us", "mma_frac", "mma_over_gemv"]))
 
 
 if __name__ == "__main__":

@@ -156,26 +156,31 @@ struct G1Buf {  // one step's weight bytes of R rows for one lane
     uint2 sc[R];
     u16 d[R];
 #endif
-    __device__ __forceinline__ void load(const WDesc& w, int rb, int out, int sb, int e) {
+    // Rows rb + r of w (r < R); with GLU (R = 2) row rb of w (r = 0, gate) and of the same-shaped
+    // tensor at up (r = 1).
+    template <bool GLU>
+    __device__ __forceinline__ void load(const WDesc& w, const u8* up, int rb, int out, int sb, int e) {
         if (sb >= w.nb) return;
 #pragma unroll
         for (int r = 0; r < R; r++) {
+            const u8* base = GLU && r ? up : w.base;
+            const int row = min(GLU ? rb : rb + r, out - 1);
 #if QTYPE == T_Q4_K
-            const u8* blk = w.base + (i64)min(rb + r, out - 1) * w.row_bytes + (i64)sb * 144;
+            const u8* blk = base + (i64)row * w.row_bytes + (i64)sb * 144;
             hd[r] = __ldg((const uint4*)blk);
             q[r][0] = __ldg((const uint4*)(blk + 16 + 32 * e));
             q[r][1] = __ldg((const uint4*)(blk + 32 + 32 * e));
             q[r][2] = __ldg((const uint4*)(blk + 80 + 32 * e));
             q[r][3] = __ldg((const uint4*)(blk + 96 + 32 * e));
 #else  // planes ql[nblk][128] | qh[nblk][64] | scales[nblk][16] | d[nblk]
-            const i64 b = (i64)min(rb + r, out - 1) * w.nb + sb;
+            const i64 b = (i64)row * w.nb + sb;
 #pragma unroll
-            for (int k = 0; k < 4; k++) ql[r][k] = __ldg((const uint4*)(w.base + b * 128 + 64 * e + 16 * k));
+            for (int k = 0; k < 4; k++) ql[r][k] = __ldg((const uint4*)(base + b * 128 + 64 * e + 16 * k));
 #pragma unroll
             for (int k = 0; k < 2; k++)
-                qh[r][k] = __ldg((const uint4*)(w.base + w.nblk * 128 + b * 64 + 32 * e + 16 * k));
-            sc[r] = __ldg((const uint2*)(w.base + w.nblk * 192 + b * 16 + 8 * e));
-            d[r] = __ldg((const u16*)(w.base + w.nblk * 208 + b * 2));
+                qh[r][k] = __ldg((const uint4*)(base + w.nblk * 128 + b * 64 + 32 * e + 16 * k));
+            sc[r] = __ldg((const uint2*)(base + w.nblk * 192 + b * 16 + 8 * e));
+            d[r] = __ldg((const u16*)(base + w.nblk * 208 + b * 2));
 #endif
         }
     }
@@ -288,9 +293,13 @@ __device__ __forceinline__ void g1_step(const G1Buf<R>& B, const float4* __restr
 #endif
 }
 
-template <int R, bool PF>
-__device__ __forceinline__ void gemv1_body(WDesc w, const float* __restrict__ x, float* __restrict__ y,
-                                           int out, int T) {
+// GLU: R = 2, a lane's two rows are row rb of gate (w) and of up (same shape and type), and y gets
+// act(gate . x) * (up . x): a gated MLP's gate/up pair and its activation in one launch.
+template <int R, bool PF, bool GLU>
+__device__ __forceinline__ void gemv1_body(WDesc w, const u8* __restrict__ up, int act, const float* __restrict__ x,
+                                           float* __restrict__ y, int out, int T) {
+    static_assert(!GLU || R == 2, "GLU pairs one gate row with one up row");
+    constexpr int TR = GLU ? 2 : 2 * R;  // rows of y a warp tile covers
     extern __shared__ float4 sx[];
     const int nb = w.nb, n4 = nb * 64;
     float* sX = (float*)(sx + n4);  // sum of each scale group of x (Q4_K: 32 values, Q6_K: 16)
@@ -301,7 +310,8 @@ __device__ __forceinline__ void gemv1_body(WDesc w, const float* __restrict__ x,
     int tile = (blockIdx.x * G1_WARPS + warp) * T, step = 0;
     const int tile_end = tile + T;
     G1Buf<R> cur, nxt;
-    cur.load(w, tile * 2 * R + rs * R, out, s, e);  // in flight while x is staged
+    const int RS = GLU ? 1 : R;  // rows of y a lane's row slot covers
+    cur.template load<GLU>(w, up, tile * TR + rs * RS, out, s, e);  // in flight while x is staged
 
     for (int i = tid; i < n4; i += blockDim.x) {  // n4 is a multiple of 64: whole warps iterate
         float4 a = __ldg((const float4*)x + i);
@@ -322,11 +332,11 @@ __device__ __forceinline__ void gemv1_body(WDesc w, const float* __restrict__ x,
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
-    while (tile < tile_end && tile * 2 * R < out) {  // warp-uniform
-        const int rb = tile * 2 * R + rs * R, sb = 8 * step + s;
+    while (tile < tile_end && tile * TR < out) {  // warp-uniform
+        const int rb = tile * TR + rs * RS, sb = 8 * step + s;
         const bool last = step == S - 1;
         const int ntile = last ? tile + 1 : tile, nstep = last ? 0 : step + 1;
-        if (PF && ntile < tile_end) nxt.load(w, ntile * 2 * R + rs * R, out, 8 * nstep + s, e);
+        if (PF && ntile < tile_end) nxt.template load<GLU>(w, up, ntile * TR + rs * RS, out, 8 * nstep + s, e);
         if (sb < nb) g1_step<R>(cur, sx, sX, sb, e, v, acc);
         if (last) {
 #pragma unroll
@@ -336,14 +346,24 @@ __device__ __forceinline__ void gemv1_body(WDesc w, const float* __restrict__ x,
                 a += __shfl_xor_sync(0xFFFFFFFFu, a, 2);
                 a += __shfl_xor_sync(0xFFFFFFFFu, a, 4);
                 a += __shfl_xor_sync(0xFFFFFFFFu, a, 8);
-                if ((lane & 15) == 0 && rb + r < out) y[rb + r] = a;
-                acc[r] = 0.0f;
+                acc[r] = a;
             }
+            if ((lane & 15) == 0) {
+                if (GLU) {
+                    if (rb < out) y[rb] = glu_act(acc[0], act) * acc[1];
+                } else {
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        if (rb + r < out) y[rb + r] = acc[r];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] = 0.0f;
         }
         tile = ntile;
         step = nstep;
         if (PF) cur = nxt;
-        else if (tile < tile_end) cur.load(w, tile * 2 * R + rs * R, out, 8 * step + s, e);
+        else if (tile < tile_end) cur.template load<GLU>(w, up, tile * TR + rs * RS, out, 8 * step + s, e);
     }
 }
 
@@ -352,9 +372,17 @@ __device__ __forceinline__ void gemv1_body(WDesc w, const float* __restrict__ x,
     extern "C" __global__ void __launch_bounds__(G1_WARPS * 32, 2)                                \
         gemv1_r##R(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const float* x,     \
                    float* y, int out, int T) {                                                    \
-        gemv1_body<R, PF>(WDesc{base, row_bytes, nblk, nb, cols}, x, y, out, T);                  \
+        gemv1_body<R, PF, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, 0, x, y, out, T); \
     }
 GEMV1(1, true) GEMV1(2, false)
+
+// Gate (base) and up (up, same shape and type) of a gated MLP at M = 1: y = act(x . gate^T) * (x . up^T),
+// fp32, one launch (the two products and the glu pass of three launches never exist).
+extern "C" __global__ void __launch_bounds__(G1_WARPS * 32, 2)
+    gemv1_glu(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const u8* up, const float* x, float* y,
+              int out, int T, int act) {
+    gemv1_body<2, false, true>(WDesc{base, row_bytes, nblk, nb, cols}, up, act, x, y, out, T);
+}
 #endif
 
 __device__ __forceinline__ void store4_f16(__half* p, float4 v) {

@@ -1,7 +1,8 @@
 """Quantized matmul on the GPU: y[M, out] = x[M, in] . W^T with W kept in its GGML blocks.
 
 Paths (kernels/matmul.cu, one compiled module per GGML type):
-- "gemv"   M <= 8: one pass over W for all M tokens, fp32 activations and accumulation.
+- "gemv"   M <= 8: one pass over W for all M tokens, fp32 activations and accumulation; at M = 1
+           the k-quants' gate/up pair and its activation in one launch (gemv1_glu).
 - "mma"    fused tensor-core GEMM: W dequantized a tile at a time into shared memory as f16 (never
            into a global scratch), x as f16, mma.sync with fp32 sums; split-K for short matrices;
            gate and up of a gated MLP in one launch with the activation in the epilogue. Token
@@ -9,7 +10,7 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
            32 tokens); where none fits, the default dispatch says so and takes the cuBLAS path.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
-`matmul` and `glu_matmul` pick gemv for M <= 8, mma up to FUSED_MAX_M tokens and the cuBLAS
+`matmul` and `glu_matmul` pick gemv for M <= 2, mma up to FUSED_MAX_M tokens and the cuBLAS
 path above: the crossovers measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
 """
 from __future__ import annotations
@@ -27,7 +28,13 @@ from q4k_engine.tensors import QTensor
 
 from .build import _cupy, module, sm_count as _sm_count
 
-GEMV_MAX_M = 8
+# The GEMV is the default up to GEMV_MAX_M tokens, the fused GEMM's 16-token tile above: on the 7B's
+# matrices of one decode step (H200, bench/RESULTS.md "decode's M") the GEMV, whose fp32 FMAs grow
+# with M, wins at M <= 2 and loses from 3 on (its per-step sum at M = 3: 187 vs 162 us a layer;
+# batch-8 decode 1.7x faster on the GEMM).
+GEMV_MAX_M = 2
+# gemv_m<M> exists for M = 1..8: a forced "gemv" path walks larger M in chunks of this many tokens.
+_GEMV_TOKENS = 8
 # The fused GEMM (path "mma") is the default for GEMV_MAX_M < M <= FUSED_MAX_M, the dequantize +
 # cuBLAS peer above: where the two crossed on the 7B's shapes on an H200 (bench/RESULTS.md, "a
 # fused quantized GEMM": kernel tables, and the 7B's 1x128 forward, 1.25x faster with 128 than 64).
@@ -201,12 +208,15 @@ def _gemv1_config(rows: int, device: int) -> tuple[int, int, int]:
     a wave with them (each x value serves both; 18944 rows: +10%, 3584 rows: -8%); two tiles per
     warp when that brings 1-2 waves down to one (14336 rows: +10%; 18944 rows, 2.2 waves: -10%);
     waves/4 tiles per warp from 8 waves on (x staged once per block for more rows; LM head +17%)."""
-    sms = _sm_count(device)
-    r = 2 if rows >= 2 * 2 * _GEMV1_WARPS * 2 * sms else 1
-    tiles = -(-rows // (2 * r))
-    waves = tiles / (_GEMV1_WARPS * 2 * sms)
+    r = 2 if rows >= 2 * 2 * _GEMV1_WARPS * 2 * _sm_count(device) else 1
+    return (r, *_gemv1_tiling(-(-rows // (2 * r)), device))
+
+
+def _gemv1_tiling(tiles: int, device: int) -> tuple[int, int]:
+    """(T, grid) for `tiles` warp tiles: T tiles per warp, grid blocks of 8 warps (_gemv1_config)."""
+    waves = tiles / (_GEMV1_WARPS * 2 * _sm_count(device))
     t = 2 if 1 < waves <= 2 else max(1, int(waves) // 4)
-    return r, t, -(-tiles // (_GEMV1_WARPS * t))
+    return t, -(-tiles // (_GEMV1_WARPS * t))
 
 
 def _use_gemv1(w: GpuWeight, device: int) -> bool:
@@ -218,14 +228,45 @@ def _use_gemv1(w: GpuWeight, device: int) -> bool:
     return w.dtype == GGMLType.Q4_K or w.kpad <= 4096 or _gemv1_config(w.rows, device)[0] == 2
 
 
+def _gemv1_kernel(w: GpuWeight, name: str, dev: int):
+    """(kernel, dynamic shared memory) of a gemv1 kernel for W, opted in above the 48 KiB default
+    when x's row is long."""
+    kern = _function(w.dtype, name, dev)
+    smem = _gemv1_smem(w)
+    if smem > 48 << 10 and kern.max_dynamic_shared_size_bytes < smem:
+        kern.max_dynamic_shared_size_bytes = smem
+    return kern, smem
+
+
 def _gemv1(xp, w: GpuWeight, y, dev: int) -> None:
     """M = 1 on the k-quant kernel gemv1_r<R> (row 0 of xp [.., kpad] fp32 into row 0 of y [.., rows] fp32)."""
     r, t, grid = _gemv1_config(w.rows, dev)
-    kern = _function(w.dtype, f"gemv1_r{r}", dev)
-    smem = _gemv1_smem(w)
-    if smem > 48 << 10 and kern.max_dynamic_shared_size_bytes < smem:
-        kern.max_dynamic_shared_size_bytes = smem  # opt-in above the 48 KiB default (long rows)
+    kern, smem = _gemv1_kernel(w, f"gemv1_r{r}", dev)
     kern((grid,), (32 * _GEMV1_WARPS,), (*w.kernel_args(), xp, y, np.int32(w.rows), np.int32(t)), shared_mem=smem)
+
+
+def _glu_gemv1(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
+    """M = 1: act(x . Wg^T) * (x . Wu^T) as fp32 [1, rows] from gemv1_glu, one launch: a lane
+    holds row r of gate and row r of up (as gemv1_r2 holds two rows of one matrix), so a warp tile
+    is 2 rows of the output and the grid is planned as gemv1_r2's over 2 * rows rows."""
+    from . import ops
+
+    cp = _cupy()
+    dev = cp.cuda.runtime.getDevice()
+    xp = _padded_x(x, wg)
+    y = cp.empty((1, wg.rows), dtype=cp.float32) if out is None else out
+    t, grid = _gemv1_tiling(-(-wg.rows // 2), dev)
+    kern, smem = _gemv1_kernel(wg, "gemv1_glu", dev)
+    kern((grid,), (32 * _GEMV1_WARPS,), (*wg.kernel_args(), wu.data, xp, y, np.int32(wg.rows), np.int32(t),
+                                         np.int32(ops.ACTS[act])), shared_mem=smem)
+    return y
+
+
+def _glu_gemv1_fits(x, wg: GpuWeight, wu: GpuWeight) -> bool:
+    """gemv1_glu takes one token, gate and up of one k-quant type whose x fits its shared memory."""
+    dev = _cupy().cuda.runtime.getDevice()
+    return (x.shape[0] == 1 and wg.dtype == wu.dtype and wg.dtype in _GEMV1_TYPES
+            and _gemv1_smem(wg) <= min(_GEMV1_MAX_SMEM, smem_optin(dev)))
 
 
 def _gemv(xp, w: GpuWeight, y, m0: int, m: int) -> None:
@@ -524,8 +565,8 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     # gemv reads fp32 x and writes fp32 y.
     y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
     xp = _padded_x(x.astype(cp.float32, copy=False), w)
-    for m0 in range(0, m, GEMV_MAX_M):
-        _gemv(xp, w, y, m0, min(GEMV_MAX_M, m - m0))
+    for m0 in range(0, m, _GEMV_TOKENS):
+        _gemv(xp, w, y, m0, min(_GEMV_TOKENS, m - m0))
     if y is not out:
         out[...] = y
     return out
@@ -563,6 +604,8 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
             return _glu_fused(x, wg, wu, act, plan)
     if path == "cublas" and x.shape[0] and wg.kpad == wu.kpad:
         return _glu_cublas(x, wg, wu, act)
+    if path == "gemv" and _glu_gemv1_fits(x, wg, wu):
+        return _glu_gemv1(x, wg, wu, act)
     gate = matmul(x, wg, path=path)
     return ops.glu(gate, matmul(x, wu, path=path), act, out=gate)
 

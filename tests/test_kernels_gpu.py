@@ -196,24 +196,32 @@ def act_ref(g: np.ndarray, act: str) -> np.ndarray:
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
-    """act(x Wg^T) * (x Wu^T): fp32 at M <= 8; f16 above, from the fused gate/up launch (mma: 64
-    gate rows and their up rows a tile, 200 rows = a ragged last tile) or the cuBLAS path, built in
-    row blocks (a scratch of 64 rows per weight forces 4, the last one ragged; f16 products).
-
-    Bound: each product's error is at most tol * sum(|x||W|) (as in check()); through act(g) * u
-    (|act'| <= 1.1 for silu and gelu) that is tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the
-    f16 rounding of the output (2^-11 relative) on the cuBLAS path."""
+    """act(x Wg^T) * (x Wu^T): fp32 at M <= 8 (M = 1 of the k-quants: gemv1_glu); f16 above, from
+    the fused gate/up launch (mma: 64 gate rows and their up rows a tile, 200 rows = a ragged last
+    tile) or the cuBLAS path, built in row blocks (a scratch of 64 rows per weight forces 4, the
+    last one ragged; f16 products). Bound: check_glu."""
     rows, cols = 200, cols_for(dtype, True)
     wg, g_ref, x = setup(rng, dtype, rows, cols, m)
     wu, u_ref, _ = setup(rng, dtype, rows, cols, m)
-    # Random blocks give products in the thousands; scale x so that |gate|, |up| <= 8, as in a real
-    # MLP (f16 output overflows at 65504, the f16 operand of the down projection did so before too).
-    x64 = x.astype(np.float64)
-    x *= np.float32(8 / max(np.abs(x64 @ g_ref.T).max(), np.abs(x64 @ u_ref.T).max()))
+    x = scaled_for_glu(x, g_ref, u_ref)
     monkeypatch.setattr(mm, "SCRATCH_BYTES", 2 * 64 * wg.kpad * 2)
     y = mm.glu_matmul(cp.asarray(x), wg, wu, act, path=path)
     f16 = m > mm.GEMV_MAX_M
     assert y.shape == (m, rows) and y.dtype == (np.float16 if f16 else np.float32)
+    check_glu(y, x, g_ref, u_ref, act, f16)
+
+
+def scaled_for_glu(x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray) -> np.ndarray:
+    """x scaled so that |gate|, |up| <= 8, as in a real MLP (random blocks give products in the
+    thousands; an f16 output overflows at 65504)."""
+    x64 = x.astype(np.float64)
+    return x * np.float32(8 / max(np.abs(x64 @ g_ref.T).max(), np.abs(x64 @ u_ref.T).max()))
+
+
+def check_glu(y, x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray, act: str, f16: bool) -> None:
+    """Each product's error is at most tol * sum(|x||W|) (as in check()); through act(g) * u
+    (|act'| <= 1.1 for silu and gelu) that is tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the
+    f16 rounding of the output (2^-11 relative) when it is f16."""
     got = cp.asnumpy(y).astype(np.float64)
     assert np.isfinite(got).all(), "non-finite output (unwritten or NaN)"
     x64 = x.astype(np.float64)
@@ -225,6 +233,30 @@ def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
     tol = TOL_F16 if f16 else TOL_FP32
     err = float(((np.abs(got - ref) - rounding) / (scale + 1e-30)).max())
     assert err <= tol, f"glu_matmul error {err:.3e} > {tol}"
+
+
+@pytest.mark.parametrize("rows", [3000, 9001, 40000])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_glu_gemv1(rng, dtype, act, rows, monkeypatch):
+    """One token's gate/up pair and activation in one launch (gemv1_glu): the default at M = 1 for
+    the k-quants; its tilings (one tile a warp, 2 and more; an odd row count, the last tile half
+    empty) against the oracle on a NaN-poisoned output, and against the three-launch path."""
+    cols = 2304
+    wg, g_ref, x = setup(rng, dtype, rows, cols, 1)
+    wu, u_ref, _ = setup(rng, dtype, rows, cols, 1)
+    x = scaled_for_glu(x, g_ref, u_ref)
+    print(f"{dtype.name} {rows}x{cols}: (T, grid) = {mm._gemv1_tiling(-(-rows // 2), cp.cuda.runtime.getDevice())}")
+    out = cp.full((1, rows), np.nan, dtype=cp.float32)
+    assert mm._glu_gemv1(cp.asarray(x), wg, wu, act, out=out) is out
+    check_glu(out, x, g_ref, u_ref, act, False)
+    ops = pytest.importorskip("q4k_engine.kernels.ops")
+    xs = cp.asarray(x)
+    unfused = cp.asnumpy(ops.glu(mm.matmul(xs, wg, path="gemv"), mm.matmul(xs, wu, path="gemv"), act))
+    np.testing.assert_allclose(cp.asnumpy(out), unfused, rtol=1e-5, atol=1e-6 * np.abs(unfused).max())
+    calls = []
+    monkeypatch.setattr(mm, "_glu_gemv1", lambda *a: calls.append(1) or out)
+    assert mm.glu_matmul(xs, wg, wu, act) is out and calls  # the default at M = 1
 
 
 @pytest.mark.parametrize("gate_type,path", [(GGMLType.F16, "cublas"), (GGMLType.F16, "mma"), (GGMLType.Q6_K, "mma")],
