@@ -215,10 +215,11 @@ def bench_glu(dtypes, shapes, ms) -> list[dict]:
 
 
 def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
-    """M = 1..8 on the GEMV ("gemv") and the fused GEMM ("mma", a 16-token tile), graph-replayed
+    """M = 1..8 on the GEMV ("gemv"), the fused GEMM ("mma", a 16-token tile) and mmv (tensor
+    cores, W decoded into the mma fragments, no shared-memory tile), graph-replayed
     (decode replays its steps from a CUDA graph), weights rotated past the L2 cache; the gate/up
     pair 2x18944x3584 as glu_matmul (gemv: gemv1_glu at M = 1, else two GEMVs and a glu; mma: one
-    fused launch). frac = quantized weight bytes / time / copy bandwidth."""
+    fused launch; mmv: one for Q4_K, two and a glu for Q6_K). frac = quantized weight bytes / time / copy bandwidth."""
     import cupy as cp
 
     from q4k_engine.kernels.matmul import glu_matmul, matmul
@@ -234,7 +235,7 @@ def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
                 x = cp.random.standard_normal((m, in_f), dtype=cp.float32) * 0.01
                 y = cp.empty((m, out_f), cp.float32)
                 res = {"type": dt.name, "shape": f"{'2x' if glu else ''}{out_f}x{in_f}", "M": m}
-                for path in ("gemv", "mma"):
+                for path in ("gemv", "mma", "mmv"):
                     state = {"i": 0}
 
                     def call():
@@ -248,7 +249,7 @@ def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
                     t = graph_time_ms(call, calls=max(20, len(copies)))
                     res[f"{path}_us"] = t * 1e3
                     res[f"{path}_frac"] = wbytes / (t * 1e-3) / copy_bw
-                res["mma_over_gemv"] = res["gemv_us"] / res["mma_us"]
+                res["best"] = min((p for p in ("gemv", "mma", "mmv") if f"{p}_us" in res), key=lambda p: res[f"{p}_us"])
                 rows_out.append(res)
     return rows_out
 
@@ -258,7 +259,7 @@ def fmt_table(rows: list[dict], cols: list[str]) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -314,8 +315,9 @@ def main() -> None:
     if "small" in parts:
         small = bench_small(types, bw, l2)
         emit("Decode's M: GEMV vs the fused GEMM's 16-token tile (graph-replayed us; frac = weight bytes / time / "
-             "copy bandwidth; mma_over_gemv > 1: the fused GEMM is faster)",
-             fmt_table(small, ["type", "shape", "M", "gemv_us", "gemv_frac", "mma_us", "mma_frac", "mma_over_gemv"]))
+             "copy bandwidth; mmv = tensor cores with W decoded into the mma fragments)",
+             fmt_table(small, ["type", "shape", "M", "gemv_us", "gemv_frac", "mma_us", "mma_frac", "mmv_us", "mmv_frac",
+                               "best"]))
 
 
 if __name__ == "__main__":

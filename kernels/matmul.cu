@@ -792,3 +792,265 @@ extern "C" __global__ void __launch_bounds__(256)
         else ((float*)y)[t * ldy + o] = a;
     }
 }
+
+#if QTYPE == T_Q4_K || QTYPE == T_Q6_K
+// ------------------------------------------------------------------------------------------
+// mmv: Q4_K or Q6_K times 1..8 tokens on tensor cores, W decoded straight into mma.sync A
+// fragments (kernels/matmul.py _mmv). Decode's M: the GEMV's fp32 FMAs grow with M, and the
+// fused GEMM decodes 128 x 128 tiles into shared memory for 16-token tiles of which M use 1..8.
+//
+// The 8 tokens are the n = 8 of m16n8k16; a k step need not be 16 consecutive values, only the
+// same 16 in A and B. Lane (g, t) = (lane / 4, lane % 4) decodes a quarter of each super-block of
+// rows g and g + 8 of its row group, 16 k steps of 4 values a row: of each, values j0, j1 are A's
+// k slots 2t, 2t+1 and j2, j3 slots 2t+8, 2t+9 (4 consecutive values of the row). mmv_x writes
+// x in that order (mmv_kpos), so lane (g, t) reads token g's B fragments of 2 k steps with one
+// 16-byte load.
+// - Q4_K: lane t takes qs chunk t (sub-blocks 2t, 2t+1); step (wi, hi) = word wi of the chunk,
+//   low (hi = 0) or high nibbles: values 64t + 32hi + 4wi + j.
+// - Q6_K: lane t takes half h = t / 2 and l in [16(t&1), +16): ql[l], ql[l+32], qh[l]; step
+//   (wi, qq) = quarter qq (values 128h + 32qq + l, one int8 scale each), bytes l = 16(t&1) + 4wi + j.
+// Decode in f16x2 as store_unit: two quant bytes spread to the 16-bit lanes (PRMT), the value OR
+// 0x6400 (the f16 1024 + v), minus 1024 (Q6_K: 1056, the -32 offset) exactly, then one HFMA2 with
+// the sub-block's scale and minus its min (Q6_K: one HMUL2), both rounded to f16.
+// Block: 8 warps on the same RG row groups of 16 rows, warp w on super-blocks w, w + 8, ...; the
+// next super-block's bytes are loaded before the current one is decoded (two register sets);
+// the warps' sums meet in shared memory. GLU (Q4_K): RG = 2, group 0 = gate rows, group 1 = the
+// same up rows, y = act(gate) * up. Q6_K takes one row group a block (two would spill).
+#define MMV_WARPS 8
+
+// x8's groups of 4 values in a super-block, in the order lane t reads them: Q4_K group
+// ((wi * 4 + t) * 2 + hi), Q6_K ((wi * 4 + t) * 4 + qq); the first of its values.
+__device__ __forceinline__ int mmv_kpos(int group) {
+#if QTYPE == T_Q4_K
+    const int hi = group & 1, t = (group >> 1) & 3, wi = group >> 3;
+    return 64 * t + 32 * hi + 4 * wi;
+#else
+    const int qq = group & 3, t = (group >> 2) & 3, wi = group >> 4;
+    return 128 * (t >> 1) + 32 * qq + 16 * (t & 1) + 4 * wi;
+#endif
+}
+
+template <int RG>
+struct MmvRaw {  // one super-block of rows (g, g + 8) of each row group: lane t's quarter
+#if QTYPE == T_Q4_K
+    uint4 hd[RG][2], q[RG][2][2];
+#else
+    uint4 ql[RG][2][2], qh[RG][2];
+    uint2 sc[RG][2];
+    u16 d[RG][2];
+#endif
+    __device__ __forceinline__ void load(const WDesc& w, const u8* const (&base)[RG], const int (&row)[RG][2],
+                                         int sb, int t) {
+#pragma unroll
+        for (int rg = 0; rg < RG; rg++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+#if QTYPE == T_Q4_K
+                const u8* blk = base[rg] + (i64)row[rg][h] * w.row_bytes + (i64)sb * 144;
+                hd[rg][h] = __ldg((const uint4*)blk);
+                q[rg][h][0] = __ldg((const uint4*)(blk + 16 + 32 * t));
+                q[rg][h][1] = __ldg((const uint4*)(blk + 32 + 32 * t));
+#else  // planes ql[nblk][128] | qh[nblk][64] | scales[nblk][16] | d[nblk]
+                const i64 b = (i64)row[rg][h] * w.nb + sb;
+                const int half = t >> 1, l0 = 16 * (t & 1);
+                const u8* p = base[rg];
+                ql[rg][h][0] = __ldg((const uint4*)(p + b * 128 + 64 * half + l0));
+                ql[rg][h][1] = __ldg((const uint4*)(p + b * 128 + 64 * half + 32 + l0));
+                qh[rg][h] = __ldg((const uint4*)(p + w.nblk * 128 + b * 64 + 32 * half + l0));
+                sc[rg][h] = __ldg((const uint2*)(p + w.nblk * 192 + b * 16 + 8 * half));
+                d[rg][h] = __ldg((const u16*)(p + w.nblk * 208 + b * 2));
+#endif
+            }
+    }
+};
+
+template <int RG, int AC>
+__device__ __forceinline__ void mmv_step(const MmvRaw<RG>& R, const __half* __restrict__ xs, int t, bool tok,
+                                         float (&acc)[RG][AC][4]) {
+#if QTYPE == T_Q4_K
+    __half2 s[RG][2][2], n[RG][2][2];  // [group][row g / g+8][lo / hi]
+#pragma unroll
+    for (int rg = 0; rg < RG; rg++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint4 hd = R.hd[rg][h];
+            const float d = h2f((u16)(hd.x & 0xFFFF)), dmin = h2f((u16)(hd.x >> 16));
+            float sc, mn;
+            scale_min_k4(2 * t, hd.y, hd.z, hd.w, sc, mn);
+            s[rg][h][0] = __float2half2_rn(d * sc);
+            n[rg][h][0] = __float2half2_rn(-dmin * mn);
+            scale_min_k4(2 * t + 1, hd.y, hd.z, hd.w, sc, mn);
+            s[rg][h][1] = __float2half2_rn(d * sc * 0.0625f);
+            n[rg][h][1] = __float2half2_rn(-dmin * mn);
+        }
+    const __half2 k1024 = __float2half2_rn(1024.0f);
+#pragma unroll
+    for (int wi = 0; wi < 8; wi++) {
+        const uint4 xb = tok ? __ldg((const uint4*)(xs + (wi * 4 + t) * 8)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int hi = 0; hi < 2; hi++) {
+            const u32 b0 = hi ? xb.z : xb.x, b1 = hi ? xb.w : xb.y;
+            const u32 mask = hi ? 0x00F000F0u : 0x000F000Fu;
+#pragma unroll
+            for (int rg = 0; rg < RG; rg++) {
+                u32 a[4];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const u32 w = word4(R.q[rg][h][wi >> 2], wi & 3);
+#pragma unroll
+                    for (int pr = 0; pr < 2; pr++) {  // bytes 0,1 -> slots 2t, 2t+1; bytes 2,3 -> 2t+8, 2t+9
+                        const u32 p = __byte_perm(w, 0u, pr ? 0x4342u : 0x4140u);
+                        const __half2 v = __hsub2(u2h((p & mask) | 0x64006400u), k1024);
+                        a[2 * pr + h] = h2u(__hfma2(v, s[rg][h][hi], n[rg][h][hi]));
+                    }
+                }
+                mma16816(acc[rg][hi % AC], a, b0, b1);
+            }
+        }
+    }
+#else
+    __half2 s[RG][2][4];  // [group][row g / g+8][quarter]
+#pragma unroll
+    for (int rg = 0; rg < RG; rg++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float d = h2f(R.d[rg][h]);
+            const uint2 sc = R.sc[rg][h];
+#pragma unroll
+            for (int qq = 0; qq < 4; qq++) {  // scale (t&1) + 2qq of the half: byte of sc.x (qq < 2) or sc.y
+                const u32 word = qq < 2 ? sc.x : sc.y;
+                const int shift = 8 * ((t & 1) + 2 * (qq & 1));
+                s[rg][h][qq] = __float2half2_rn(d * (float)(int)(signed char)(u8)(word >> shift));
+            }
+        }
+    const __half2 k1056 = __float2half2_rn(1056.0f);
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++) {
+        uint4 xb[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            xb[i] = tok ? __ldg((const uint4*)(xs + (wi * 4 + t) * 16 + 8 * i)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int qq = 0; qq < 4; qq++) {
+            const uint4 x2 = xb[qq >> 1];
+            const u32 b0 = qq & 1 ? x2.z : x2.x, b1 = qq & 1 ? x2.w : x2.y;
+#pragma unroll
+            for (int rg = 0; rg < RG; rg++) {
+                u32 a[4];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const u32 wl = word4(R.ql[rg][h][qq & 1], wi), wh = word4(R.qh[rg][h], wi);
+#pragma unroll
+                    for (int pr = 0; pr < 2; pr++) {
+                        const u32 sel = pr ? 0x4342u : 0x4140u;
+                        const u32 pl = __byte_perm(wl, 0u, sel), ph = __byte_perm(wh, 0u, sel);
+                        const u32 lo = (qq < 2 ? pl : pl >> 4) & 0x000F000Fu;
+                        const u32 hb = (qq == 0 ? ph << 4 : qq == 1 ? ph << 2 : qq == 2 ? ph : ph >> 2) & 0x00300030u;
+                        const __half2 v = __hsub2(u2h(lo | hb | 0x64006400u), k1056);
+                        a[2 * pr + h] = h2u(__hmul2(v, s[rg][h][qq]));
+                    }
+                }
+                mma16816(acc[rg][qq % AC], a, b0, b1);
+            }
+        }
+    }
+#endif
+}
+
+template <int RG, bool GLU>
+__device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ up, const __half* __restrict__ x8,
+                                         int M, float* __restrict__ y, int ldy, int out, int act) {
+    static_assert(!GLU || RG == 2, "GLU pairs one gate group with one up group");
+    constexpr int ROWS = GLU ? 16 : 16 * RG;  // rows of y a block covers
+    constexpr int AC = RG == 1 ? 2 : 1;      // accumulator sets: two independent mma chains a warp
+    __shared__ float red[MMV_WARPS][RG][16][8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int o0 = blockIdx.x * ROWS;
+    const u8* base[RG];
+    int row[RG][2];
+#pragma unroll
+    for (int rg = 0; rg < RG; rg++) {
+        base[rg] = GLU && rg ? up : w.base;
+        const int r0 = o0 + (GLU ? 0 : 16 * rg) + g;
+        row[rg][0] = min(r0, out - 1);  // rows past the end re-read the last row; never written
+        row[rg][1] = min(r0 + 8, out - 1);
+    }
+    float acc[RG][AC][4];
+#pragma unroll
+    for (int rg = 0; rg < RG; rg++)
+#pragma unroll
+        for (int c = 0; c < AC; c++) acc[rg][c][0] = acc[rg][c][1] = acc[rg][c][2] = acc[rg][c][3] = 0.0f;
+    const bool tok = g < M;
+    const __half* xg = x8 + (i64)min(g, M - 1) * w.nb * 256;
+    MmvRaw<RG> cur, nxt;
+    int sb = warp;
+    if (sb < w.nb) cur.load(w, base, row, sb, t);
+    while (sb < w.nb) {  // warp-uniform
+        const int nsb = sb + MMV_WARPS;
+        if (nsb < w.nb) nxt.load(w, base, row, nsb, t);
+        mmv_step<RG, AC>(cur, xg + (i64)sb * 256, t, tok, acc);
+        cur = nxt;
+        sb = nsb;
+    }
+    // acc[rg]: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
+#pragma unroll
+    for (int rg = 0; rg < RG; rg++) {
+        float c[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) c[i] = AC == 2 ? acc[rg][0][i] + acc[rg][AC - 1][i] : acc[rg][0][i];
+        red[warp][rg][g][2 * t] = c[0];
+        red[warp][rg][g][2 * t + 1] = c[1];
+        red[warp][rg][g + 8][2 * t] = c[2];
+        red[warp][rg][g + 8][2 * t + 1] = c[3];
+    }
+    __syncthreads();
+    const int tid = threadIdx.x;
+    if (tid < (GLU ? 1 : RG) * 128) {
+        const int rg = tid >> 7, r = (tid >> 3) & 15, n = tid & 7;
+        float v = 0.0f, u = 0.0f;
+#pragma unroll
+        for (int q = 0; q < MMV_WARPS; q++) {
+            v += red[q][rg][r][n];
+            if (GLU) u += red[q][1][r][n];
+        }
+        const int o = o0 + 16 * rg + r;
+        if (n < M && o < out) y[(i64)n * ldy + o] = GLU ? glu_act(v, act) * u : v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
+    mmv_r1(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, int M, float* y, int ldy,
+           int out) {
+    mmv_body<1, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0);
+}
+#if QTYPE == T_Q4_K  // Q6_K's two register sets of two row groups would spill: one group a block
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
+    mmv_r2(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, int M, float* y, int ldy,
+           int out) {
+    mmv_body<2, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0);
+}
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
+    mmv_glu(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const u8* up, const __half* x8, int M,
+            float* y, int ldy, int out, int act) {
+    mmv_body<2, true>(WDesc{base, row_bytes, nblk, nb, cols}, up, x8, M, y, ldy, out, act);
+}
+#endif
+
+// x (fp32 [M, ldx], or f16 when x_f16) -> x8 (f16 [M][nb][64 groups][4], mmv's order: mmv_kpos;
+// zeros past cols): thread i writes the 4 values of group i (of token, super-block, group).
+extern "C" __global__ void __launch_bounds__(256)
+    mmv_x(const void* __restrict__ x, int x_f16, int ldx, int M, int cols, int nb, __half* __restrict__ x8) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= M * nb * 64) return;
+    const int sb = (i >> 6) % nb, m = (i >> 6) / nb;
+    const int k = sb * 256 + mmv_kpos(i & 63);
+    float v[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const i64 at = (i64)m * ldx + k + j;
+        v[j] = k + j >= cols ? 0.0f : x_f16 ? __half2float(((const __half*)x)[at]) : ((const float*)x)[at];
+    }
+    const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+    *(uint2*)(x8 + (i64)i * 4) = make_uint2(h2u(a), h2u(b));
+}
+#endif

@@ -3,6 +3,9 @@
 Paths (kernels/matmul.cu, one compiled module per GGML type):
 - "gemv"   M <= 8: one pass over W for all M tokens, fp32 activations and accumulation; at M = 1
            the k-quants' gate/up pair and its activation in one launch (gemv1_glu).
+- "mmv"    Q4_K / Q6_K, M <= 8: tensor cores with W decoded straight into the mma fragments (no
+           shared-memory tile), x as f16; its time barely grows with M (the GEMV's fp32 FMAs do).
+           Q4_K's gate/up pair and activation in one launch.
 - "mma"    fused tensor-core GEMM: W dequantized a tile at a time into shared memory as f16 (never
            into a global scratch), x as f16, mma.sync with fp32 sums; split-K for short matrices;
            gate and up of a gated MLP in one launch with the activation in the epilogue. Token
@@ -10,8 +13,9 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
            32 tokens); where none fits, the default dispatch says so and takes the cuBLAS path.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
-`matmul` and `glu_matmul` pick gemv for M <= 2, mma up to FUSED_MAX_M tokens and the cuBLAS
-path above: the crossovers measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
+`matmul` and `glu_matmul` pick gemv for M = 1, mmv for 2..8 tokens of Q4_K/Q6_K (other types:
+gemv up to GEMV_MAX_M), mma up to FUSED_MAX_M tokens and the cuBLAS path above: the crossovers
+measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ from q4k_engine.tensors import QTensor
 
 from .build import _cupy, module, sm_count as _sm_count
 
-# The GEMV is the default up to GEMV_MAX_M tokens, the fused GEMM's 16-token tile above: on the 7B's
-# matrices of one decode step (H200, bench/RESULTS.md "decode's M") the GEMV, whose fp32 FMAs grow
-# with M, wins at M <= 2 and loses from 3 on (its per-step sum at M = 3: 187 vs 162 us a layer;
-# batch-8 decode 1.7x faster on the GEMM).
+# The GEMV is the default up to GEMV_MAX_M tokens (Q4_K/Q6_K: mmv from MMV_MIN_M on), the fused
+# GEMM's 16-token tile above: on the 7B's matrices (H200, bench/RESULTS.md "decode's M") the GEMV,
+# whose fp32 FMAs grow with M, beat that tile at M <= 2 and lost from 3 on (Q4_K, sum a layer at
+# M = 3: 187 vs 162 us).
 GEMV_MAX_M = 2
 # gemv_m<M> exists for M = 1..8: a forced "gemv" path walks larger M in chunks of this many tokens.
 _GEMV_TOKENS = 8
@@ -524,11 +528,70 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
     return out
 
 
-PATHS = ("gemv", "mma", "cublas")
+def _x8(x, w: GpuWeight):
+    """x (fp32 or f16 [M, cols], M <= 8) as mmv's f16 operand: [M][blocks][256] in the order its
+    lanes read (mmv_x, matmul.cu), zeros past cols."""
+    cp = _cupy()
+    m = x.shape[0]
+    x8 = cp.empty((m, w.kpad), dtype=cp.float16)
+    n = m * w.blocks_per_row * 64
+    _kernel(w, "mmv_x")((-(-n // 256),), (256,), (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]),
+                                                 np.int32(m), np.int32(w.cols), np.int32(w.blocks_per_row), x8))
+    return x8
 
 
-def _default_path(m: int) -> str:
+def _mmv_rows(w: GpuWeight, dev: int) -> int:
+    """Row groups of 16 a block of mmv takes: for Q4_K 2 once that leaves two blocks for every SM
+    (x's fragments then serve 32 rows), else 1 (more blocks for short matrices); Q6_K 1 (two
+    groups' registers would spill)."""
+    return 2 if w.dtype == GGMLType.Q4_K and w.rows >= 2 * 32 * 2 * _sm_count(dev) else 1
+
+
+def _mmv(x, w: GpuWeight, y) -> None:
+    """y (fp32 [M, rows], M <= 8) = x . W^T on mmv_r<RG> (Q4_K/Q6_K on tensor cores, W decoded into
+    the mma fragments, f16 operands, fp32 sums)."""
+    dev = _cupy().cuda.runtime.getDevice()
+    rg = _mmv_rows(w, dev)
+    _kernel(w, f"mmv_r{rg}")((-(-w.rows // (16 * rg)),), (256,),
+                             (*w.kernel_args(), _x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]),
+                              np.int32(w.rows)))
+
+
+def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
+    """act(x . Wg^T) * (x . Wu^T) as fp32 [M, rows] (M <= 8, Q4_K) from one mmv_glu launch: a
+    block takes 16 gate rows and the same 16 up rows (other types: two mmv and a glu)."""
+    from . import ops
+
+    cp = _cupy()
+    m = x.shape[0]
+    y = cp.empty((m, wg.rows), dtype=cp.float32) if out is None else out
+    _kernel(wg, "mmv_glu")((-(-wg.rows // 16),), (256,),
+                           (*wg.kernel_args(), wu.data, _x8(x, wg), np.int32(m), y, np.int32(wg.rows),
+                            np.int32(wg.rows), np.int32(ops.ACTS[act])))
+    return y
+
+
+PATHS = ("gemv", "mmv", "mma", "cublas")
+# mmv takes 1..8 tokens of these types; the default from MMV_MIN_M tokens on (below, the GEMV):
+# H200, 7B shapes graph-replayed, mmv beats the GEMV on every Q4_K matrix from M = 2 (e.g. the
+# gate/up pair 43.9 vs 67.6 us) and loses at M = 1 (43.2 vs 36.5); Q6_K from 2 on the LM head
+# and the gate/up pair, from 3 on the others; decode steps of batch 2 were 1.24x faster with it.
+
+MMV_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K)
+MMV_MAX_M = 8
+MMV_MIN_M = {GGMLType.Q4_K: 2, GGMLType.Q6_K: 2}
+
+
+def _default_path(m: int, dtype: GGMLType | None = None) -> str:
+    if dtype in MMV_TYPES and MMV_MIN_M[dtype] <= m <= MMV_MAX_M:
+        return "mmv"
     return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
+
+
+def _check_mmv(m: int, dtype: GGMLType) -> None:
+    if dtype not in MMV_TYPES or m > MMV_MAX_M:
+        raise UnsupportedError(f"path 'mmv' takes {', '.join(t.name for t in MMV_TYPES)} weights and at most "
+                               f"{MMV_MAX_M} tokens, got {GGMLType(dtype).name} and {m}")
 
 
 def matmul(x, w: GpuWeight, out=None, path: str | None = None):
@@ -552,9 +615,16 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     if m == 0:
         return out
     forced = path is not None
-    path = path or _default_path(m)
+    path = path or _default_path(m, w.dtype)
     if path not in PATHS:
         raise InputError(f"matmul: unknown path {path!r}; one of {PATHS}")
+    if path == "mmv":
+        _check_mmv(m, w.dtype)
+        y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
+        _mmv(x, w, y)
+        if y is not out:
+            out[...] = y
+        return out
     plan = _mma_plan(m, forced) if path == "mma" else None
     if path == "cublas" or (path == "mma" and plan is None):
         _gemm_cublas(x, w, out)
@@ -575,15 +645,16 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
 def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = None):
     """act(x . Wg^T) * (x . Wu^T), the input of a gated MLP's down projection.
 
-    On the mma path (GEMV_MAX_M < M <= FUSED_MAX_M by default) with gate and up of one type, the
-    result is float16 [M, rows] from one fused launch (fp32 sums and activation, one rounding).
+    On the mmv path (2..8 tokens of Q4_K/Q6_K by default) it is float32 [M, rows], from one
+    launch when gate and up are Q4_K. On the mma path (up to FUSED_MAX_M tokens) with gate and up
+    of one type, it is float16 [M, rows] from one fused launch (fp32 sums and activation, one rounding).
     On the cuBLAS path (M above) it is float16 [M, rows] too: the f16 operand the down
     projection's cuBLAS path would round it to anyway, built a block of rows at a time (a 7B MLP
     at 2048 tokens then holds 78 MB, not the 310 MB of two fp32 products); gate and up products
-    are rounded to f16 before the activation. Otherwise (M <= GEMV_MAX_M; on the mma path gate
-    and up of two types; on the cuBLAS path padded row lengths that differ; check_kernel_limits
-    warns of the last two when the model is loaded) it is float32, from two matmuls and an
-    in-place glu.
+    are rounded to f16 before the activation. Otherwise it is float32: on the GEMV (one launch at
+    M = 1 for the k-quants), and from two matmuls and an in-place glu where one launch cannot take
+    the pair (on the mma path gate and up of two types; on the cuBLAS path padded row lengths that
+    differ; check_kernel_limits warns of the last two when the model is loaded).
     """
     from . import ops
 
@@ -593,7 +664,11 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
     forced = path is not None
-    path = path or _default_path(x.shape[0])
+    path = path or _default_path(x.shape[0], wg.dtype if wg.dtype == wu.dtype else None)
+    if path == "mmv" and x.shape[0]:
+        _check_mmv(x.shape[0], wg.dtype)
+        if wg.dtype == wu.dtype == GGMLType.Q4_K:
+            return _glu_mmv(x, wg, wu, act)
     if path not in PATHS:
         raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mma" and x.shape[0]:

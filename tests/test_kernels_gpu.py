@@ -121,6 +121,53 @@ def test_gemm(rng, dtype, path, m):
     check(run(x, w, path), x, w_ref, TOL_F16)
 
 
+@pytest.mark.parametrize("rows,cols", [(300, 644), (517, 2304), (17001, 256), (64, 18944)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_mmv(rng, dtype, m, rows, cols):
+    """Q4_K and Q6_K on tensor cores for 1..8 tokens, W decoded into the mma fragments (mmv): a
+    padded row (644 values in 3 super-blocks), 9 super-blocks a row (warp 0 takes two, the others
+    one), one per row (most warps idle), 74 (long rows); ragged row groups; two groups a block
+    from 16896 rows on (Q4_K: RG = 2); fp32 and f16 x (what the GLU hands the down projection);
+    fp32 and f16 out. The f16 x operand is exact here: x is drawn as f16 values."""
+    dev = cp.cuda.runtime.getDevice()
+    w, w_ref, x = setup(rng, dtype, rows, cols, m)
+    x = x.astype(np.float16).astype(np.float32)
+    print(f"{dtype.name} {rows}x{cols}, M = {m}: RG = {mm._mmv_rows(w, dev)}")
+    check(run(x, w, "mmv"), x, w_ref, TOL_F16)
+    y16 = cp.full((m, rows), np.nan, dtype=cp.float16)
+    mm.matmul(cp.asarray(x).astype(cp.float16), w, out=y16, path="mmv")
+    check(y16.astype(cp.float32), x, w_ref, TOL_F16 + 2.0 ** -11)
+    assert mm._default_path(m, dtype) == ("mmv" if mm.MMV_MIN_M[dtype] <= m else "gemv")
+
+
+def test_mmv_refuses_other_types_and_m(rng):
+    w, _, x = setup(rng, GGMLType.Q8_0, 64, 256, 2)
+    with pytest.raises(mm.UnsupportedError, match="mmv"):
+        mm.matmul(cp.asarray(x), w, path="mmv")
+    w, _, x = setup(rng, GGMLType.Q4_K, 64, 256, 9)
+    with pytest.raises(mm.UnsupportedError, match="mmv"):
+        mm.matmul(cp.asarray(x), w, path="mmv")
+
+
+@pytest.mark.parametrize("m", [1, 4, 8])
+@pytest.mark.parametrize("rows", [200, 18944])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_glu_mmv(rng, act, rows, m):
+    """Gate and up (Q4_K) and the activation for 1..8 tokens in one mmv_glu launch (16 gate rows
+    and their up rows a block; 200 rows: a ragged last block), NaN-poisoned output."""
+    cols = 3584 if rows > 1000 else 644
+    wg, g_ref, x = setup(rng, GGMLType.Q4_K, rows, cols, m)
+    wu, u_ref, _ = setup(rng, GGMLType.Q4_K, rows, cols, m)
+    x = scaled_for_glu(x, g_ref, u_ref).astype(np.float16).astype(np.float32)
+    out = cp.full((m, rows), np.nan, dtype=cp.float32)
+    assert mm._glu_mmv(cp.asarray(x), wg, wu, act, out=out) is out
+    check_glu(out, x, g_ref, u_ref, act, True, False)
+    if mm.MMV_MIN_M[GGMLType.Q4_K] <= m:
+        y = mm.glu_matmul(cp.asarray(x), wg, wu, act)
+        assert y.dtype == np.float32 and cp.asnumpy(y).tobytes() == cp.asnumpy(out).tobytes()
+
+
 @pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("m", [1, 13, 50, 130])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
@@ -145,7 +192,7 @@ def test_gemm_fused_split_k(rng, dtype, m, out_dtype):
 def test_dispatch(rng, dtype, m):
     """The default choice per M, at a model-like row length (3584 = 14 super-blocks)."""
     w, w_ref, x = setup(rng, dtype, 520, 3584, m)
-    check(run(x, w, None), x, w_ref, TOL_FP32 if m <= mm.GEMV_MAX_M else TOL_F16)
+    check(run(x, w, None), x, w_ref, TOL_FP32 if mm._default_path(m, dtype) == "gemv" else TOL_F16)
 
 
 @pytest.mark.parametrize("rows,m", [(300, 40), (1000, 300)])
@@ -206,9 +253,9 @@ def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
     x = scaled_for_glu(x, g_ref, u_ref)
     monkeypatch.setattr(mm, "SCRATCH_BYTES", 2 * 64 * wg.kpad * 2)
     y = mm.glu_matmul(cp.asarray(x), wg, wu, act, path=path)
-    f16 = m > mm.GEMV_MAX_M
-    assert y.shape == (m, rows) and y.dtype == (np.float16 if f16 else np.float32)
-    check_glu(y, x, g_ref, u_ref, act, f16)
+    taken = path or mm._default_path(m, dtype)
+    assert y.shape == (m, rows) and y.dtype == (np.float16 if taken in ("mma", "cublas") else np.float32)
+    check_glu(y, x, g_ref, u_ref, act, taken != "gemv", y.dtype == np.float16)
 
 
 def scaled_for_glu(x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray) -> np.ndarray:
@@ -218,10 +265,13 @@ def scaled_for_glu(x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray) -> np.nd
     return x * np.float32(8 / max(np.abs(x64 @ g_ref.T).max(), np.abs(x64 @ u_ref.T).max()))
 
 
-def check_glu(y, x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray, act: str, f16: bool) -> None:
-    """Each product's error is at most tol * sum(|x||W|) (as in check()); through act(g) * u
-    (|act'| <= 1.1 for silu and gelu) that is tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the
-    f16 rounding of the output (2^-11 relative) when it is f16."""
+def check_glu(y, x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray, act: str, f16: bool,
+              f16_out: bool | None = None) -> None:
+    """Each product's error is at most tol * sum(|x||W|) (as in check(); TOL_F16 with f16
+    operands); through act(g) * u (|act'| <= 1.1 for silu and gelu) that is
+    tol * (1.1 * S_g * |u| + |act(g)| * S_u), plus the f16 rounding of the output (2^-11
+    relative) when it is f16 (f16_out, by default as f16)."""
+    f16_out = f16 if f16_out is None else f16_out
     got = cp.asnumpy(y).astype(np.float64)
     assert np.isfinite(got).all(), "non-finite output (unwritten or NaN)"
     x64 = x.astype(np.float64)
@@ -229,7 +279,7 @@ def check_glu(y, x: np.ndarray, g_ref: np.ndarray, u_ref: np.ndarray, act: str, 
     a = act_ref(g, act)
     ref = a * u
     scale = 1.1 * (np.abs(x64) @ np.abs(g_ref).T) * np.abs(u) + np.abs(a) * (np.abs(x64) @ np.abs(u_ref).T)
-    rounding = 2.0 ** -11 * np.abs(ref) if f16 else 0.0
+    rounding = 2.0 ** -11 * np.abs(ref) if f16_out else 0.0
     tol = TOL_F16 if f16 else TOL_FP32
     err = float(((np.abs(got - ref) - rounding) / (scale + 1e-30)).max())
     assert err <= tol, f"glu_matmul error {err:.3e} > {tol}"
@@ -254,9 +304,10 @@ def test_glu_gemv1(rng, dtype, act, rows, monkeypatch):
     xs = cp.asarray(x)
     unfused = cp.asnumpy(ops.glu(mm.matmul(xs, wg, path="gemv"), mm.matmul(xs, wu, path="gemv"), act))
     np.testing.assert_allclose(cp.asnumpy(out), unfused, rtol=1e-5, atol=1e-6 * np.abs(unfused).max())
-    calls = []
-    monkeypatch.setattr(mm, "_glu_gemv1", lambda *a: calls.append(1) or out)
-    assert mm.glu_matmul(xs, wg, wu, act) is out and calls  # the default at M = 1
+    if mm._default_path(1, dtype) == "gemv":  # the default at M = 1 where mmv does not take it
+        calls = []
+        monkeypatch.setattr(mm, "_glu_gemv1", lambda *a: calls.append(1) or out)
+        assert mm.glu_matmul(xs, wg, wu, act) is out and calls
 
 
 @pytest.mark.parametrize("gate_type,path", [(GGMLType.F16, "cublas"), (GGMLType.F16, "mma"), (GGMLType.Q6_K, "mma")],
