@@ -576,7 +576,6 @@ PATHS = ("gemv", "mmv", "mma", "cublas")
 # H200, 7B shapes graph-replayed, mmv beats the GEMV on every Q4_K matrix from M = 2 (e.g. the
 # gate/up pair 43.9 vs 67.6 us) and loses at M = 1 (43.2 vs 36.5); Q6_K from 2 on the LM head
 # and the gate/up pair, from 3 on the others; decode steps of batch 2 were 1.24x faster with it.
-
 MMV_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K)
 MMV_MAX_M = 8
 MMV_MIN_M = {GGMLType.Q4_K: 2, GGMLType.Q6_K: 2}
