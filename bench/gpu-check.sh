@@ -21,7 +21,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG/setup.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG/setup.log" 2>&1
 
 STAGES=(
-  "gpu-suite|python3 -m pytest -m gpu -q -p no:cacheprovider tests/"
+  "gpu-suite|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_*_gpu.py tests/test_integrity.py tests/test_distill_example.py tests/test_distill_shards.py"
   "decode-kernels|python3 bench/bench_kernels.py --parts gemv,small --out $LOG/decode_kernels.md"
   "kernel-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py"
   "kernel-bench|python3 bench/bench_kernels.py --out $LOG/bench_kernels.md"
@@ -41,7 +41,7 @@ STAGES=(
   "ray|set -o pipefail && python3 bench/bench_ray.py | tee $LOG/ray.md"
   "llama-bench|python3 bench/llama_bench.py --compare --out $LOG/llama-vs-engine.md"
 )
-# gpu-suite runs every GPU test file in one pytest call (the stages below run them one by one, beside
+# gpu-suite runs every file with GPU tests in one pytest call (the stages below run them one by one, beside
 # their benches): `bash bench/gpu-check.sh gpu-suite` is the whole GPU suite.
 # Run only when named (bash bench/gpu-check.sh large-72b): each writes a 20-47 GB GGUF to /tmp first
 # (minutes) and removes it at the end; the two do not fit on a 64 GB disk together.
