@@ -222,7 +222,6 @@ def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
     fused launch; mmv: one for Q4_K, two and a glu for Q6_K). frac = quantized weight bytes / time / copy bandwidth."""
     import cupy as cp
 
-    from q4k_engine.kernels import matmul as mm
     from q4k_engine.kernels.matmul import glu_matmul, matmul
 
     rows_out = []
@@ -236,25 +235,21 @@ def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
                 x = cp.random.standard_normal((m, in_f), dtype=cp.float32) * 0.01
                 y = cp.empty((m, out_f), cp.float32)
                 res = {"type": dt.name, "shape": f"{'2x' if glu else ''}{out_f}x{in_f}", "M": m}
-                for path in ("gemv", "mma", "mmv", "mmv8"):  # mmv8: mmv with all 8 warps on one set
+                for path in ("gemv", "mma", "mmv"):
                     state = {"i": 0}
 
                     def call():
                         ws = copies[state["i"] % len(copies)]
                         state["i"] += 1
-                        p = "mmv" if path == "mmv8" else path
                         if glu:
-                            glu_matmul(x, ws[0], ws[1], "silu", path=p)
+                            glu_matmul(x, ws[0], ws[1], "silu", path=path)
                         else:
-                            matmul(x, ws[0], out=y, path=p)
+                            matmul(x, ws[0], out=y, path=path)
 
-                    mm.MMV_WPG = 8 if path == "mmv8" else None
                     t = graph_time_ms(call, calls=max(20, len(copies)))
-                    mm.MMV_WPG = None
                     res[f"{path}_us"] = t * 1e3
                     res[f"{path}_frac"] = wbytes / (t * 1e-3) / copy_bw
                 res["best"] = min((p for p in ("gemv", "mma", "mmv") if f"{p}_us" in res), key=lambda p: res[f"{p}_us"])
-                # mmv8: mmv as its first version ran (8 warps on one set of row groups), for the A/B
                 rows_out.append(res)
     return rows_out
 
@@ -322,7 +317,7 @@ def main() -> None:
         emit("Decode's M: GEMV vs the fused GEMM's 16-token tile (graph-replayed us; frac = weight bytes / time / "
              "copy bandwidth; mmv = tensor cores with W decoded into the mma fragments)",
              fmt_table(small, ["type", "shape", "M", "gemv_us", "gemv_frac", "mma_us", "mma_frac", "mmv_us", "mmv_frac",
-                               "mmv8_us", "best"]))
+                               "best"]))
 
 
 if __name__ == "__main__":

@@ -812,9 +812,9 @@ extern "C" __global__ void __launch_bounds__(256)
 // Decode in f16x2 as store_unit: two quant bytes spread to the 16-bit lanes (PRMT), the value OR
 // 0x6400 (the f16 1024 + v), minus 1024 (Q6_K: 1056, the -32 offset) exactly, then one HFMA2 with
 // the sub-block's scale and minus its min (Q6_K: one HMUL2), both rounded to f16.
-// Block: 8 warps; wpg of them (1, 2, 4 or 8) share a set of RG row groups of 16 rows, warp w
-// taking super-blocks w % wpg, + wpg, ...; the next super-block's bytes are loaded before the
-// current one is decoded (two register sets); the set's sums meet in shared memory. GLU (Q4_K): RG = 2, group 0 = gate rows, group 1 = the
+// Block: 8 warps on the same RG row groups of 16 rows, warp w on super-blocks w, w + 8, ...; the
+// next super-block's bytes are loaded before the current one is decoded (two register sets);
+// the warps' sums meet in shared memory. GLU (Q4_K): RG = 2, group 0 = gate rows, group 1 = the
 // same up rows, y = act(gate) * up. Q6_K takes one row group a block (two would spill).
 #define MMV_WARPS 8
 
@@ -959,22 +959,19 @@ __device__ __forceinline__ void mmv_step(const MmvRaw<RG>& R, const __half* __re
 
 template <int RG, bool GLU>
 __device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ up, const __half* __restrict__ x8,
-                                         int M, float* __restrict__ y, int ldy, int out, int act, int wpg) {
+                                         int M, float* __restrict__ y, int ldy, int out, int act) {
     static_assert(!GLU || RG == 2, "GLU pairs one gate group with one up group");
-    constexpr int ROWS = GLU ? 16 : 16 * RG;  // rows of y a set of row groups covers
+    constexpr int ROWS = GLU ? 16 : 16 * RG;  // rows of y a block covers
     constexpr int AC = RG == 1 ? 2 : 1;      // accumulator sets: two independent mma chains a warp
-    constexpr int RO = GLU ? 1 : RG;          // row groups of y a set writes
     __shared__ float red[MMV_WARPS][RG][16][8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    // wpg warps share a set of RG row groups (warp w takes super-blocks w % wpg, + wpg, ...); the
-    // block holds MMV_WARPS / wpg sets.
-    const int sets = MMV_WARPS / wpg, o0 = blockIdx.x * sets * ROWS, os = o0 + (warp / wpg) * ROWS;
+    const int o0 = blockIdx.x * ROWS;
     const u8* base[RG];
     int row[RG][2];
 #pragma unroll
     for (int rg = 0; rg < RG; rg++) {
         base[rg] = GLU && rg ? up : w.base;
-        const int r0 = os + (GLU ? 0 : 16 * rg) + g;
+        const int r0 = o0 + (GLU ? 0 : 16 * rg) + g;
         row[rg][0] = min(r0, out - 1);  // rows past the end re-read the last row; never written
         row[rg][1] = min(r0 + 8, out - 1);
     }
@@ -986,10 +983,10 @@ __device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ 
     const bool tok = g < M;
     const __half* xg = x8 + (i64)min(g, M - 1) * w.nb * 256;
     MmvRaw<RG> cur, nxt;
-    int sb = warp % wpg;
+    int sb = warp;
     if (sb < w.nb) cur.load(w, base, row, sb, t);
     while (sb < w.nb) {  // warp-uniform
-        const int nsb = sb + wpg;
+        const int nsb = sb + MMV_WARPS;
         if (nsb < w.nb) nxt.load(w, base, row, nsb, t);
         mmv_step<RG, AC>(cur, xg + (i64)sb * 256, t, tok, acc);
         cur = nxt;
@@ -1007,33 +1004,35 @@ __device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ 
         red[warp][rg][g + 8][2 * t + 1] = c[3];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < sets * RO * 128; i += MMV_WARPS * 32) {  // (set, group, row, token)
-        const int set = i / (RO * 128), rg = (i / 128) % RO, r = (i >> 3) & 15, n = i & 7;
+    const int tid = threadIdx.x;
+    if (tid < (GLU ? 1 : RG) * 128) {
+        const int rg = tid >> 7, r = (tid >> 3) & 15, n = tid & 7;
         float v = 0.0f, u = 0.0f;
-        for (int q = set * wpg; q < (set + 1) * wpg; q++) {  // the set's warps, in order
+#pragma unroll
+        for (int q = 0; q < MMV_WARPS; q++) {
             v += red[q][rg][r][n];
             if (GLU) u += red[q][1][r][n];
         }
-        const int o = o0 + set * ROWS + 16 * rg + r;
+        const int o = o0 + 16 * rg + r;
         if (n < M && o < out) y[(i64)n * ldy + o] = GLU ? glu_act(v, act) * u : v;
     }
 }
 
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
     mmv_r1(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, int M, float* y, int ldy,
-           int out, int wpg) {
-    mmv_body<1, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0, wpg);
+           int out) {
+    mmv_body<1, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0);
 }
 #if QTYPE == T_Q4_K  // Q6_K's two register sets of two row groups would spill: one group a block
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
     mmv_r2(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, int M, float* y, int ldy,
-           int out, int wpg) {
-    mmv_body<2, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0, wpg);
+           int out) {
+    mmv_body<2, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0);
 }
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
     mmv_glu(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const u8* up, const __half* x8, int M,
-            float* y, int ldy, int out, int act, int wpg) {
-    mmv_body<2, true>(WDesc{base, row_bytes, nblk, nb, cols}, up, x8, M, y, ldy, out, act, wpg);
+            float* y, int ldy, int out, int act) {
+    mmv_body<2, true>(WDesc{base, row_bytes, nblk, nb, cols}, up, x8, M, y, ldy, out, act);
 }
 #endif
 

@@ -547,28 +547,14 @@ def _mmv_rows(w: GpuWeight, dev: int) -> int:
     return 2 if w.dtype == GGMLType.Q4_K and w.rows >= 2 * 32 * 2 * _sm_count(dev) else 1
 
 
-# Warps of an mmv block that share one set of row groups (1, 2, 4 or 8); None: _mmv_split's choice.
-MMV_WPG: int | None = None
-
-
-def _mmv_split(sets: int, dev: int) -> tuple[int, int]:
-    """(wpg, blocks) for `sets` sets of row groups: the fewest warps a set (each walks more
-    super-blocks, one loaded ahead, and fewer sums meet in shared memory) that still give two
-    blocks of 8 warps to every SM; 8 when even that does not."""
-    want = 2 * 8 * _sm_count(dev)
-    wpg = MMV_WPG or next((p for p in (1, 2, 4) if sets * p >= want), 8)
-    return wpg, -(-sets // (8 // wpg))
-
-
 def _mmv(x, w: GpuWeight, y) -> None:
     """y (fp32 [M, rows], M <= 8) = x . W^T on mmv_r<RG> (Q4_K/Q6_K on tensor cores, W decoded into
     the mma fragments, f16 operands, fp32 sums)."""
     dev = _cupy().cuda.runtime.getDevice()
     rg = _mmv_rows(w, dev)
-    wpg, blocks = _mmv_split(-(-w.rows // (16 * rg)), dev)
-    _kernel(w, f"mmv_r{rg}")((blocks,), (256,),
+    _kernel(w, f"mmv_r{rg}")((-(-w.rows // (16 * rg)),), (256,),
                              (*w.kernel_args(), _x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]),
-                              np.int32(w.rows), np.int32(wpg)))
+                              np.int32(w.rows)))
 
 
 def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
@@ -579,10 +565,9 @@ def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
     cp = _cupy()
     m = x.shape[0]
     y = cp.empty((m, wg.rows), dtype=cp.float32) if out is None else out
-    wpg, blocks = _mmv_split(-(-wg.rows // 16), cp.cuda.runtime.getDevice())
-    _kernel(wg, "mmv_glu")((blocks,), (256,),
+    _kernel(wg, "mmv_glu")((-(-wg.rows // 16),), (256,),
                            (*wg.kernel_args(), wu.data, _x8(x, wg), np.int32(m), y, np.int32(wg.rows),
-                            np.int32(wg.rows), np.int32(ops.ACTS[act]), np.int32(wpg)))
+                            np.int32(wg.rows), np.int32(ops.ACTS[act])))
     return y
 
 

@@ -141,25 +141,6 @@ def test_mmv(rng, dtype, m, rows, cols):
     assert mm._default_path(m, dtype) == ("mmv" if mm.MMV_MIN_M[dtype] <= m else "gemv")
 
 
-@pytest.mark.parametrize("wpg", [1, 2, 4, 8])
-@pytest.mark.parametrize("rows,cols", [(300, 3584), (17001, 2304)])
-@pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
-def test_mmv_warps_per_set(rng, dtype, rows, cols, wpg, monkeypatch):
-    """Every split of a block's 8 warps over its sets of row groups (MMV_WPG: 1, 2, 4 or 8 warps
-    a set; 14 and 9 super-blocks a row, so some warps take one more than others; ragged last
-    sets), plain and gate/up."""
-    monkeypatch.setattr(mm, "MMV_WPG", wpg)
-    m = int(rng.integers(1, 9))
-    w, w_ref, x = setup(rng, dtype, rows, cols, m)
-    x = x.astype(np.float16).astype(np.float32)
-    check(run(x, w, "mmv"), x, w_ref, TOL_F16)
-    if dtype == GGMLType.Q4_K:
-        wu, u_ref, _ = setup(rng, dtype, rows, cols, m)
-        xs = scaled_for_glu(x, w_ref, u_ref).astype(np.float16).astype(np.float32)
-        out = cp.full((m, rows), np.nan, dtype=cp.float32)
-        check_glu(mm._glu_mmv(cp.asarray(xs), w, wu, "silu", out=out), xs, w_ref, u_ref, "silu", True, False)
-
-
 def test_mmv_refuses_other_types_and_m(rng):
     w, _, x = setup(rng, GGMLType.Q8_0, 64, 256, 2)
     with pytest.raises(mm.UnsupportedError, match="mmv"):
