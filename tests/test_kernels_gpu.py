@@ -403,8 +403,8 @@ def test_bad_inputs(rng):
 @pytest.mark.parametrize("model", ["gemma", "smollm"])
 def test_real_tensors(rng, model):
     """Every 2-D weight type of the two real models, on the model's own bytes (up to 1024 rows of its
-    first tensor of that type): GEMV at M = 1 and 8, the cuBLAS path at M = 17, the fused GEMM at
-    M = 17 and 130, and row gather."""
+    first tensor of that type): GEMV at M = 1 and 8, mmv at M = 2 and 8 (Q4_K, Q6_K), the cuBLAS
+    path at M = 17, the fused GEMM at M = 17 and 130, and row gather."""
     import realmodels
     from q4k_engine.loader import open_model
 
@@ -419,7 +419,8 @@ def test_real_tensors(rng, model):
         w = mm.prepare_weight(t.dtype, (rows, t.cols), cp.asarray(raw))
         w_ref = dequantize_ref(raw, t.dtype, (rows, t.cols)).astype(np.float64)
         print(f"{model} {t.name} {t.dtype.name} {rows}x{t.cols}")
-        for m, path, tol in ((1, "gemv", TOL_FP32), (8, "gemv", TOL_FP32), (17, "cublas", TOL_F16),
+        mmv = ((2, "mmv", TOL_F16), (8, "mmv", TOL_F16)) if t.dtype in mm.MMV_TYPES else ()
+        for m, path, tol in ((1, "gemv", TOL_FP32), (8, "gemv", TOL_FP32), *mmv, (17, "cublas", TOL_F16),
                              (17, "mma", TOL_F16), (130, "mma", TOL_F16)):
             x = rng.standard_normal((m, t.cols)).astype(np.float32)
             check(run(x, w, path), x, w_ref, tol)
