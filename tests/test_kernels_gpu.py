@@ -243,10 +243,10 @@ def act_ref(g: np.ndarray, act: str) -> np.ndarray:
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
-    """act(x Wg^T) * (x Wu^T): fp32 at M <= 8 (M = 1 of the k-quants: gemv1_glu); f16 above, from
-    the fused gate/up launch (mma: 64 gate rows and their up rows a tile, 200 rows = a ragged last
-    tile) or the cuBLAS path, built in row blocks (a scratch of 64 rows per weight forces 4, the
-    last one ragged; f16 products). Bound: check_glu."""
+    """act(x Wg^T) * (x Wu^T): fp32 on the GEMV (M = 1 of the k-quants: gemv1_glu) and on mmv (2..8
+    tokens of the k-quants); f16 from the fused gate/up launch (mma: 64 gate rows and their up rows
+    a tile, 200 rows = a ragged last tile) or the cuBLAS path, built in row blocks (a scratch of 64
+    rows per weight forces 4, the last one ragged; f16 products). Bound: check_glu."""
     rows, cols = 200, cols_for(dtype, True)
     wg, g_ref, x = setup(rng, dtype, rows, cols, m)
     wu, u_ref, _ = setup(rng, dtype, rows, cols, m)
