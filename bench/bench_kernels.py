@@ -222,13 +222,14 @@ def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
     fused launch; mmv: one for Q4_K, two and a glu for Q6_K). frac = quantized weight bytes / time / copy bandwidth."""
     import cupy as cp
 
+    from q4k_engine.dtypes import tensor_bytes
     from q4k_engine.kernels.matmul import glu_matmul, matmul
 
     rows_out = []
     for dt in dtypes:
         for out_f, in_f in SMALL_SHAPES + [(18944, 3584)]:
             glu = (out_f, in_f) == (18944, 3584)
-            n = max(1, -(-3 * l2_bytes // random_qweight(dt, out_f, in_f).data.nbytes))
+            n = max(1, -(-3 * l2_bytes // tensor_bytes(dt, (out_f, in_f))))
             copies = [tuple(random_qweight(dt, out_f, in_f) for _ in range(2 if glu else 1)) for _ in range(n)]
             wbytes = sum(w.data.nbytes for w in copies[0])
             for m in SMALL_M:
@@ -249,7 +250,7 @@ def bench_small(dtypes, copy_bw: float, l2_bytes: int) -> list[dict]:
                     t = graph_time_ms(call, calls=max(20, len(copies)))
                     res[f"{path}_us"] = t * 1e3
                     res[f"{path}_frac"] = wbytes / (t * 1e-3) / copy_bw
-                res["best"] = min((p for p in ("gemv", "mma", "mmv") if f"{p}_us" in res), key=lambda p: res[f"{p}_us"])
+                res["best"] = min(("gemv", "mma", "mmv"), key=lambda p: res[f"{p}_us"])
                 rows_out.append(res)
     return rows_out
 
@@ -259,7 +260,7 @@ def fmt_table(rows: list[dict], cols: list[str]) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -575,14 +575,15 @@ PATHS = ("gemv", "mmv", "mma", "cublas")
 # mmv takes 1..8 tokens of these types; the default from MMV_MIN_M tokens on (below, the GEMV):
 # H200, 7B shapes graph-replayed, mmv beats the GEMV on every Q4_K matrix from M = 2 (e.g. the
 # gate/up pair 43.9 vs 67.6 us) and loses at M = 1 (43.2 vs 36.5); Q6_K from 2 on the LM head
-# and the gate/up pair, from 3 on the others; decode steps of batch 2 were 1.24x faster with it.
+# and the gate/up pair, from 3 on the others; one bound for both types, as batch-2 decode steps
+# were fastest with it (1.24x the GEMV's).
 MMV_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K)
 MMV_MAX_M = 8
-MMV_MIN_M = {GGMLType.Q4_K: 2, GGMLType.Q6_K: 2}
+MMV_MIN_M = 2
 
 
 def _default_path(m: int, dtype: GGMLType | None = None) -> str:
-    if dtype in MMV_TYPES and MMV_MIN_M[dtype] <= m <= MMV_MAX_M:
+    if dtype in MMV_TYPES and MMV_MIN_M <= m <= MMV_MAX_M:
         return "mmv"
     return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
 
@@ -619,11 +620,6 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
         raise InputError(f"matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mmv":
         _check_mmv(m, w.dtype)
-        y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
-        _mmv(x, w, y)
-        if y is not out:
-            out[...] = y
-        return out
     plan = _mma_plan(m, forced) if path == "mma" else None
     if path == "cublas" or (path == "mma" and plan is None):
         _gemm_cublas(x, w, out)
@@ -631,11 +627,14 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     if path == "mma":
         _gemm_fused(x, w, out, plan)
         return out
-    # gemv reads fp32 x and writes fp32 y.
+    # gemv and mmv write fp32 y (gemv reads fp32 x, mmv converts x to its own f16 operand).
     y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
-    xp = _padded_x(x.astype(cp.float32, copy=False), w)
-    for m0 in range(0, m, _GEMV_TOKENS):
-        _gemv(xp, w, y, m0, min(_GEMV_TOKENS, m - m0))
+    if path == "mmv":
+        _mmv(x, w, y)
+    else:
+        xp = _padded_x(x.astype(cp.float32, copy=False), w)
+        for m0 in range(0, m, _GEMV_TOKENS):
+            _gemv(xp, w, y, m0, min(_GEMV_TOKENS, m - m0))
     if y is not out:
         out[...] = y
     return out
