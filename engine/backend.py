@@ -75,10 +75,13 @@ class Backend(Protocol):
     def scale(self, x: Array, s: float) -> Array: ...  # x * float32(s) (s rounded to float32 first, as HF/llama.cpp)
     def rmsnorm(self, x: Array, w: Array, eps: float) -> Array: ...  # over the last dim (works on [N, heads, d] too)
     def add_rmsnorm(self, h: Array, d: Array, w: Array, eps: float) -> tuple[Array, Array]: ...  # (h+d, rmsnorm(h+d))
-    def rope(self, x: Array, batch: Batch, theta: float, neox: bool, pos_scale: float,
-             freq_factors: Array | None, bias: Array | None = None) -> Array: ...  # x [N, heads, head_dim]
-    # With `bias` ([heads * head_dim], a projection's bias), x + bias (a float32 add, as `add`) is
-    # rotated: the bias add of q/k fused into RoPE where nothing lies between them (no QK-norm).
+    def qkv_rope(self, q: Array, k: Array, v: Array, batch: Batch, theta: float, neox: bool, pos_scale: float,
+                 freq_factors: Array | None, bias: tuple = (None, None, None), norm: tuple | None = None,
+                 eps: float = 0.0) -> tuple[Array, Array, Array]: ...
+    # Attention's inputs from the projections: q [N, Hq, D], k/v [N, Hkv, D], each possibly a view
+    # with a row stride (column slices of one stacked q/k/v product). q and k: + bias (a float32 add,
+    # as `add`), RMSNorm per head where norm = (q_norm, k_norm) (QK-norm), then RoPE; v: + bias.
+    # bias = (bq, bk, bv), each [heads * head_dim] or None. Returns new contiguous float32 arrays.
     # Angle of pair i of a token at position p: p * pos_scale * theta^(-2i/head_dim) / freq_factors[i]
     # (pos_scale = 1 / linear scaling factor, llama.cpp's freq_scale). NORM pairs (x[2i], x[2i+1]),
     # NEOX pairs (x[i], x[i + head_dim/2]).

@@ -119,11 +119,23 @@ class NumpyBackend:
         h = self.add(h, d)
         return h, self.rmsnorm(h, w, eps)
 
+    def qkv_rope(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, theta: float, neox: bool,
+                 pos_scale: float, freq_factors: np.ndarray | None, bias: tuple = (None, None, None),
+                 norm: tuple | None = None, eps: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The unfused steps: add each bias, RMSNorm q and k per head (QK-norm), RoPE them."""
+        out = []
+        for i, x in enumerate((q, k, v)):
+            if bias[i] is not None:
+                x = self.add(x, np.asarray(bias[i], np.float32).reshape(x.shape[1:]))
+            if i < 2 and norm is not None:
+                x = self.rmsnorm(x, norm[i], eps)
+            out.append(self.rope(x, batch, theta, neox, pos_scale, freq_factors) if i < 2
+                       else np.ascontiguousarray(x, np.float32))
+        return tuple(out)
+
     def rope(self, x: np.ndarray, batch: Batch, theta: float, neox: bool, pos_scale: float,
-             freq_factors: np.ndarray | None, bias: np.ndarray | None = None) -> np.ndarray:
-        n, heads, d = x.shape
-        if bias is not None:  # the same float32 sum as add(x, bias) before an unfused rope
-            x = self.add(x, np.asarray(bias, np.float32).reshape(heads, d))
+             freq_factors: np.ndarray | None) -> np.ndarray:
+        d = x.shape[-1]
         half = d // 2
         inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / d)
         if freq_factors is not None:

@@ -407,10 +407,11 @@ class CudaBackend:
     def add_rmsnorm(self, h: Any, d: Any, w: Any, eps: float) -> tuple[Any, Any]:
         return self._ops.add_rmsnorm(h, d, w, eps)
 
-    def rope(self, x: Any, batch: Batch, theta: float, neox: bool, pos_scale: float,
-             freq_factors: Any | None, bias: Any | None = None) -> Any:
-        return self._ops.rope(x, self._device_batch(batch, None).positions, theta, neox, pos_scale, freq_factors,
-                              bias=bias)
+    def qkv_rope(self, q: Any, k: Any, v: Any, batch: Batch, theta: float, neox: bool, pos_scale: float,
+                 freq_factors: Any | None, bias: tuple = (None, None, None), norm: tuple | None = None,
+                 eps: float = 0.0) -> tuple[Any, Any, Any]:
+        return self._ops.qkv_rope(q, k, v, self._device_batch(batch, None).positions, theta, neox, pos_scale,
+                                  freq_factors, bias=bias, norm=norm, eps=eps)
 
     def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
         return self._mm.glu_matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), gate, up, act)

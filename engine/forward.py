@@ -106,24 +106,13 @@ def upload(model: ModelFile, backend: Backend) -> Weights:
 def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, batch: Batch, i: int,
                      rope_freqs: Array | None, cache: KVCache | None) -> Array:
     n = batch.n_tokens
-    q, k, v = be.matmul(x, lw.wq), be.matmul(x, lw.wk), be.matmul(x, lw.wv)
-    # The q/k biases precede a QK-norm; without one, RoPE adds them itself (two launches fewer).
-    rope_bq = rope_bk = None
-    if cfg.qkv_bias:
-        v = be.add(v, lw.bv)
-        if cfg.qk_norm:
-            q, k = be.add(q, lw.bq), be.add(k, lw.bk)
-        else:
-            rope_bq, rope_bk = lw.bq, lw.bk
-    q = q.reshape(n, cfg.n_heads, cfg.head_dim)
-    k = k.reshape(n, cfg.n_kv_heads, cfg.head_dim)
-    v = v.reshape(n, cfg.n_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q, k = be.rmsnorm(q, lw.q_norm, cfg.rms_eps), be.rmsnorm(k, lw.k_norm, cfg.rms_eps)
+    q = be.matmul(x, lw.wq).reshape(n, cfg.n_heads, cfg.head_dim)
+    k = be.matmul(x, lw.wk).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+    v = be.matmul(x, lw.wv).reshape(n, cfg.n_kv_heads, cfg.head_dim)
     # layer_rope_scale is the multiplier of positions (1 / the linear scaling factor), see loader.py
-    theta, pos_scale = cfg.layer_theta(i), cfg.layer_rope_scale(i)
-    q = be.rope(q, batch, theta, cfg.rope_neox, pos_scale, rope_freqs, bias=rope_bq)
-    k = be.rope(k, batch, theta, cfg.rope_neox, pos_scale, rope_freqs, bias=rope_bk)
+    q, k, v = be.qkv_rope(q, k, v, batch, cfg.layer_theta(i), cfg.rope_neox, cfg.layer_rope_scale(i), rope_freqs,
+                          bias=(lw.bq, lw.bk, lw.bv), norm=(lw.q_norm, lw.k_norm) if cfg.qk_norm else None,
+                          eps=cfg.rms_eps)
     a = be.attention(q, k, v, batch, cfg.scale, cfg.layer_window(i), cache, i)
     a = be.matmul(a.reshape(n, cfg.n_heads * cfg.head_dim), lw.wo)
     return be.rmsnorm(a, lw.post_attn_norm, cfg.rms_eps) if cfg.sandwich_norm else a

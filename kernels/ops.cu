@@ -69,38 +69,70 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE on x [N, H, D]: one block per token. The angle is computed in double (positions up to ~1e5
-// times frequencies near 1 need more than fp32's 24 bits), once per (token, pair) and group of heads:
-// thread e takes pair i = e % half for heads g, g + G, ... (g = e / half, G = threads / half), so the
-// double-precision pow and sincos are not repeated for every head.
-// neox: pairs (i, i + D/2); else pairs (2i, 2i+1). freq_i = theta^(-2i/D) / factors[i].
-// With `bias` non-null ([H * D], a q/k projection's bias) x + bias is rotated: the fp32 sum that a
-// separate add would have written, without its launch and its round trip through memory.
-__global__ void rope(const float* __restrict__ x, float* __restrict__ y, const int* __restrict__ pos,
-                     const float* __restrict__ factors, const float* __restrict__ bias, int n_heads, int dim,
-                     double theta, double pos_scale, int neox) {
-    const int tok = blockIdx.x;
-    const int half = dim / 2;
-    const int groups = max(1, min(n_heads, (int)blockDim.x / half));
-    const double p = (double)pos[tok] * pos_scale;
-    const size_t base = (size_t)tok * n_heads * dim;
-    for (int e = threadIdx.x; e < groups * half; e += blockDim.x) {
-        const int g = e / half, i = e % half;
-        double inv_freq = pow(theta, -2.0 * i / dim);
-        if (factors) inv_freq /= (double)factors[i];
-        double s, c;
-        sincos(p * inv_freq, &s, &c);
-        const int i0 = neox ? i : 2 * i;
-        const int i1 = neox ? i + half : 2 * i + 1;
-        for (int h = g; h < n_heads; h += groups) {
-            const size_t o = base + (size_t)h * dim;
-            float x0 = x[o + i0], x1 = x[o + i1];
-            if (bias) {
-                x0 += bias[h * dim + i0];
-                x1 += bias[h * dim + i1];
+// Attention's inputs from the q, k and v projections, one launch a layer (ops.qkv_rope; rope is the
+// same kernel with k and v absent): q and k get their bias, an RMSNorm per head when nq/nk are
+// given (QK-norm) and RoPE; v gets its bias. Inputs [N, H, D] may be column slices of one stacked
+// product (row strides ldq, ldk, ldv in floats); outputs are contiguous [N, H, D].
+// One block per token. Its RoPE angles are computed first, in double (positions up to ~1e5 times
+// frequencies near 1 need more than fp32's 24 bits), once per pair for all the token's heads;
+// then warp w takes heads w, w + warps, ... of q, then k, then v. neox: pairs (i, i + D/2); else
+// (2i, 2i+1). freq_i = theta^(-2i/D) / factors[i]. Bias and norm are the fp32 arithmetic of a
+// separate add and rmsnorm (x + b, then x * rsqrt(mean(x^2) + eps) * w).
+#define ROPE_MAX_PAIRS 256
+__global__ void qkv_rope(const float* __restrict__ q, long long ldq, const float* __restrict__ k, long long ldk,
+                         const float* __restrict__ v, long long ldv, float* __restrict__ yq, float* __restrict__ yk,
+                         float* __restrict__ yv, const int* __restrict__ pos, const float* __restrict__ factors,
+                         const float* __restrict__ bq, const float* __restrict__ bk, const float* __restrict__ bv,
+                         const float* __restrict__ nq, const float* __restrict__ nk, float eps, int hq, int hk,
+                         int hv, int dim, double theta, double pos_scale, int neox) {
+    __shared__ double cs[2 * ROPE_MAX_PAIRS];
+    const int tok = blockIdx.x, half = dim / 2;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (hq + hk > 0) {
+        const double p = (double)pos[tok] * pos_scale;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            double inv_freq = pow(theta, -2.0 * i / dim);
+            if (factors) inv_freq /= (double)factors[i];
+            sincos(p * inv_freq, &cs[2 * i + 1], &cs[2 * i]);
+        }
+        __syncthreads();
+    }
+    for (int h = warp; h < hq + hk + hv; h += warps) {
+        const int part = h < hq ? 0 : h < hq + hk ? 1 : 2;
+        const int hh = h - (part == 0 ? 0 : part == 1 ? hq : hq + hk);
+        const int heads = part == 0 ? hq : part == 1 ? hk : hv;
+        const float* src = (part == 0 ? q + tok * ldq : part == 1 ? k + tok * ldk : v + tok * ldv) + (size_t)hh * dim;
+        const float* b = part == 0 ? bq : part == 1 ? bk : bv;
+        if (b) b += (size_t)hh * dim;
+        float* dst = (part == 0 ? yq : part == 1 ? yk : yv) + ((size_t)tok * heads + hh) * dim;
+        if (part == 2) {
+            for (int i = lane; i < dim; i += 32) dst[i] = b ? src[i] + b[i] : src[i];
+            continue;
+        }
+        const float* nw = part == 0 ? nq : nk;
+        float inv = 1.0f;
+        if (nw) {
+            float ss = 0.0f;
+            for (int i = lane; i < dim; i += 32) {
+                const float x = b ? src[i] + b[i] : src[i];
+                ss += x * x;
             }
-            y[o + i0] = (float)(x0 * c - x1 * s);
-            y[o + i1] = (float)(x0 * s + x1 * c);
+            inv = rsqrtf(warp_sum(ss) / dim + eps);
+        }
+        for (int i = lane; i < half; i += 32) {
+            const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            float x0 = src[i0], x1 = src[i1];
+            if (b) {
+                x0 += b[i0];
+                x1 += b[i1];
+            }
+            if (nw) {
+                x0 = x0 * inv * nw[i0];
+                x1 = x1 * inv * nw[i1];
+            }
+            const double c = cs[2 * i], s = cs[2 * i + 1];
+            dst[i0] = (float)(x0 * c - x1 * s);
+            dst[i1] = (float)(x0 * s + x1 * c);
         }
     }
 }

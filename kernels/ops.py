@@ -20,6 +20,7 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 MAX_HEAD_DIM = 256
 _DEC_THREADS = 256  # must match ops.cu
 _NULL = np.uint64(0)  # a null pointer argument (optional inputs of a kernel)
+_ROPE_MAX_PAIRS = 256  # must match ops.cu
 _MAX_ROWS = 1 << 31  # row indices of the attention layouts are int32
 _MAX_GRID_YZ = 65535  # CUDA's limit of gridDim.y and gridDim.z
 
@@ -72,37 +73,73 @@ def add_rmsnorm(h, r, w, eps: float, out_h=None, out_y=None):
     return hs, y
 
 
-def rope(x, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_factors=None, out=None,
-         bias=None):
-    """Rotary embedding of x [N, heads, head_dim] at per-token positions [N] (int32); with `bias`
-    ([heads * head_dim]), of x + bias (the q/k projection bias, added in fp32 first).
+def _heads(x, name: str):
+    """x [N, H, D] float32 as (array, row stride in floats): contiguous within a token (a column
+    slice of a stacked q/k/v product is taken as it is), else copied to be."""
+    cp = _cupy()
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {x.shape}")
+    if x.dtype != np.float32 or x.strides[2] != 4 or x.strides[1] != 4 * x.shape[2] or x.strides[0] % 4:
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+    return x, (x.strides[0] // 4 if x.shape[0] > 1 else x.shape[1] * x.shape[2])
+
+
+def _vec(b, size: int, what: str):
+    if b is None:
+        return _NULL
+    b = _f32(b)
+    if b.shape != (size,):
+        raise ValueError(f"{what} has shape {b.shape}, expected ({size},)")
+    return b
+
+
+def qkv_rope(q, k, v, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_factors=None,
+             bias=(None, None, None), norm=None, eps: float = 0.0, out=None):
+    """Attention's inputs in one launch: q [N, Hq, D] and k [N, Hk, D] + their biases, RMSNorm per
+    head with norm = (q_norm, k_norm) ([D] each), then RoPE at per-token positions [N] (int32);
+    v [N, Hv, D] + its bias. Any of k, v may be None (absent). Inputs may be views with a row
+    stride (column slices of one stacked projection); outputs are new C-contiguous float32 arrays,
+    or out = (q, k, v) buffers. bias: ([Hq * D] or None, [Hk * D] or None, [Hv * D] or None).
 
     Angle of pair i at position p: p * pos_scale * theta^(-2i/d) / freq_factors[i].
     """
     cp = _cupy()
-    x = _f32(x)
-    n, heads, d = x.shape
-    if d % 2:
-        raise ValueError(f"rope needs an even head_dim, got {d}")
+    q, ldq = _heads(q, "q")
+    n, hq, d = q.shape
+    parts = [(q, ldq)]
+    for x, name in ((k, "k"), (v, "v")):
+        if x is None:
+            parts.append((None, 0))
+            continue
+        x, ld = _heads(x, name)
+        if x.shape[0] != n or x.shape[2] != d:
+            raise ValueError(f"qkv_rope: {name} has shape {x.shape}, q {q.shape}")
+        parts.append((x, ld))
+    heads = [0 if x is None else x.shape[1] for x, _ in parts]
+    if d % 2 or d > 2 * _ROPE_MAX_PAIRS:
+        raise ValueError(f"rope needs an even head_dim of at most {2 * _ROPE_MAX_PAIRS}, got {d}")
     pos = cp.ascontiguousarray(positions, dtype=cp.int32)
     if pos.shape != (n,):
         raise ValueError(f"rope: {pos.shape[0] if pos.ndim else 0} positions for {n} tokens")
-    ff = _NULL
-    if freq_factors is not None:
-        ff = _f32(freq_factors)
-        if ff.shape != (d // 2,):
-            raise ValueError(f"rope_freqs has shape {ff.shape}, expected ({d // 2},)")
-    b = _NULL
-    if bias is not None:
-        b = _f32(bias)
-        if b.shape != (heads * d,):
-            raise ValueError(f"rope bias has shape {b.shape}, expected ({heads * d},)")
-    y = _out(out, x.shape)
+    ff = _vec(freq_factors, d // 2, "rope_freqs")
+    bs = [_vec(b, h * d, f"{name} bias") if h else _NULL for b, h, name in zip(bias, heads, "qkv")]
+    nq, nk = (_NULL, _NULL) if norm is None else (_vec(norm[0], d, "q_norm"), _vec(norm[1], d, "k_norm"))
+    outs = out or (None, None, None)
+    ys = [None if x is None else _out(o, (n, h, d)) for (x, _), h, o in zip(parts, heads, outs)]
     if n:
-        kernel("ops.cu", "rope")((n,), (_threads_for(heads * d // 2, 256),),
-                                 (x, y, pos, ff, b, np.int32(heads), np.int32(d), np.float64(theta),
-                                  np.float64(pos_scale), np.int32(bool(neox))))
-    return y
+        args = [a for (x, ld) in parts for a in (_NULL if x is None else x, np.int64(ld))]
+        kernel("ops.cu", "qkv_rope")((n,), (256,), (
+            *args, *[_NULL if y is None else y for y in ys], pos, ff, *bs, nq, nk, np.float32(eps),
+            *[np.int32(h) for h in heads], np.int32(d), np.float64(theta), np.float64(pos_scale), np.int32(bool(neox))))
+    return tuple(ys)
+
+
+def rope(x, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_factors=None, out=None,
+         bias=None):
+    """RoPE of x [N, heads, head_dim] alone (qkv_rope without k and v); with `bias` ([heads *
+    head_dim]), of x + bias (the fp32 add first)."""
+    return qkv_rope(x, None, None, positions, theta, neox, pos_scale, freq_factors, bias=(bias, None, None),
+                    out=(out, None, None))[0]
 
 
 def kv_write(k, v, ck, cv, rows) -> None:

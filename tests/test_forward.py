@@ -175,33 +175,29 @@ def test_qkv_bias_with_qk_norm_adds_before_the_norm(models, rng):
     assert np.abs(run(model, [ids]) - ref).max() > 1e-3  # without the norms: another result
 
 
-def test_qkv_bias_is_fused_into_rope(models, rng):
-    """qwen2 (biases, no QK-norm): the q/k biases reach RoPE, only v's is a separate add, and the
-    fused rope equals add-then-rope bit for bit."""
-    model = models["qwen2"]
-    c = model.config
-    calls = {"add": 0, "rope_bias": 0}
-
-    class Counting(NumpyBackend):
-        def add(self, a, b):
-            calls["add"] += np.ndim(b) == 1  # a bias vector as the forward passes it
-            return super().add(a, b)
-
-        def rope(self, x, batch, theta, neox, pos_scale, freq_factors, bias=None):
-            calls["rope_bias"] += bias is not None
-            return super().rope(x, batch, theta, neox, pos_scale, freq_factors, bias=bias)
-
-    ids = rng.integers(0, c.vocab_size, 9).tolist()
-    run(model, [ids], Counting())
-    assert calls["rope_bias"] == 2 * c.n_layers
-    assert calls["add"] == c.n_layers  # v's bias
+def test_qkv_rope_is_add_norm_rope_on_views(rng):
+    """The NumPy oracle of qkv_rope: biases added in fp32, then QK-norm, then RoPE, on column
+    slices of one stacked product as on contiguous arrays; v only gets its bias."""
     be = NumpyBackend()
-    x = rng.standard_normal((7, 3, 16)).astype(np.float32)
-    bias = rng.standard_normal(3 * 16).astype(np.float32)
+    n, hq, hkv, d = 7, 4, 2, 16
+    y = rng.standard_normal((n, (hq + 2 * hkv) * d)).astype(np.float32)
+    views = (y[:, : hq * d].reshape(n, hq, d), y[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d),
+             y[:, (hq + hkv) * d:].reshape(n, hkv, d))
+    dense = [np.ascontiguousarray(x) for x in views]
+    bias = tuple(rng.standard_normal(h * d).astype(np.float32) for h in (hq, hkv, hkv))
+    norm = tuple(rng.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2))
     batch = Batch.from_lengths([4, 3], np.array([10, 0]))
     for neox in (True, False):
-        fused = be.rope(x, batch, 1e4, neox, 1.0, None, bias=bias)
-        assert np.array_equal(fused, be.rope(be.add(x, bias.reshape(3, 16)), batch, 1e4, neox, 1.0, None))
+        got = be.qkv_rope(*views, batch, 1e4, neox, 0.5, None, bias=bias, norm=norm, eps=1e-6)
+        assert all(g.flags.c_contiguous and g.dtype == np.float32 for g in got)
+        xs = [be.add(x, b.reshape(x.shape[1:])) for x, b in zip(dense, bias)]
+        for i in range(2):
+            want = be.rope(be.rmsnorm(xs[i], norm[i], 1e-6), batch, 1e4, neox, 0.5, None)
+            assert np.array_equal(got[i], want)
+        assert np.array_equal(got[2], xs[2])
+        plain = be.qkv_rope(*views, batch, 1e4, neox, 0.5, None)
+        assert np.array_equal(plain[0], be.rope(dense[0], batch, 1e4, neox, 0.5, None))
+        assert np.array_equal(plain[2], dense[2])
 
 
 def test_switches_change_the_result(models, rng):

@@ -106,8 +106,8 @@ def test_add_rmsnorm(cp, ops, rng, shape):
     (300, 2, 256, 1e6, 0.125, False),
     (7, 3, 6, 1e5, 1.0, True),
     (65, 2, 128, 5e5, 1.0, True),
-    (33, 28, 128, 1e6, 1.0, False),  # 4 head groups of 7 per block
-    (9, 7, 96, 1e4, 1.0, True),  # 5 groups over 7 heads: uneven
+    (33, 28, 128, 1e6, 1.0, False),  # 28 heads over a block's 8 warps: uneven
+    (9, 7, 96, 1e4, 1.0, True),  # 48 pairs: a warp's lanes wrap once, partly
 ])
 def test_rope(cp, ops, rng, neox, n, heads, d, theta, pos_scale, factors):
     x = rng.standard_normal((n, heads, d)).astype(np.float32)
@@ -126,15 +126,59 @@ def test_rope(cp, ops, rng, neox, n, heads, d, theta, pos_scale, factors):
     fused = poisoned(cp, x.shape)
     ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, pos_scale, None if ff is None else cp.asarray(ff),
              out=fused, bias=cp.asarray(bias))
-    oracle = NumpyBackend().rope(x, Batch(np.array([0, n], np.int32), pos, np.zeros(1, np.int32)), theta, neox,
-                                 pos_scale, ff, bias=bias)
+    cpu = NumpyBackend()
+    oracle = cpu.rope(cpu.add(x, bias.reshape(heads, d)), Batch(np.array([0, n], np.int32), pos, np.zeros(1, np.int32)),
+                      theta, neox, pos_scale, ff)
     assert rel_err(fused.get(), oracle) < 2e-6
     assert rel_err(fused.get(), ref_rope(x + bias.reshape(heads, d), pos, theta, neox, pos_scale, ff)) < 2e-6
     unfused = ops.rope(cp.asarray(x) + cp.asarray(bias).reshape(heads, d), cp.asarray(pos), theta, neox, pos_scale,
                        None if ff is None else cp.asarray(ff))
     assert fused.get().tobytes() == unfused.get().tobytes()
-    with pytest.raises(ValueError, match="rope bias"):
+    with pytest.raises(ValueError, match="q bias"):
         ops.rope(cp.asarray(x), cp.asarray(pos), theta, neox, bias=cp.asarray(bias[1:]))
+
+
+@pytest.mark.parametrize("n,hq,hkv,d,neox,bias,norm,stacked", [
+    (1, 28, 4, 128, True, True, False, True),  # a Qwen2-7B decode token, stacked q/k/v
+    (65, 8, 2, 64, False, True, True, True),
+    (7, 3, 1, 6, True, False, True, False),
+    (130, 4, 4, 256, True, False, True, True),  # Gemma-like: QK-norm, no bias
+    (9, 7, 7, 96, False, True, False, False),
+    (3, 2, 1, 16, True, True, True, True),
+])
+def test_qkv_rope(cp, ops, rng, n, hq, hkv, d, neox, bias, norm, stacked):
+    """One launch for attention's inputs against the NumPy oracle's add, per-head RMSNorm and RoPE,
+    with q/k/v as column slices of one stacked product (row stride) or contiguous."""
+    from q4k_engine.backend import Batch
+    from q4k_engine.backend_cpu import NumpyBackend
+
+    widths = (hq * d, hkv * d, hkv * d)
+    y = (rng.standard_normal((n, sum(widths))) * 3).astype(np.float32)
+    cols = np.cumsum((0,) + widths)
+    host = [y[:, a:b].reshape(n, -1, d) for a, b in zip(cols, cols[1:])]
+    yd = cp.asarray(y)
+    dev = ([yd[:, a:b].reshape(n, -1, d) for a, b in zip(cols, cols[1:])] if stacked
+           else [cp.asarray(np.ascontiguousarray(x)) for x in host])
+    pos = np.sort(rng.integers(0, 40000, n)).astype(np.int32)
+    ff = rng.uniform(1.0, 8.0, d // 2).astype(np.float32)
+    bs = tuple((rng.standard_normal(w) * 2).astype(np.float32) if bias else None for w in widths)
+    ns = tuple(rng.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2)) if norm else None
+    print(f"n={n} hq={hq} hkv={hkv} d={d} neox={neox} bias={bias} norm={norm} stacked={stacked}")
+    outs = tuple(poisoned(cp, x.shape) for x in host)
+    got = ops.qkv_rope(*dev, cp.asarray(pos), 1e6, neox, 0.5, cp.asarray(ff),
+                       bias=tuple(None if b is None else cp.asarray(b) for b in bs),
+                       norm=None if ns is None else tuple(cp.asarray(w) for w in ns), eps=1e-6, out=outs)
+    assert all(g is o for g, o in zip(got, outs))
+    want = NumpyBackend().qkv_rope(*host, Batch(np.array([0, n], np.int32), pos, np.zeros(1, np.int32)), 1e6, neox,
+                                   0.5, ff, bias=bs, norm=ns, eps=1e-6)
+    for name, g, w in zip("qkv", got, want):
+        assert rel_err(g.get(), w) < 4e-6, name
+    # q alone (k and v absent) is `rope`: the same launch, so without the norm the same bits
+    alone = ops.rope(dev[0], cp.asarray(pos), 1e6, neox, 0.5, cp.asarray(ff), bias=None if bs[0] is None else cp.asarray(bs[0]))
+    if not norm:
+        assert alone.get().tobytes() == got[0].get().tobytes()
+    with pytest.raises(ValueError, match="k has shape"):
+        ops.qkv_rope(dev[0], dev[1][:, :, :-2], dev[2], cp.asarray(pos), 1e6, neox)
 
 
 def test_kv_write(cp, ops, rng):
