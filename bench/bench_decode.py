@@ -36,7 +36,7 @@ def breakdown(teacher, b: int, ctx: int) -> tuple[float, float, int]:
 
     be, cfg, w = teacher.backend, teacher.config, teacher.weights
     rng = cp.random.default_rng(0)
-    mats = [m for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.gate, lw.up, lw.down)] + [w.output]
+    mats = [m for lw in w.layers for m in (*lw.qkv, lw.wo, lw.gate, lw.up, lw.down)] + [w.output]
     xs = {m.cols: rng.standard_normal((b, m.cols), dtype=cp.float32) for m in mats}
     x = xs[cfg.hidden]
     q = rng.standard_normal((b, cfg.n_heads, cfg.head_dim), dtype=cp.float32)
@@ -45,7 +45,7 @@ def breakdown(teacher, b: int, ctx: int) -> tuple[float, float, int]:
 
     def gemvs() -> None:  # the weight products of a step, as the forward calls them
         for lw in w.layers:
-            for m in (lw.wq, lw.wk, lw.wv):
+            for m in lw.qkv:  # q, k and v, stacked where they share a type
                 be.matmul(x, m)
             be.matmul(x, lw.wo)
             be.glu_matmul(x, lw.gate, lw.up, cfg.act)

@@ -25,9 +25,8 @@ from .tensors import ModelFile, QTensor
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: Array
-    wq: Any
-    wk: Any
-    wv: Any
+    qkv: tuple[Any, ...]  # the q, k and v projections, neighbours of one type stacked (_stack_rows)
+    qkv_split: tuple[int, ...]  # how many of q, k, v (in that order) each matrix of qkv holds
     wo: Any
     ffn_norm: Array
     gate: Any
@@ -59,6 +58,27 @@ def _check_shape(t: QTensor, shape: tuple[int, ...]) -> QTensor:
     return t
 
 
+def _stack_rows(ts: list[QTensor]) -> QTensor:
+    """Matrices of one type and row length as one, their rows one after another (a stored row is
+    self-contained bytes in every type): one product for q, k and v, whose x is read, converted and
+    launched on once instead of three times."""
+    if len(ts) == 1:
+        return ts[0]
+    data = np.concatenate([np.asarray(t.data, np.uint8).reshape(-1) for t in ts])
+    return QTensor("+".join(t.name for t in ts), ts[0].dtype, (sum(t.rows for t in ts), ts[0].cols), data)
+
+
+def _qkv_groups(ts: list[QTensor]) -> list[list[QTensor]]:
+    """q, k, v in order, neighbours of one type together (Q4_K_M keeps v Q6_K in some layers)."""
+    groups: list[list[QTensor]] = []
+    for t in ts:
+        if groups and groups[-1][0].dtype == t.dtype:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
+
+
 def upload(model: ModelFile, backend: Backend) -> Weights:
     """Check every tensor the config needs against its expected shape and hand it to the backend."""
     cfg, tensors = model.config, model.tensors
@@ -78,11 +98,11 @@ def upload(model: ModelFile, backend: Backend) -> Weights:
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
+        qkv = _qkv_groups([get(p + f"attn_{x}.weight") for x in "qkv"])
         layers.append(LayerWeights(
             attn_norm=vec(p + "attn_norm.weight"),
-            wq=mat(p + "attn_q.weight"),
-            wk=mat(p + "attn_k.weight"),
-            wv=mat(p + "attn_v.weight"),
+            qkv=tuple(backend.weight(_stack_rows(g)) for g in qkv),
+            qkv_split=tuple(len(g) for g in qkv),
             wo=mat(p + "attn_output.weight"),
             ffn_norm=vec(p + "ffn_norm.weight"),
             gate=mat(p + "ffn_gate.weight"),
@@ -106,9 +126,14 @@ def upload(model: ModelFile, backend: Backend) -> Weights:
 def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, batch: Batch, i: int,
                      rope_freqs: Array | None, cache: KVCache | None) -> Array:
     n = batch.n_tokens
-    q = be.matmul(x, lw.wq).reshape(n, cfg.n_heads, cfg.head_dim)
-    k = be.matmul(x, lw.wk).reshape(n, cfg.n_kv_heads, cfg.head_dim)
-    v = be.matmul(x, lw.wv).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+    widths = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+    parts: list[Array] = []
+    for w, count in zip(lw.qkv, lw.qkv_split):
+        y, c = be.matmul(x, w), 0
+        for width in widths[len(parts):len(parts) + count]:  # column slices of a stacked product: views
+            parts.append(y[:, c:c + width])
+            c += width
+    q, k, v = (p.reshape(n, -1, cfg.head_dim) for p in parts)
     # layer_rope_scale is the multiplier of positions (1 / the linear scaling factor), see loader.py
     q, k, v = be.qkv_rope(q, k, v, batch, cfg.layer_theta(i), cfg.rope_neox, cfg.layer_rope_scale(i), rope_freqs,
                           bias=(lw.bq, lw.bk, lw.bv), norm=(lw.q_norm, lw.k_norm) if cfg.qk_norm else None,

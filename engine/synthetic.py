@@ -4,7 +4,8 @@ They are the test data of the whole project (design.md: generated, never downloa
 set of each architecture comes from config.expected_shapes, weights are N(0, 0.02) matrices and
 norms near 1 quantized like a Q4_K_M file (Q4_K matrices, Q6_K head and some ffn_down/attn_v, F32
 norms, see convert.q4_k_m_type), plus a few tensors in the other types of real Q4_K_M files so
-that every kernel has something to chew on:
+that every kernel has something to chew on (a layer's in layer 0 only: the other layers' q, k and
+v share types, so the forward stacks them, as in real files):
 
   llama  attn_q Q4_1 (as SmolLM2)       qwen2  attn_k Q8_0 + QKV biases
   mistral attn_k F16, window 16         qwen3  attn_k BF16, head_dim 128 != hidden/heads
@@ -92,7 +93,8 @@ _ARCH_DIMS: dict[str, dict[str, int]] = {
     "gemma3": {"n_layers": 6, "head_dim": 128, "sliding_window": 8},
 }
 _TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma3": True}
-# Tensor (suffix after blk.N.) -> type, where the row length allows it.
+# Tensor (suffix after blk.N.) -> type, where the row length allows it; in layer 0 only, so that
+# the later layers' q/k/v share types as in real files and the forward stacks them (forward.py).
 _EXTRA_TYPES: dict[str, dict[str, GGMLType]] = {
     "llama": {"attn_q.weight": GGMLType.Q4_1},
     "mistral": {"attn_k.weight": GGMLType.F16},
@@ -167,6 +169,8 @@ def byte_level_tokenizer(n_merges: int = 200) -> TokenizerSpec:
 def _tensor_type(arch: str, name: str, shape: tuple[int, ...], n_layers: int, tied: bool) -> GGMLType:
     if len(shape) == 1:
         return GGMLType.F32
+    if name.startswith("blk.") and not name.startswith("blk.0."):
+        return q4_k_m_type(name, shape[-1], n_layers, tied)
     suffix = name.split(".", 2)[2] if name.startswith("blk.") else name
     extra = _EXTRA_TYPES[arch].get(suffix)
     if extra is not None and shape[-1] % TYPE_INFO[extra].block_size == 0:

@@ -175,6 +175,25 @@ def test_qkv_bias_with_qk_norm_adds_before_the_norm(models, rng):
     assert np.abs(run(model, [ids]) - ref).max() > 1e-3  # without the norms: another result
 
 
+def test_qkv_stacked_by_type(models, rng):
+    """q, k and v neighbours of one type are one matrix whose rows are the stored rows, one after
+    another: one product where they share a type. (Layer 0 of each synthetic model has an extra type
+    among them, so every split below occurs; the forward over them matches the reference above.)"""
+    seen = set()
+    for arch, model in models.items():
+        w = upload(model, NumpyBackend())
+        for i, lw in enumerate(w.layers):
+            ts = [model.tensors[f"blk.{i}.attn_{x}.weight"] for x in "qkv"]
+            runs = [1]
+            for a, b in zip(ts, ts[1:]):
+                runs[-1:] = [runs[-1] + 1] if a.dtype == b.dtype else [runs[-1], 1]
+            assert lw.qkv_split == tuple(runs), (arch, i)
+            seen.add(lw.qkv_split)
+            stacked = np.concatenate([dequantize(m.data, m.dtype, m.shape) for m in lw.qkv])
+            assert np.array_equal(stacked, np.concatenate([dequantize(t.data, t.dtype, t.shape) for t in ts]))
+    assert seen == {(3,), (2, 1), (1, 2), (1, 1, 1)}
+
+
 def test_qkv_rope_is_add_norm_rope_on_views(rng):
     """The NumPy oracle of qkv_rope: biases added in fp32, then QK-norm, then RoPE, on column
     slices of one stacked product as on contiguous arrays; v only gets its bias."""
