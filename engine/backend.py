@@ -77,18 +77,20 @@ class Backend(Protocol):
     def add_rmsnorm(self, h: Array, d: Array, w: Array, eps: float) -> tuple[Array, Array]: ...  # (h+d, rmsnorm(h+d))
     def qkv_rope(self, q: Array, k: Array, v: Array, batch: Batch, theta: float, neox: bool, pos_scale: float,
                  freq_factors: Array | None, bias: tuple = (None, None, None), norm: tuple | None = None,
-                 eps: float = 0.0) -> tuple[Array, Array, Array]: ...
+                 eps: float = 0.0, cache: KVCache | None = None, layer: int = 0) -> tuple[Array, Array, Array]: ...
     # Attention's inputs from the projections: q [N, Hq, D], k/v [N, Hkv, D], each possibly a view
     # with a row stride (column slices of one stacked q/k/v product). q and k: + bias (a float32 add,
     # as `add`), RMSNorm per head where norm = (q_norm, k_norm) (QK-norm), then RoPE; v: + bias.
-    # bias = (bq, bk, bv), each [heads * head_dim] or None. Returns new contiguous float32 arrays.
+    # bias = (bq, bk, bv), each [heads * head_dim] or None. Returns new contiguous float32 arrays;
+    # with `cache`, k and v go straight into layer `layer` of it (sequence b's new tokens after its
+    # batch.past_lens[b] cached ones) and come back as None: `attention` then reads them from there.
     # Angle of pair i of a token at position p: p * pos_scale * theta^(-2i/head_dim) / freq_factors[i]
     # (pos_scale = 1 / linear scaling factor, llama.cpp's freq_scale). NORM pairs (x[2i], x[2i+1]),
     # NEOX pairs (x[i], x[i + head_dim/2]).
     def attention(self, q: Array, k: Array, v: Array, batch: Batch, scale: float, window: int,
                   cache: KVCache | None, layer: int) -> Array: ...
-    # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v are appended to it at
-    # `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
+    # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v (unless None: qkv_rope
+    # stored them) are appended to it at `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
     # Sequence b of the batch uses slot b of the cache.
     def glu_matmul(self, x: Array, gate: Any, up: Any, act: str) -> Array: ...
     # act(x . gate^T) * (x . up^T), act in {"silu", "gelu_tanh"}: the down projection's input. May be

@@ -121,8 +121,10 @@ class NumpyBackend:
 
     def qkv_rope(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, theta: float, neox: bool,
                  pos_scale: float, freq_factors: np.ndarray | None, bias: tuple = (None, None, None),
-                 norm: tuple | None = None, eps: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The unfused steps: add each bias, RMSNorm q and k per head (QK-norm), RoPE them."""
+                 norm: tuple | None = None, eps: float = 0.0, cache: NumpyKVCache | None = None,
+                 layer: int = 0) -> tuple:
+        """The unfused steps: add each bias, RMSNorm q and k per head (QK-norm), RoPE them; then,
+        with a cache, store k and v in it (as `attention` would)."""
         out = []
         for i, x in enumerate((q, k, v)):
             if bias[i] is not None:
@@ -131,7 +133,25 @@ class NumpyBackend:
                 x = self.rmsnorm(x, norm[i], eps)
             out.append(self.rope(x, batch, theta, neox, pos_scale, freq_factors) if i < 2
                        else np.ascontiguousarray(x, np.float32))
-        return tuple(out)
+        if cache is None:
+            return tuple(out)
+        self._store(out[1], out[2], batch, cache, layer)
+        return out[0], None, None
+
+    @staticmethod
+    def _store(k: np.ndarray, v: np.ndarray, batch: Batch, cache: NumpyKVCache, layer: int) -> None:
+        """Sequence b's new k/v rows into slot b of the cache after its past_lens[b] cached ones,
+        all checked before any is written."""
+        cu, past = np.asarray(batch.cu_seqlens, np.int64), np.asarray(batch.past_lens, np.int64)
+        if batch.n_seqs > cache.n_seqs:
+            raise InputError(f"batch has {batch.n_seqs} sequences, the KV cache {cache.n_seqs}")
+        for b in range(batch.n_seqs):
+            if past[b] + cu[b + 1] - cu[b] > cache.max_len:
+                raise InputError(f"sequence {b}: {past[b] + cu[b + 1] - cu[b]} tokens exceed the KV cache length "
+                                 f"{cache.max_len}")
+        for b in range(batch.n_seqs):
+            s, e, p0 = int(cu[b]), int(cu[b + 1]), int(past[b])
+            cache.k[layer][b][p0:p0 + e - s], cache.v[layer][b][p0:p0 + e - s] = k[s:e], v[s:e]
 
     def rope(self, x: np.ndarray, batch: Batch, theta: float, neox: bool, pos_scale: float,
              freq_factors: np.ndarray | None) -> np.ndarray:
@@ -160,8 +180,8 @@ class NumpyBackend:
         out = np.empty(q.shape, np.float32)
         cu = np.asarray(batch.cu_seqlens, np.int64)
         past = np.asarray(batch.past_lens, np.int64)
-        if cache is not None and batch.n_seqs > cache.n_seqs:
-            raise InputError(f"batch has {batch.n_seqs} sequences, the KV cache {cache.n_seqs}")
+        if cache is not None and k is not None:  # else qkv_rope stored them
+            self._store(k, v, batch, cache, layer)
         for b in range(batch.n_seqs):
             s, e = int(cu[b]), int(cu[b + 1])
             p0 = int(past[b])
@@ -170,11 +190,7 @@ class NumpyBackend:
                     raise InputError(f"sequence {b}: past length {p0} without a KV cache")
                 keys, vals = k[s:e], v[s:e]
             else:
-                if p0 + e - s > cache.max_len:
-                    raise InputError(f"sequence {b}: {p0 + e - s} tokens exceed the KV cache length {cache.max_len}")
-                ck, cv = cache.k[layer][b], cache.v[layer][b]
-                ck[p0:p0 + e - s], cv[p0:p0 + e - s] = k[s:e], v[s:e]
-                keys, vals = ck[:p0 + e - s], cv[:p0 + e - s]
+                keys, vals = cache.k[layer][b][:p0 + e - s], cache.v[layer][b][:p0 + e - s]
             out[s:e] = self._attend(q[s:e], keys, vals, p0, scale, window)
         return out
 

@@ -409,9 +409,15 @@ class CudaBackend:
 
     def qkv_rope(self, q: Any, k: Any, v: Any, batch: Batch, theta: float, neox: bool, pos_scale: float,
                  freq_factors: Any | None, bias: tuple = (None, None, None), norm: tuple | None = None,
-                 eps: float = 0.0) -> tuple[Any, Any, Any]:
-        return self._ops.qkv_rope(q, k, v, self._device_batch(batch, None).positions, theta, neox, pos_scale,
-                                  freq_factors, bias=bias, norm=norm, eps=eps)
+                 eps: float = 0.0, cache: CudaKVCache | None = None, layer: int = 0) -> tuple[Any, Any, Any]:
+        db = self._device_batch(batch, cache)
+        if cache is None:
+            return self._ops.qkv_rope(q, k, v, db.positions, theta, neox, pos_scale, freq_factors, bias=bias,
+                                      norm=norm, eps=eps)
+        q, _, _ = self._ops.qkv_rope(q, k, v, db.positions, theta, neox, pos_scale, freq_factors, bias=bias,
+                                     norm=norm, eps=eps, out=(None, cache.k[layer], cache.v[layer]),
+                                     kv_rows=db.cache_rows)
+        return q, None, None
 
     def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
         return self._mm.glu_matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), gate, up, act)
@@ -422,7 +428,8 @@ class CudaBackend:
         if cache is None:
             return self._ops.attention(q, k, v, db.packed, scale, window)
         ck, cv = cache.k[layer], cache.v[layer]
-        self._ops.kv_write(k, v, ck, cv, db.cache_rows)
+        if k is not None:  # else qkv_rope stored them
+            self._ops.kv_write(k, v, ck, cv, db.cache_rows)
         return self._ops.attention(q, ck, cv, db.cached, scale, window)
 
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> CudaKVCache:

@@ -137,7 +137,7 @@ def _attention_block(cfg: ModelConfig, lw: LayerWeights, be: Backend, x: Array, 
     # layer_rope_scale is the multiplier of positions (1 / the linear scaling factor), see loader.py
     q, k, v = be.qkv_rope(q, k, v, batch, cfg.layer_theta(i), cfg.rope_neox, cfg.layer_rope_scale(i), rope_freqs,
                           bias=(lw.bq, lw.bk, lw.bv), norm=(lw.q_norm, lw.k_norm) if cfg.qk_norm else None,
-                          eps=cfg.rms_eps)
+                          eps=cfg.rms_eps, cache=cache, layer=i)
     a = be.attention(q, k, v, batch, cfg.scale, cfg.layer_window(i), cache, i)
     a = be.matmul(a.reshape(n, cfg.n_heads * cfg.head_dim), lw.wo)
     return be.rmsnorm(a, lw.post_attn_norm, cfg.rms_eps) if cfg.sandwich_norm else a

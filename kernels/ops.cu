@@ -72,7 +72,8 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
 // Attention's inputs from the q, k and v projections, one launch a layer (ops.qkv_rope; rope is the
 // same kernel with k and v absent): q and k get their bias, an RMSNorm per head when nq/nk are
 // given (QK-norm) and RoPE; v gets its bias. Inputs [N, H, D] may be column slices of one stacked
-// product (row strides ldq, ldk, ldv in floats); outputs are contiguous [N, H, D].
+// product (row strides ldq, ldk, ldv in floats); outputs are contiguous [N, H, D], except that
+// with kv_rows non-null token t's k and v go to row kv_rows[t] of yk / yv (its KV-cache rows).
 // One block per token. Its RoPE angles are computed first, in double (positions up to ~1e5 times
 // frequencies near 1 need more than fp32's 24 bits), once per pair for all the token's heads;
 // then warp w takes heads w, w + warps, ... of q, then k, then v. neox: pairs (i, i + D/2); else
@@ -83,8 +84,9 @@ __global__ void qkv_rope(const float* __restrict__ q, long long ldq, const float
                          const float* __restrict__ v, long long ldv, float* __restrict__ yq, float* __restrict__ yk,
                          float* __restrict__ yv, const int* __restrict__ pos, const float* __restrict__ factors,
                          const float* __restrict__ bq, const float* __restrict__ bk, const float* __restrict__ bv,
-                         const float* __restrict__ nq, const float* __restrict__ nk, float eps, int hq, int hk,
-                         int hv, int dim, double theta, double pos_scale, int neox) {
+                         const float* __restrict__ nq, const float* __restrict__ nk, float eps,
+                         const int* __restrict__ kv_rows, int hq, int hk, int hv, int dim, double theta,
+                         double pos_scale, int neox) {
     __shared__ double cs[2 * ROPE_MAX_PAIRS];
     const int tok = blockIdx.x, half = dim / 2;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -104,7 +106,8 @@ __global__ void qkv_rope(const float* __restrict__ q, long long ldq, const float
         const float* src = (part == 0 ? q + tok * ldq : part == 1 ? k + tok * ldk : v + tok * ldv) + (size_t)hh * dim;
         const float* b = part == 0 ? bq : part == 1 ? bk : bv;
         if (b) b += (size_t)hh * dim;
-        float* dst = (part == 0 ? yq : part == 1 ? yk : yv) + ((size_t)tok * heads + hh) * dim;
+        const size_t row = part && kv_rows ? (size_t)kv_rows[tok] : (size_t)tok;
+        float* dst = (part == 0 ? yq : part == 1 ? yk : yv) + (row * heads + hh) * dim;
         if (part == 2) {
             for (int i = lane; i < dim; i += 32) dst[i] = b ? src[i] + b[i] : src[i];
             continue;

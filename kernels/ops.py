@@ -94,12 +94,15 @@ def _vec(b, size: int, what: str):
 
 
 def qkv_rope(q, k, v, positions, theta: float, neox: bool, pos_scale: float = 1.0, freq_factors=None,
-             bias=(None, None, None), norm=None, eps: float = 0.0, out=None):
+             bias=(None, None, None), norm=None, eps: float = 0.0, out=None, kv_rows=None):
     """Attention's inputs in one launch: q [N, Hq, D] and k [N, Hk, D] + their biases, RMSNorm per
     head with norm = (q_norm, k_norm) ([D] each), then RoPE at per-token positions [N] (int32);
     v [N, Hv, D] + its bias. Any of k, v may be None (absent). Inputs may be views with a row
     stride (column slices of one stacked projection); outputs are new C-contiguous float32 arrays,
     or out = (q, k, v) buffers. bias: ([Hq * D] or None, [Hk * D] or None, [Hv * D] or None).
+    With kv_rows (int32 [N]), out's k and v are KV-cache layers (C-contiguous float32 [rows, H, D])
+    and token t's k and v are written to their row kv_rows[t]: RoPE, biases and the cache write
+    in one launch.
 
     Angle of pair i at position p: p * pos_scale * theta^(-2i/d) / freq_factors[i].
     """
@@ -125,11 +128,26 @@ def qkv_rope(q, k, v, positions, theta: float, neox: bool, pos_scale: float = 1.
     bs = [_vec(b, h * d, f"{name} bias") if h else _NULL for b, h, name in zip(bias, heads, "qkv")]
     nq, nk = (_NULL, _NULL) if norm is None else (_vec(norm[0], d, "q_norm"), _vec(norm[1], d, "k_norm"))
     outs = out or (None, None, None)
-    ys = [None if x is None else _out(o, (n, h, d)) for (x, _), h, o in zip(parts, heads, outs)]
+    ys = [_out(outs[0], (n, hq, d))]
+    for (x, _), h, o in zip(parts[1:], heads[1:], outs[1:]):
+        if x is None:
+            ys.append(None)
+        elif kv_rows is None:
+            ys.append(_out(o, (n, h, d)))
+        elif o is None or o.dtype != np.float32 or not o.flags.c_contiguous or o.shape[1:] != (h, d):
+            raise ValueError(f"qkv_rope: kv_rows need float32 cache layers [rows, {h}, {d}], got "
+                             f"{None if o is None else (o.dtype, o.shape)}")
+        else:
+            ys.append(o)
+    rows = _NULL
+    if kv_rows is not None:
+        rows = cp.ascontiguousarray(kv_rows, dtype=cp.int32)
+        if rows.shape != (n,):
+            raise ValueError(f"qkv_rope: {rows.shape} kv_rows for {n} tokens")
     if n:
         args = [a for (x, ld) in parts for a in (_NULL if x is None else x, np.int64(ld))]
         kernel("ops.cu", "qkv_rope")((n,), (256,), (
-            *args, *[_NULL if y is None else y for y in ys], pos, ff, *bs, nq, nk, np.float32(eps),
+            *args, *[_NULL if y is None else y for y in ys], pos, ff, *bs, nq, nk, np.float32(eps), rows,
             *[np.int32(h) for h in heads], np.int32(d), np.float64(theta), np.float64(pos_scale), np.int32(bool(neox))))
     return tuple(ys)
 

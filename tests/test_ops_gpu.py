@@ -179,6 +179,20 @@ def test_qkv_rope(cp, ops, rng, n, hq, hkv, d, neox, bias, norm, stacked):
         assert alone.get().tobytes() == got[0].get().tobytes()
     with pytest.raises(ValueError, match="k has shape"):
         ops.qkv_rope(dev[0], dev[1][:, :, :-2], dev[2], cp.asarray(pos), 1e6, neox)
+    # kv_rows: k and v go straight to their KV-cache rows (a decode step's cache write), the other
+    # rows stay as they were; q and the values are those of the launch above, bit for bit
+    dest = rng.permutation(n + 5)[:n].astype(np.int32)
+    ck, cv = poisoned(cp, (n + 5, hkv, d)), poisoned(cp, (n + 5, hkv, d))
+    q2, k2, v2 = ops.qkv_rope(*dev, cp.asarray(pos), 1e6, neox, 0.5, cp.asarray(ff),
+                              bias=tuple(None if b is None else cp.asarray(b) for b in bs),
+                              norm=None if ns is None else tuple(cp.asarray(w) for w in ns), eps=1e-6,
+                              out=(None, ck, cv), kv_rows=cp.asarray(dest))
+    assert k2 is ck and v2 is cv and q2.get().tobytes() == got[0].get().tobytes()
+    rest = np.setdiff1d(np.arange(n + 5), dest)
+    for cache, g in ((ck.get(), got[1].get()), (cv.get(), got[2].get())):
+        assert cache[dest].tobytes() == g.tobytes() and np.isnan(cache[rest]).all()
+    with pytest.raises(ValueError, match="cache layers"):
+        ops.qkv_rope(*dev, cp.asarray(pos), 1e6, neox, kv_rows=cp.asarray(dest))
 
 
 def test_kv_write(cp, ops, rng):
