@@ -90,7 +90,8 @@ class Backend(Protocol):
     def attention(self, q: Array, k: Array, v: Array, batch: Batch, scale: float, window: int,
                   cache: KVCache | None, layer: int) -> Array: ...
     # q [N, Hq, D], k/v [N, Hkv, D] of the new tokens; when `cache` is given, k/v (unless None: qkv_rope
-    # stored them) are appended to it at `batch.past_lens` and the queries attend to past + new keys. window = 0: plain causal.
+    # stored them) are appended to it at `batch.past_lens` and the queries attend to past + new keys.
+    # window = 0: plain causal.
     # Sequence b of the batch uses slot b of the cache.
     def glu_matmul(self, x: Array, gate: Any, up: Any, act: str) -> Array: ...
     # act(x . gate^T) * (x . up^T), act in {"silu", "gelu_tanh"}: the down projection's input. May be
