@@ -228,6 +228,14 @@ def build_hf_qwen2(cfg, dense: dict):
                  "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
     for i in range(cfg.n_layers):
         names.update({f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()})
+    # q, k and v of one type are one stacked matrix "q+k+v" (forward._stack_rows): their row ranges
+    rows = {"attn_q.weight": cfg.n_heads * cfg.head_dim, "attn_k.weight": cfg.n_kv_heads * cfg.head_dim,
+            "attn_v.weight": cfg.n_kv_heads * cfg.head_dim}
+    for key, m in list(dense.items()):
+        r0 = 0
+        for part in key.split("+") if "+" in key else ():
+            n = rows[part.split(".", 2)[2]]
+            dense[part], r0 = m[r0:r0 + n], r0 + n
     with torch.no_grad():
         params = dict(model.named_parameters())
         missing = sorted(set(params) - set(names))
