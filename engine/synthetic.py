@@ -36,7 +36,7 @@ from .loader import ARCH_DEFAULTS, arch_config, config_from_metadata, config_to_
 from .tensors import ModelFile, QTensor, TokenizerSpec
 from .tokenizer import bytes_to_unicode
 
-DEMO_REVISION = 2  # bump when the demo model's contents change, so caches regenerate
+DEMO_REVISION = 3  # bump when the demo model's contents change, so caches regenerate
 DEMO_ARCH = "llama"
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 # A plain chat format over the two control tokens (a turn ends with EOS), so that chat datasets run
