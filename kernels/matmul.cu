@@ -537,12 +537,18 @@ template <int BT> struct GemmShape {
 __device__ __forceinline__ u32 h2u(__half2 h) { return *(u32*)&h; }
 __device__ __forceinline__ __half2 u2h(u32 u) { return *(__half2*)&u; }
 
+// Two 4-bit quants, the nibbles under `mask` of p's 16-bit lanes, as f16x2 q * s + n: a nibble OR
+// 0x6400 is the f16 1024 + q (1024 + 16 q for a high nibble), minus 1024 exactly q (16 q); then
+// one HFMA2 (store_unit and mmv_step's Q4_K decode). k1024: the f16x2 1024, made once by the caller.
+__device__ __forceinline__ u32 q4_f16x2(u32 p, u32 mask, __half2 s, __half2 n, __half2 k1024) {
+    return h2u(__hfma2(__hsub2(u2h((p & mask) | 0x64006400u), k1024), s, n));
+}
+
 // One decoded unit (32 values: run 0 at ka, run 1 at kb of the tile row) as f16 into shared memory.
 #if QTYPE == T_Q4_K
 // Q4_K in f16x2 arithmetic, 1.75 instructions a value: two neighbouring quant bytes are spread to
-// the two 16-bit lanes (PRMT); a nibble OR 0x6400 is the f16 1024 + q (1024 + 16 q for a high
-// nibble), minus 1024 exactly q (16 q); then one HFMA2 with the sub-block's scale (over 16 for
-// high nibbles) and minus its min, both rounded to f16 (the fp32 path rounds only the result).
+// the two 16-bit lanes (PRMT), then q4_f16x2 with the sub-block's scale (over 16 for high nibbles)
+// and minus its min, both rounded to f16 (the fp32 path rounds only the result).
 __device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, int kb) {
     const __half2 s0 = __float2half2_rn(dec.d0), n0 = __float2half2_rn(-dec.m0);
     const __half2 s1 = __float2half2_rn(dec.d1 * 0.0625f), n1 = __float2half2_rn(-dec.m1);
@@ -556,10 +562,8 @@ __device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, in
 #pragma unroll
             for (int pr = 0; pr < 2; pr++) {  // bytes 2pr, 2pr+1 of the word
                 const u32 p = __byte_perm(w, 0u, pr ? 0x4342u : 0x4140u);
-                const __half2 l = __hsub2(u2h((p & 0x000F000Fu) | 0x64006400u), k1024);
-                const __half2 h = __hsub2(u2h((p & 0x00F000F0u) | 0x64006400u), k1024);
-                lo[2 * wd + pr] = h2u(__hfma2(l, s0, n0));
-                hi[2 * wd + pr] = h2u(__hfma2(h, s1, n1));
+                lo[2 * wd + pr] = q4_f16x2(p, 0x000F000Fu, s0, n0, k1024);
+                hi[2 * wd + pr] = q4_f16x2(p, 0x00F000F0u, s1, n1, k1024);
             }
         }
         *(uint4*)(dst + ka + 8 * r) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
@@ -900,8 +904,7 @@ __device__ __forceinline__ void mmv_step(const MmvRaw<RG>& R, const __half* __re
 #pragma unroll
                     for (int pr = 0; pr < 2; pr++) {  // bytes 0,1 -> slots 2t, 2t+1; bytes 2,3 -> 2t+8, 2t+9
                         const u32 p = __byte_perm(w, 0u, pr ? 0x4342u : 0x4140u);
-                        const __half2 v = __hsub2(u2h((p & mask) | 0x64006400u), k1024);
-                        a[2 * pr + h] = h2u(__hfma2(v, s[rg][h][hi], n[rg][h][hi]));
+                        a[2 * pr + h] = q4_f16x2(p, mask, s[rg][h][hi], n[rg][h][hi], k1024);
                     }
                 }
                 mma16816(acc[rg][hi % AC], a, b0, b1);
