@@ -205,6 +205,8 @@ def build_hf_qwen2(cfg, dense: dict):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from q4k_engine.config import expected_shapes
+
     hc = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=32768,
@@ -229,12 +231,11 @@ def build_hf_qwen2(cfg, dense: dict):
     for i in range(cfg.n_layers):
         names.update({f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()})
     # q, k and v of one type are one stacked matrix "q+k+v" (forward._stack_rows): their row ranges
-    rows = {"attn_q.weight": cfg.n_heads * cfg.head_dim, "attn_k.weight": cfg.n_kv_heads * cfg.head_dim,
-            "attn_v.weight": cfg.n_kv_heads * cfg.head_dim}
+    shapes = expected_shapes(cfg)
     for key, m in list(dense.items()):
         r0 = 0
         for part in key.split("+") if "+" in key else ():
-            n = rows[part.split(".", 2)[2]]
+            n = shapes[part][0][0]
             dense[part], r0 = m[r0:r0 + n], r0 + n
     with torch.no_grad():
         params = dict(model.named_parameters())

@@ -411,13 +411,11 @@ class CudaBackend:
                  freq_factors: Any | None, bias: tuple = (None, None, None), norm: tuple | None = None,
                  eps: float = 0.0, cache: CudaKVCache | None = None, layer: int = 0) -> tuple[Any, Any, Any]:
         db = self._device_batch(batch, cache)
-        if cache is None:
-            return self._ops.qkv_rope(q, k, v, db.positions, theta, neox, pos_scale, freq_factors, bias=bias,
-                                      norm=norm, eps=eps)
-        q, _, _ = self._ops.qkv_rope(q, k, v, db.positions, theta, neox, pos_scale, freq_factors, bias=bias,
-                                     norm=norm, eps=eps, out=(None, cache.k[layer], cache.v[layer]),
-                                     kv_rows=db.cache_rows)
-        return q, None, None
+        into = cache is not None  # k and v straight into their cache rows
+        q, k, v = self._ops.qkv_rope(q, k, v, db.positions, theta, neox, pos_scale, freq_factors, bias=bias,
+                                     norm=norm, eps=eps, out=(None, cache.k[layer], cache.v[layer]) if into else None,
+                                     kv_rows=db.cache_rows if into else None)
+        return (q, None, None) if into else (q, k, v)
 
     def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
         return self._mm.glu_matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), gate, up, act)
