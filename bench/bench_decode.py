@@ -10,6 +10,9 @@ Where the time goes: the weight GEMVs of a step (every layer's matrices and the 
 decode attention of every layer, each captured into its own graph and timed with CUDA events.
 
     python bench/bench_decode.py [--model PATH] [--prompt 512] [--steps 64] [--batches 1,4,8] [--out decode.md]
+                                 [--no-pdl]
+
+--no-pdl launches every kernel plainly (no programmatic dependent launch in the graphs), to compare.
 
 Without --model, the synthetic Qwen2-7B of make_7b.py is written to /tmp (once) and used.
 """
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps measured per configuration")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch (kernels/build.py)")
     a = ap.parse_args()
 
     import cupy as cp
@@ -79,7 +83,9 @@ def main() -> None:
     from bench_model import copy_bandwidth
 
     import make_7b
+    from q4k_engine.kernels import build
 
+    build.DEPENDENT_LAUNCH = not a.no_pdl
     path = make_7b.ensure_7b(a.model)
     t0 = time.perf_counter()
     teacher = q4k_engine.load(path, device="cuda")
@@ -116,7 +122,8 @@ def main() -> None:
     card = be.device_name
     head = [
         f"Decode (greedy, KV cache), {card}, {datetime.date.today()}: {path.name}, prompt {a.prompt} tokens, "
-        f"{a.steps} steps, EOS ignored.",
+        f"{a.steps} steps, EOS ignored; programmatic dependent launch in the graphs: "
+        f"{'on' if build.DEPENDENT_LAUNCH and build._pdl_driver(be.device.id) else 'off'}.",
         f"Copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB -> floor "
         f"{floor_ms:.3f} ms/step; bytes a step reads {read_bytes / 1e9:.2f} GB -> {read_floor_ms:.3f} ms/step.",
         "",

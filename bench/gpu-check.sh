@@ -13,8 +13,12 @@ mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 export Q4K_CACHE="${Q4K_CACHE:-/tmp/models}"  # where the real models are (tests/realmodels.py)
 
+# cuda-bindings (and cuda-pathfinder): the driver API for programmatic dependent launch (kernels/build.py),
+# carried as wheels where the machine lacks it: pip download --no-deps --python-version 3.12
+# --only-binary=:all: --platform manylinux_2_28_x86_64 "cuda-bindings==13.0.*" cuda-pathfinder
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl \
-  >"$LOG/setup.log" 2>&1 || { echo "gguf wheel install failed (carry .whl)"; cat "$LOG/setup.log"; exit 2; }
+  $(python3 -c 'import cuda.bindings.driver' 2>/dev/null || ls .whl/cuda_*.whl 2>/dev/null) \
+  >"$LOG/setup.log" 2>&1 || { echo "wheel install failed (carry .whl)"; cat "$LOG/setup.log"; exit 2; }
 export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG/setup.log" 2>&1 \
   || { echo "editable install failed"; cat "$LOG/setup.log"; exit 2; }

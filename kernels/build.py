@@ -3,14 +3,19 @@
 Modules are compiled lazily, once per process and device architecture; CuPy caches the binaries
 on disk (~/.cupy/kernel_cache), so a second process pays only the load. `compile_options` is the
 one list of NVRTC options: the engine's RawModule and the GPU-less check (kernels/check.py) both
-use it.
+use it. `launch` is the one place that launches a kernel as a programmatic dependent (PDL).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
+from q4k_engine.errors import DeviceError, FallbackWarning
 from q4k_engine.gpu import cupy as _cupy  # DeviceError naming why, when CUDA cannot be used
 
 SRC_DIR = Path(__file__).resolve().parent
@@ -62,3 +67,75 @@ def module(name: str, **defines: object):
 
 def kernel(module_name: str, func: str, **defines: object):
     return module(module_name, **defines).get_function(func)
+
+
+# ---- programmatic dependent launch (PDL) ----------------------------------------------------------
+# A kernel launched as a programmatic dependent may start while the kernel before it on the stream
+# still runs: its blocks are resident and issue what does not depend on that kernel (the matmuls'
+# first weight loads) during the other's tail, and `griddepcontrol.wait` (kernels/pdl.cuh
+# pdl_wait) holds them until it has completed and its writes are visible. sm_90 and later; the
+# launch goes through the driver's cuLaunchKernelEx (cuda-bindings), which CuPy does not expose.
+_PARAM_TYPES = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float}
+DEPENDENT_LAUNCH = True  # False: every launch plain (bench/bench_decode.py --no-pdl compares the two)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_driver(device_id: int):
+    """cuda.bindings.driver where kernels on the device can launch as programmatic dependents, else
+    None: below sm_90 (no such launch; kernels run one after another as everywhere), or, with a
+    warning once, where cuda-bindings is missing."""
+    cc = int(_cupy().cuda.Device(device_id).compute_capability)
+    if cc < 90:
+        return None
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:
+        warnings.warn(f"GPU {device_id} (sm_{cc}): CUDA graphs launch the matmul kernels without programmatic "
+                      f"dependent launch, each after the previous kernel ends, because cuda-bindings cannot be "
+                      f"imported ({e}): pip install 'q4k-engine[cuda13]' (or [cuda12])", FallbackWarning, stacklevel=4)
+        return None
+    return driver
+
+
+def _param(a):
+    cp = _cupy()
+    if isinstance(a, cp.ndarray):
+        return a.data.ptr, ctypes.c_void_p
+    if isinstance(a, np.generic) and type(a) in _PARAM_TYPES:
+        return a.item(), _PARAM_TYPES[type(a)]
+    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array, np.int32, np.int64 or np.float32")
+
+
+def launch(func, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0,
+           dependent: bool = False) -> None:
+    """func (a CuPy RawKernel) over grid x block on the current stream.
+
+    dependent=True launches it as a programmatic dependent of the kernel before it, where that is
+    possible (sm_90 and later, cuda-bindings importable) and worth it: while a CUDA graph is being
+    captured (decode replays its step from one). Eager launches stay plain: their gaps are the
+    host's, and cuLaunchKernelEx from Python costs more host time than CuPy's launch. Such a kernel
+    must call pdl_wait() in every thread before it reads anything an earlier kernel writes (or
+    writes anything a later one reads), and before any thread exits."""
+    cp = _cupy()
+    stream = cp.cuda.get_current_stream()
+    drv = None
+    if dependent and DEPENDENT_LAUNCH and stream.is_capturing():
+        drv = _pdl_driver(cp.cuda.runtime.getDevice())
+    if drv is None:
+        func(grid, block, args, shared_mem=shared_mem)
+        return
+    grid, block = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = (int(v) for v in grid)
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (int(v) for v in block)
+    cfg.sharedMemBytes = int(shared_mem)
+    cfg.hStream = drv.CUstream(stream.ptr)
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    values, types = zip(*(_param(a) for a in args)) if args else ((), ())
+    (err,) = drv.cuLaunchKernelEx(cfg, drv.CUfunction(func.kernel.ptr), (values, types), 0)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise DeviceError(f"cuLaunchKernelEx of {getattr(func, 'name', 'a kernel')} as a programmatic dependent: {err.name}")

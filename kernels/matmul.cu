@@ -16,6 +16,7 @@
 // copy itself.
 #include "quant_decode.cuh"
 #include "act.cuh"
+#include "pdl.cuh"
 
 #ifndef QTYPE
 #error "QTYPE (GGML type code) must be defined"
@@ -312,6 +313,7 @@ __device__ __forceinline__ void gemv1_body(WDesc w, const u8* __restrict__ up, i
     G1Buf<R> cur, nxt;
     const int RS = GLU ? 1 : R;  // rows of y a lane's row slot covers
     cur.template load<GLU>(w, up, tile * TR + rs * RS, out, s, e);  // in flight while x is staged
+    pdl_wait();  // x is the previous kernel's output (launched as a dependent: kernels/build.py)
 
     for (int i = tid; i < n4; i += blockDim.x) {  // n4 is a multiple of 64: whole warps iterate
         float4 a = __ldg((const float4*)x + i);
@@ -988,6 +990,7 @@ __device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ 
     MmvRaw<RG> cur, nxt;
     int sb = warp;
     if (sb < w.nb) cur.load(w, base, row, sb, t);
+    pdl_wait();  // x8 is mmv_x's output (launched as a dependent: kernels/build.py)
     while (sb < w.nb) {  // warp-uniform
         const int nsb = sb + MMV_WARPS;
         if (nsb < w.nb) nxt.load(w, base, row, nsb, t);
@@ -995,6 +998,7 @@ __device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ 
         cur = nxt;
         sb = nsb;
     }
+    pdl_trigger();  // the next dependent (mmv_x of the next product) may be scheduled
     // acc[rg]: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
 #pragma unroll
     for (int rg = 0; rg < RG; rg++) {
@@ -1043,6 +1047,8 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
 // zeros past cols): thread i writes the 4 values of group i (of token, super-block, group).
 extern "C" __global__ void __launch_bounds__(256)
     mmv_x(const void* __restrict__ x, int x_f16, int ldx, int M, int cols, int nb, __half* __restrict__ x8) {
+    pdl_trigger();  // the mmv after it may load its first weights while x8 is written
+    pdl_wait();     // x is the previous kernel's output (launched as a dependent: kernels/build.py)
     const int i = blockIdx.x * 256 + threadIdx.x;
     if (i >= M * nb * 64) return;
     const int sb = (i >> 6) % nb, m = (i >> 6) / nb;

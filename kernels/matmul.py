@@ -16,6 +16,9 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
 `matmul` and `glu_matmul` pick gemv for M = 1, mmv for 2..8 tokens of Q4_K/Q6_K (other types:
 gemv up to GEMV_MAX_M), mma up to FUSED_MAX_M tokens and the cuBLAS path above: the crossovers
 measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
+While a CUDA graph is captured (decode steps), the k-quant GEMV (gemv1_*) and mmv's two kernels
+launch as programmatic dependents on sm_90 and later (kernels/build.py launch): their first weight
+loads overlap the kernel before them, which they wait for before reading x.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from q4k_engine.dtypes import TYPE_INFO, SUPPORTED, GGMLType, row_bytes
 from q4k_engine.errors import FallbackWarning, InputError, UnsupportedError
 from q4k_engine.tensors import QTensor
 
-from .build import _cupy, module, sm_count as _sm_count
+from .build import _cupy, launch, module, sm_count as _sm_count
 
 # The GEMV is the default up to GEMV_MAX_M tokens (Q4_K/Q6_K: mmv from MMV_MIN_M on), the fused
 # GEMM's 16-token tile above: on the 7B's matrices (H200, bench/RESULTS.md "decode's M") the GEMV,
@@ -246,7 +249,8 @@ def _gemv1(xp, w: GpuWeight, y, dev: int) -> None:
     """M = 1 on the k-quant kernel gemv1_r<R> (row 0 of xp [.., kpad] fp32 into row 0 of y [.., rows] fp32)."""
     r, t, grid = _gemv1_config(w.rows, dev)
     kern, smem = _gemv1_kernel(w, f"gemv1_r{r}", dev)
-    kern((grid,), (32 * _GEMV1_WARPS,), (*w.kernel_args(), xp, y, np.int32(w.rows), np.int32(t)), shared_mem=smem)
+    launch(kern, (grid,), (32 * _GEMV1_WARPS,), (*w.kernel_args(), xp, y, np.int32(w.rows), np.int32(t)),
+           shared_mem=smem, dependent=True)
 
 
 def _glu_gemv1(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
@@ -261,8 +265,8 @@ def _glu_gemv1(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
     y = cp.empty((1, wg.rows), dtype=cp.float32) if out is None else out
     t, grid = _gemv1_tiling(-(-wg.rows // 2), dev)
     kern, smem = _gemv1_kernel(wg, "gemv1_glu", dev)
-    kern((grid,), (32 * _GEMV1_WARPS,), (*wg.kernel_args(), wu.data, xp, y, np.int32(wg.rows), np.int32(t),
-                                         np.int32(ops.ACTS[act])), shared_mem=smem)
+    launch(kern, (grid,), (32 * _GEMV1_WARPS,), (*wg.kernel_args(), wu.data, xp, y, np.int32(wg.rows), np.int32(t),
+                                                 np.int32(ops.ACTS[act])), shared_mem=smem, dependent=True)
     return y
 
 
@@ -535,8 +539,9 @@ def _x8(x, w: GpuWeight):
     m = x.shape[0]
     x8 = cp.empty((m, w.kpad), dtype=cp.float16)
     n = m * w.blocks_per_row * 64
-    _kernel(w, "mmv_x")((-(-n // 256),), (256,), (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]),
-                                                 np.int32(m), np.int32(w.cols), np.int32(w.blocks_per_row), x8))
+    launch(_kernel(w, "mmv_x"), (-(-n // 256),), (256,), (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]),
+                                                         np.int32(m), np.int32(w.cols), np.int32(w.blocks_per_row), x8),
+           dependent=True)
     return x8
 
 
@@ -552,9 +557,9 @@ def _mmv(x, w: GpuWeight, y) -> None:
     the mma fragments, f16 operands, fp32 sums)."""
     dev = _cupy().cuda.runtime.getDevice()
     rg = _mmv_rows(w, dev)
-    _kernel(w, f"mmv_r{rg}")((-(-w.rows // (16 * rg)),), (256,),
-                             (*w.kernel_args(), _x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]),
-                              np.int32(w.rows)))
+    launch(_kernel(w, f"mmv_r{rg}"), (-(-w.rows // (16 * rg)),), (256,),
+           (*w.kernel_args(), _x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]), np.int32(w.rows)),
+           dependent=True)
 
 
 def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
@@ -565,9 +570,9 @@ def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
     cp = _cupy()
     m = x.shape[0]
     y = cp.empty((m, wg.rows), dtype=cp.float32) if out is None else out
-    _kernel(wg, "mmv_glu")((-(-wg.rows // 16),), (256,),
-                           (*wg.kernel_args(), wu.data, _x8(x, wg), np.int32(m), y, np.int32(wg.rows),
-                            np.int32(wg.rows), np.int32(ops.ACTS[act])))
+    launch(_kernel(wg, "mmv_glu"), (-(-wg.rows // 16),), (256,),
+           (*wg.kernel_args(), wu.data, _x8(x, wg), np.int32(m), y, np.int32(wg.rows), np.int32(wg.rows),
+            np.int32(ops.ACTS[act])), dependent=True)
     return y
 
 

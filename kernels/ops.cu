@@ -7,6 +7,7 @@
 
 #include <cuda_fp16.h>
 #include "act.cuh"
+#include "pdl.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -52,6 +53,7 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
                              const float* __restrict__ w, float* __restrict__ h_out,
                              float* __restrict__ y, int dim, float eps) {
     __shared__ float red[32];
+    pdl_trigger();  // a matmul launched after it as a dependent may load its weights meanwhile
     const size_t base = (size_t)blockIdx.x * dim;
     float ss = 0.f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -529,6 +531,7 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ k, const floa
     __shared__ float part_acc[DEC_THREADS];
     __shared__ float red[32];
     float* qsh = reinterpret_cast<float*>(qsh4);
+    pdl_trigger();  // the output projection after it, launched as a dependent, loads its weights meanwhile
 
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     const int b = tok_seq[tok];
@@ -784,6 +787,7 @@ __global__ void attn_decode_combine(const float* __restrict__ ws_acc, const floa
                                     int min_keys, int n_ws) {
     extern __shared__ float wsh[];
     __shared__ float red[32];
+    pdl_trigger();  // as attn_decode
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     int b, k_begin, k_end;
     dec_visible(tok, tok_seq, q_start, q_pos0, kv_len, window, &b, &k_begin, &k_end);
