@@ -75,8 +75,7 @@ def kernel(module_name: str, func: str, **defines: object):
 # first weight loads) during the other's tail, and `griddepcontrol.wait` (kernels/pdl.cuh
 # pdl_wait) holds them until it has completed and its writes are visible. sm_90 and later; the
 # launch goes through the driver's cuLaunchKernelEx (cuda-bindings), which CuPy does not expose.
-_PARAM_TYPES = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64,
-                np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+_PARAM_TYPES = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float}
 DEPENDENT_LAUNCH = True  # False: every launch plain (bench/bench_decode.py --no-pdl compares the two)
 
 
@@ -104,7 +103,7 @@ def _param(a):
         return a.data.ptr, ctypes.c_void_p
     if isinstance(a, np.generic) and type(a) in _PARAM_TYPES:
         return a.item(), _PARAM_TYPES[type(a)]
-    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array or one of {[t.__name__ for t in _PARAM_TYPES]}")
+    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array, np.int32, np.int64 or np.float32")
 
 
 def launch(func, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0,

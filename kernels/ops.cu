@@ -54,7 +54,6 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
                              float* __restrict__ y, int dim, float eps) {
     __shared__ float red[32];
     pdl_trigger();  // a matmul launched after it as a dependent may load its weights meanwhile
-    pdl_wait();     // launched as a dependent in decode graphs (kernels/ops.py)
     const size_t base = (size_t)blockIdx.x * dim;
     float ss = 0.f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -91,7 +90,6 @@ __global__ void qkv_rope(const float* __restrict__ q, long long ldq, const float
                          const int* __restrict__ kv_rows, int hq, int hk, int hv, int dim, double theta,
                          double pos_scale, int neox) {
     __shared__ double cs[2 * ROPE_MAX_PAIRS];
-    pdl_wait();  // launched as a dependent in decode graphs (kernels/ops.py)
     const int tok = blockIdx.x, half = dim / 2;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     if (hq + hk > 0) {
@@ -163,8 +161,6 @@ __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ 
 
 __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up,
                     float* __restrict__ out, long long n, int act) {
-    pdl_trigger();  // the down projection after it
-    pdl_wait();     // launched as a dependent in decode graphs (kernels/ops.py)
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         out[i] = glu_act(gate[i], act) * up[i];
@@ -536,7 +532,6 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ k, const floa
     __shared__ float red[32];
     float* qsh = reinterpret_cast<float*>(qsh4);
     pdl_trigger();  // the output projection after it, launched as a dependent, loads its weights meanwhile
-    pdl_wait();     // launched as a dependent in decode graphs (kernels/ops.py)
 
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     const int b = tok_seq[tok];
@@ -645,7 +640,6 @@ __device__ __forceinline__ void decode_split_block(DEC_SPLIT_PARAMS) {
     __shared__ float ps[DEC_G][DS_KC];  // a chunk's scores, then its probabilities
     __shared__ float m_s[DEC_G], l_s[DEC_G], alpha_s[DEC_G];
     __shared__ float mrg[DEC_THREADS * DEC_G];  // column sums of key subsets 1.. (merged into 0)
-    pdl_wait();  // launched as a dependent in decode graphs (kernels/ops.py); before the early return
 
     const int tok = blockIdx.x, split = blockIdx.z, n_ws = gridDim.z, tid = threadIdx.x;
     const int G = n_heads / n_kv_heads;
@@ -794,7 +788,6 @@ __global__ void attn_decode_combine(const float* __restrict__ ws_acc, const floa
     extern __shared__ float wsh[];
     __shared__ float red[32];
     pdl_trigger();  // as attn_decode
-    pdl_wait();     // launched as a dependent in decode graphs (kernels/ops.py)
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     int b, k_begin, k_end;
     dec_visible(tok, tok_seq, q_start, q_pos0, kv_len, window, &b, &k_begin, &k_end);

@@ -14,7 +14,7 @@ import numpy as np
 
 from q4k_engine.errors import InputError
 
-from .build import _cupy, kernel, launch, sm_count
+from .build import _cupy, kernel, sm_count
 
 ACTS = {"silu": 0, "gelu_tanh": 1}
 MAX_HEAD_DIM = 256
@@ -53,8 +53,8 @@ def rmsnorm(x, w, eps: float, out=None):
     y = _out(out, x.shape)
     rows = x.size // d if d else 0
     if rows:
-        launch(kernel("ops.cu", "rmsnorm_rows"), (rows,), (_threads_for(d, 256),),
-               (x, _NULL, w, _NULL, y, np.int32(d), np.float32(eps)), dependent=True)
+        kernel("ops.cu", "rmsnorm_rows")((rows,), (_threads_for(d, 256),),
+                                         (x, _NULL, w, _NULL, y, np.int32(d), np.float32(eps)))
     return y
 
 
@@ -68,8 +68,8 @@ def add_rmsnorm(h, r, w, eps: float, out_h=None, out_y=None):
     y = _out(out_y, h.shape)
     rows = h.size // d if d else 0
     if rows:
-        launch(kernel("ops.cu", "rmsnorm_rows"), (rows,), (_threads_for(d, 256),),
-               (h, r, w, hs, y, np.int32(d), np.float32(eps)), dependent=True)
+        kernel("ops.cu", "rmsnorm_rows")((rows,), (_threads_for(d, 256),),
+                                         (h, r, w, hs, y, np.int32(d), np.float32(eps)))
     return hs, y
 
 
@@ -146,10 +146,9 @@ def qkv_rope(q, k, v, positions, theta: float, neox: bool, pos_scale: float = 1.
             raise ValueError(f"qkv_rope: {rows.shape} kv_rows for {n} tokens")
     if n:
         args = [a for (x, ld) in parts for a in (_NULL if x is None else x, np.int64(ld))]
-        launch(kernel("ops.cu", "qkv_rope"), (n,), (256,), (
+        kernel("ops.cu", "qkv_rope")((n,), (256,), (
             *args, *[_NULL if y is None else y for y in ys], pos, ff, *bs, nq, nk, np.float32(eps), rows,
-            *[np.int32(h) for h in heads], np.int32(d), np.float64(theta), np.float64(pos_scale), np.int32(bool(neox))),
-            dependent=True)
+            *[np.int32(h) for h in heads], np.int32(d), np.float64(theta), np.float64(pos_scale), np.int32(bool(neox))))
     return tuple(ys)
 
 
@@ -188,8 +187,7 @@ def glu(gate, up, act: str, out=None):
     n = gate.size
     if n:
         blocks = int(min(-(-n // 256), 65535 * 4))
-        launch(kernel("ops.cu", "glu"), (blocks,), (256,), (gate, up, y, np.int64(n), np.int32(ACTS[act])),
-               dependent=True)
+        kernel("ops.cu", "glu")((blocks,), (256,), (gate, up, y, np.int64(n), np.int32(ACTS[act])))
     return y
 
 
@@ -289,9 +287,9 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
         _decode_split(q, k, v, y, layout, scale, window)
         return y
     if layout.decode:
-        launch(kernel("ops.cu", "attn_decode", **_decode_defines(d)), (n, hq), (_DEC_THREADS,),
-               (q, k, v, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len,
-                *_attn_scalars(hq, hkv, scale, window)), dependent=True)
+        f = kernel("ops.cu", "attn_decode", **_decode_defines(d))
+        f((n, hq), (_DEC_THREADS,), (q, k, v, y, layout.tok_seq, layout.q_start, layout.q_pos0,
+                                     layout.kv_off, layout.kv_len, *_attn_scalars(hq, hkv, scale, window)))
         return y
     _flash_prefill(q, k, v, y, layout, scale, window, _flash_tiles(-(-d // 16) * 16))
     return y
@@ -340,15 +338,15 @@ def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int) -> N
     ws_acc = cp.empty((n, hq, plan.grid, d), cp.float32)
     ws_ml = cp.empty((n, hq, plan.grid, 2), cp.float32)
     scalars = _attn_scalars(hq, hkv, scale, window)
-    launch(kernel("ops.cu", f"attn_decode_split_g{plan.group}", **_decode_defines(d)),
-           (n, hkv * plan.tiles, plan.grid), (_DEC_THREADS,),
-           (q, k, v, ws_acc, ws_ml, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len,
-            *scalars, np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS)), dependent=True)
-    launch(kernel("ops.cu", "attn_decode_combine", **_decode_defines(d)),
-           (n, hq), (_threads_for(d, 256),),
-           (ws_acc, ws_ml, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_len, np.int32(hq),
-            np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)),
-           shared_mem=4 * plan.grid, dependent=True)
+    kernel("ops.cu", f"attn_decode_split_g{plan.group}", **_decode_defines(d))(
+        (n, hkv * plan.tiles, plan.grid), (_DEC_THREADS,),
+        (q, k, v, ws_acc, ws_ml, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len,
+         *scalars, np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS)))
+    kernel("ops.cu", "attn_decode_combine", **_decode_defines(d))(
+        (n, hq), (_threads_for(d, 256),),
+        (ws_acc, ws_ml, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_len, np.int32(hq),
+         np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)),
+        shared_mem=4 * plan.grid)
 
 
 def _attn_scalars(hq: int, hkv: int, scale: float, window: int) -> tuple:
