@@ -123,7 +123,7 @@ def main() -> None:
     head = [
         f"Decode (greedy, KV cache), {card}, {datetime.date.today()}: {path.name}, prompt {a.prompt} tokens, "
         f"{a.steps} steps, EOS ignored; programmatic dependent launch in the graphs: "
-        f"{'on' if build.DEPENDENT_LAUNCH and build._pdl_driver(be.device.id) else 'off'}.",
+        f"{'on' if build.DEPENDENT_LAUNCH and build.dependent_launch_available(be.device.id) else 'off'}.",
         f"Copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB -> floor "
         f"{floor_ms:.3f} ms/step; bytes a step reads {read_bytes / 1e9:.2f} GB -> {read_floor_ms:.3f} ms/step.",
         "",

@@ -206,6 +206,7 @@ def build_hf_qwen2(cfg, dense: dict):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from q4k_engine.config import expected_shapes
+    from q4k_engine.forward import stacked_parts
 
     hc = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -234,7 +235,8 @@ def build_hf_qwen2(cfg, dense: dict):
     shapes = expected_shapes(cfg)
     for key, m in list(dense.items()):
         r0 = 0
-        for part in key.split("+") if "+" in key else ():
+        parts = stacked_parts(key)
+        for part in parts if len(parts) > 1 else ():
             n = shapes[part][0][0]
             dense[part], r0 = m[r0:r0 + n], r0 + n
     with torch.no_grad():

@@ -58,6 +58,15 @@ def _check_shape(t: QTensor, shape: tuple[int, ...]) -> QTensor:
     return t
 
 
+_STACK_SEP = "+"
+
+
+def stacked_parts(name: str) -> list[str]:
+    """The file's tensor names in an uploaded tensor's name: ["blk.0.attn_q.weight", ...] for a
+    matrix that _stack_rows made ("blk.0.attn_q.weight+blk.0.attn_k.weight+..."), [name] otherwise."""
+    return name.split(_STACK_SEP)
+
+
 def _stack_rows(ts: list[QTensor]) -> QTensor:
     """Matrices of one type and row length as one, their rows one after another (a stored row is
     self-contained bytes in every type): one product for q, k and v, whose x is read, converted and
@@ -65,7 +74,7 @@ def _stack_rows(ts: list[QTensor]) -> QTensor:
     if len(ts) == 1:
         return ts[0]
     data = np.concatenate([np.asarray(t.data, np.uint8).reshape(-1) for t in ts])
-    return QTensor("+".join(t.name for t in ts), ts[0].dtype, (sum(t.rows for t in ts), ts[0].cols), data)
+    return QTensor(_STACK_SEP.join(t.name for t in ts), ts[0].dtype, (sum(t.rows for t in ts), ts[0].cols), data)
 
 
 def _qkv_groups(ts: list[QTensor]) -> list[list[QTensor]]:

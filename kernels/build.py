@@ -97,6 +97,11 @@ def _pdl_driver(device_id: int):
     return driver
 
 
+def dependent_launch_available(device_id: int) -> bool:
+    """Whether kernels on the device can launch as programmatic dependents (sm_90+, cuda-bindings)."""
+    return _pdl_driver(device_id) is not None
+
+
 def _param(a):
     cp = _cupy()
     if isinstance(a, cp.ndarray):

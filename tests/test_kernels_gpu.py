@@ -154,7 +154,7 @@ def test_dependent_launch_in_graph(rng, dtype, m, cols):
 
     dev = cp.cuda.runtime.getDevice()
     if int(cp.cuda.Device(dev).compute_capability) >= 90:
-        assert build._pdl_driver(dev) is not None, "sm_90+ without cuda-bindings: no dependent launch"
+        assert build.dependent_launch_available(dev), "sm_90+ without cuda-bindings: no dependent launch"
     rows = 3000
     w, w_ref, _ = setup(rng, dtype, rows, cols, m)
     wg, g_ref, _ = setup(rng, dtype, rows, cols, m)

@@ -9,6 +9,7 @@ import pytest
 import q4k_engine
 from q4k_engine.distill.stats import compare_logits
 from q4k_engine.dtypes import GGMLType
+from q4k_engine.forward import stacked_parts
 
 from realmodels import gemma_path, smollm_path
 
@@ -90,10 +91,10 @@ def test_weights_stay_quantized(teachers):
     # and v of one type are one uploaded matrix named "q+k+v" (forward._stack_rows).
     tensors = gpu.model.tensors
     for name, u in up.tensors.items():
-        ts = [tensors[part] for part in name.split("+")]
+        ts = [tensors[part] for part in stacked_parts(name)]
         if len(ts[0].shape) == 2:
             nbytes = sum(t.nbytes for t in ts)
             assert nbytes <= u.device_bytes < nbytes + 512, name
-    stored = {part for name in up.tensors for part in name.split("+")}
+    stored = {part for name in up.tensors for part in stacked_parts(name)}
     assert {t.name for t in tensors.values() if len(t.shape) == 2} <= stored
     assert {GGMLType(t.dtype).name for t in gpu.model.tensors.values() if len(t.shape) == 2} <= set(up.by_dtype())
