@@ -26,6 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>
 
 STAGES=(
   "gpu-suite|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_*_gpu.py tests/test_integrity.py tests/test_distill_example.py tests/test_distill_shards.py"
+  "kernel-profile|python3 bench/profile_kernels.py --out $LOG/profile_kernels.md --raw /tmp/ncu-raw && tar -C /tmp -czf $LOG/ncu-raw.tgz ncu-raw"
   "decode-kernels|python3 bench/bench_kernels.py --parts gemv,small --out $LOG/decode_kernels.md"
   "kernel-tests|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py"
   "kernel-bench|python3 bench/bench_kernels.py --out $LOG/bench_kernels.md"
