@@ -541,7 +541,7 @@ __device__ __forceinline__ __half2 u2h(u32 u) { return *(__half2*)&u; }
 
 // Two 4-bit quants, the nibbles under `mask` of p's 16-bit lanes, as f16x2 q * s + n: a nibble OR
 // 0x6400 is the f16 1024 + q (1024 + 16 q for a high nibble), minus 1024 exactly q (16 q); then
-// one HFMA2 (store_unit and mmv_step's Q4_K decode). k1024: the f16x2 1024, made once by the caller.
+// one HFMA2 (the fused GEMM's store_unit). k1024: the f16x2 1024, made once by the caller.
 __device__ __forceinline__ u32 q4_f16x2(u32 p, u32 mask, __half2 s, __half2 n, __half2 k1024) {
     return h2u(__hfma2(__hsub2(u2h((p & mask) | 0x64006400u), k1024), s, n));
 }
@@ -804,130 +804,257 @@ extern "C" __global__ void __launch_bounds__(256)
 // mmv: Q4_K or Q6_K times 1..8 tokens on tensor cores, W decoded straight into mma.sync A
 // fragments (kernels/matmul.py _mmv). Decode's M: the GEMV's fp32 FMAs grow with M, and the
 // fused GEMM decodes 128 x 128 tiles into shared memory for 16-token tiles of which M use 1..8.
-//
-// The 8 tokens are the n = 8 of m16n8k16; a k step need not be 16 consecutive values, only the
-// same 16 in A and B. Lane (g, t) = (lane / 4, lane % 4) decodes a quarter of each super-block of
-// rows g and g + 8 of its row group, 16 k steps of 4 values a row: of each, values j0, j1 are A's
-// k slots 2t, 2t+1 and j2, j3 slots 2t+8, 2t+9 (4 consecutive values of the row). mmv_x writes
-// x in that order (mmv_kpos), so lane (g, t) reads token g's B fragments of 2 k steps with one
-// 16-byte load.
-// - Q4_K: lane t takes qs chunk t (sub-blocks 2t, 2t+1); step (wi, hi) = word wi of the chunk,
-//   low (hi = 0) or high nibbles: values 64t + 32hi + 4wi + j.
-// - Q6_K: lane t takes half h = t / 2 and l in [16(t&1), +16): ql[l], ql[l+32], qh[l]; step
-//   (wi, qq) = quarter qq (values 128h + 32qq + l, one int8 scale each), bytes l = 16(t&1) + 4wi + j.
-// Decode in f16x2 as store_unit: two quant bytes spread to the 16-bit lanes (PRMT), the value OR
-// 0x6400 (the f16 1024 + v), minus 1024 (Q6_K: 1056, the -32 offset) exactly, then one HFMA2 with
-// the sub-block's scale and minus its min (Q6_K: one HMUL2), both rounded to f16.
-// Block: 8 warps on the same RG row groups of 16 rows, warp w on super-blocks w, w + 8, ...; the
-// next super-block's bytes are loaded before the current one is decoded (two register sets);
-// the warps' sums meet in shared memory. GLU (Q4_K): RG = 2, group 0 = gate rows, group 1 = the
-// same up rows, y = act(gate) * up. Q6_K takes one row group a block (two would spill).
+// The 8 tokens are the n = 8 of m16n8k16: lane (g, t) = (lane / 4, lane % 4) holds A's rows g and
+// g + 8 of a 16-row group and token g's B fragments; its sums c0, c1 are row g, tokens 2t, 2t+1 and
+// c2, c3 row g + 8. A k step need not be 16 consecutive values, only the same 16 in A and B.
+// Block: 8 warps on the same 16 rows, warp w on super-blocks w, w + 8, ...; the next super-block's
+// bytes are loaded before the current one is decoded (two register sets); the warps' sums meet in
+// shared memory (mmv_store).
 #define MMV_WARPS 8
 
-// x8's groups of 4 values in a super-block, in the order lane t reads them: Q4_K group
-// ((wi * 4 + t) * 2 + hi), Q6_K ((wi * 4 + t) * 4 + qq); the first of its values.
-__device__ __forceinline__ int mmv_kpos(int group) {
-#if QTYPE == T_Q4_K
-    const int hi = group & 1, t = (group >> 1) & 3, wi = group >> 3;
-    return 64 * t + 32 * hi + 4 * wi;
-#else
-    const int qq = group & 3, t = (group >> 2) & 3, wi = group >> 4;
-    return 128 * (t >> 1) + 32 * qq + 16 * (t & 1) + 4 * wi;
-#endif
+// The warps' sums acc (c0..c3 of rows g, g + 8) added in shared memory in warp order, then y: rows
+// o0 + r of 16 (GLU: rows r < 8 are gate rows o0 + r, rows 8 + r the same rows of up, y = act(gate) * up).
+template <bool GLU>
+__device__ __forceinline__ void mmv_store(const float (&acc)[4], int o0, int M, float* __restrict__ y, int ldy,
+                                          int out, int act) {
+    __shared__ float red[MMV_WARPS][16][8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    red[warp][g][2 * t] = acc[0];
+    red[warp][g][2 * t + 1] = acc[1];
+    red[warp][g + 8][2 * t] = acc[2];
+    red[warp][g + 8][2 * t + 1] = acc[3];
+    __syncthreads();
+    const int tid = threadIdx.x;
+    if (tid < (GLU ? 64 : 128)) {
+        const int r = tid >> 3, n = tid & 7;
+        float v = 0.0f, u = 0.0f;
+#pragma unroll
+        for (int q = 0; q < MMV_WARPS; q++) {
+            v += red[q][r][n];
+            if (GLU) u += red[q][r + 8][n];
+        }
+        const int o = o0 + r;
+        if (n < M && o < out) y[(i64)n * ldy + o] = GLU ? glu_act(v, act) * u : v;
+    }
 }
 
-template <int RG>
-struct MmvRaw {  // one super-block of rows (g, g + 8) of each row group: lane t's quarter
 #if QTYPE == T_Q4_K
-    uint4 hd[RG][2], q[RG][2][2];
-#else
-    uint4 ql[RG][2][2], qh[RG][2];
-    uint2 sc[RG][2];
-    u16 d[RG][2];
-#endif
-    __device__ __forceinline__ void load(const WDesc& w, const u8* const (&base)[RG], const int (&row)[RG][2],
-                                         int sb, int t) {
+// Q4_K: every k step lies inside one 32-value sub-block, so its scale is applied to the mma's fp32
+// sums, once per sub-block and row, and W's quants enter the fragments unscaled: a nibble masked
+// in place is the f16 whose bits are q (q * 2^-24, subnormal; a high nibble 16q * 2^-24), exact,
+// and the tensor cores' products of it are exact. Two instructions make two values (PRMT for two
+// bytes, one LOP3 a nibble plane), against 3.5 where each value is scaled and shifted in f16.
+// Lane t takes bytes 8t..8t+7 of each 32-byte quant chunk c of rows g and g + 8: their low nibbles
+// are values 8t..8t+7 of sub-block 2c, their high nibbles those of sub-block 2c+1. K step s of a
+// sub-block: A slots 2t, 2t+1 = values 8t+4s, +1 (bytes 8t+4s, +1); slots 2t+8, 2t+9 = values
+// 8t+4s+2, +3. Token g's B fragments of both steps are then x's values 8t..8t+7 of the sub-block in
+// x's own order: one 16-byte load (x8 = x as f16, zeros past cols).
+// The mins: y -= sum over sub-blocks j of dmin * m_j * X_j, X_j the sum of x8's values over j, as
+// one more mma a super-block whose k slots 2j, 2j+1 hold f16(dmin * m_j) (rounded as the fp32
+// paths' f16 tiles round it) against X_j split in two f16s, hi + lo (mmv_x writes them in fragment
+// order: xsub [nb][token 8][t 4][2] f16x2 = (hi, lo) of sub-blocks t and t + 4).
+struct Mmv4Raw {  // rows g, g + 8 of one super-block: header (d, dmin, 12 scale bytes), 8 bytes a chunk
+    uint4 hd[2];
+    uint2 q[2][4];
+    __device__ __forceinline__ void load(const u8* const (&rp)[2], i64 at, int t) {  // at: the super-block's byte offset
 #pragma unroll
-        for (int rg = 0; rg < RG; rg++)
+        for (int h = 0; h < 2; h++) {
+            const u8* p = rp[h] + at;
+            hd[h] = __ldg((const uint4*)p);
+            p += 16 + 8 * t;
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-#if QTYPE == T_Q4_K
-                const u8* blk = base[rg] + (i64)row[rg][h] * w.row_bytes + (i64)sb * 144;
-                hd[rg][h] = __ldg((const uint4*)blk);
-                q[rg][h][0] = __ldg((const uint4*)(blk + 16 + 32 * t));
-                q[rg][h][1] = __ldg((const uint4*)(blk + 32 + 32 * t));
-#else  // planes ql[nblk][128] | qh[nblk][64] | scales[nblk][16] | d[nblk]
-                const i64 b = (i64)row[rg][h] * w.nb + sb;
-                const int half = t >> 1, l0 = 16 * (t & 1);
-                const u8* p = base[rg];
-                ql[rg][h][0] = __ldg((const uint4*)(p + b * 128 + 64 * half + l0));
-                ql[rg][h][1] = __ldg((const uint4*)(p + b * 128 + 64 * half + 32 + l0));
-                qh[rg][h] = __ldg((const uint4*)(p + w.nblk * 128 + b * 64 + 32 * half + l0));
-                sc[rg][h] = __ldg((const uint2*)(p + w.nblk * 192 + b * 16 + 8 * half));
-                d[rg][h] = __ldg((const u16*)(p + w.nblk * 208 + b * 2));
-#endif
-            }
+            for (int c = 0; c < 4; c++) q[h][c] = __ldg((const uint2*)(p + 32 * c));
+        }
     }
 };
 
-template <int RG, int AC>
-__device__ __forceinline__ void mmv_step(const MmvRaw<RG>& R, const __half* __restrict__ xs, int t, bool tok,
-                                         float (&acc)[RG][AC][4]) {
-#if QTYPE == T_Q4_K
-    __half2 s[RG][2][2], n[RG][2][2];  // [group][row g / g+8][lo / hi]
+// Byte k of w as the float 2^23 + byte (the bits 0x4B0000bb), exact: fmaf(it, s, -2^23 * s) = byte * s.
+__device__ __forceinline__ float byte_2p23(u32 w, int k) {
+    return __int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u | k));
+}
+
+// acc: c0..c3 of the scaled sub-block sums; accm: of the mins' mma.
+__device__ __forceinline__ void mmv4_step(const Mmv4Raw& R, const __half* __restrict__ xs, uint2 xm, int t,
+                                          bool tok, float (&acc)[4], float (&accm)[4]) {
+    u32 sc[2][2], am[4];  // sc: [row][sub-blocks 0-3 / 4-7] 6-bit scales a byte; am: the mins' A fragment
+    float dl[2], ndl[2], dh[2], ndh[2];
 #pragma unroll
-    for (int rg = 0; rg < RG; rg++)
+    for (int h = 0; h < 2; h++) {
+        const uint4 hd = R.hd[h];
+        sc[h][0] = hd.y & 0x3F3F3F3Fu;
+        sc[h][1] = (hd.w & 0x0F0F0F0Fu) | ((hd.y >> 2) & 0x30303030u);
+        const u32 mn0 = hd.z & 0x3F3F3F3Fu, mn1 = ((hd.w >> 4) & 0x0F0F0F0Fu) | ((hd.z >> 2) & 0x30303030u);
+        // -dmin * m of sub-blocks t and t + 4 (exact in fp32), rounded to f16 in both halves
+        const float d = h2f((u16)(hd.x & 0xFFFF)), dmin = h2f((u16)(hd.x >> 16));
+        am[h] = h2u(__float2half2_rn(fmaf(byte_2p23(mn0, t), -dmin, 8388608.0f * dmin)));
+        am[2 + h] = h2u(__float2half2_rn(fmaf(byte_2p23(mn1, t), -dmin, 8388608.0f * dmin)));
+        dl[h] = d * 16777216.0f;  // 2^24: low nibbles enter as q * 2^-24
+        dh[h] = d * 1048576.0f;   // 2^20: high nibbles as 16 q * 2^-24
+        ndl[h] = -8388608.0f * dl[h];
+        ndh[h] = -8388608.0f * dh[h];
+    }
+    mma16816(accm, am, xm.x, xm.y);
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const uint4 xl = tok ? __ldg((const uint4*)(xs + 64 * c)) : make_uint4(0, 0, 0, 0);  // xs: + 8t
+        const uint4 xh = tok ? __ldg((const uint4*)(xs + 64 * c + 32)) : make_uint4(0, 0, 0, 0);
+        float sl[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            u32 al[4], ah[4];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const u32 w = s ? R.q[h][c].y : R.q[h][c].x;
+                const u32 p01 = __byte_perm(w, 0u, 0x4140u), p23 = __byte_perm(w, 0u, 0x4342u);
+                al[h] = p01 & 0x000F000Fu;
+                al[2 + h] = p23 & 0x000F000Fu;
+                ah[h] = p01 & 0x00F000F0u;
+                ah[2 + h] = p23 & 0x00F000F0u;
+            }
+            mma16816(sl, al, s ? xl.z : xl.x, s ? xl.w : xl.y);
+            mma16816(sh, ah, s ? xh.z : xh.x, s ? xh.w : xh.y);
+        }
+        const int jl = 2 * c, jh = 2 * c + 1;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const uint4 hd = R.hd[rg][h];
-            const float d = h2f((u16)(hd.x & 0xFFFF)), dmin = h2f((u16)(hd.x >> 16));
-            float sc, mn;
-            scale_min_k4(2 * t, hd.y, hd.z, hd.w, sc, mn);
-            s[rg][h][0] = __float2half2_rn(d * sc);
-            n[rg][h][0] = __float2half2_rn(-dmin * mn);
-            scale_min_k4(2 * t + 1, hd.y, hd.z, hd.w, sc, mn);
-            s[rg][h][1] = __float2half2_rn(d * sc * 0.0625f);
-            n[rg][h][1] = __float2half2_rn(-dmin * mn);
-        }
-    const __half2 k1024 = __float2half2_rn(1024.0f);
+            const float sl_ = fmaf(byte_2p23(sc[h][jl >> 2], jl & 3), dl[h], ndl[h]);  // d * sc_j * 2^24, exact
+            const float sh_ = fmaf(byte_2p23(sc[h][jh >> 2], jh & 3), dh[h], ndh[h]);
 #pragma unroll
-    for (int wi = 0; wi < 8; wi++) {
-        const uint4 xb = tok ? __ldg((const uint4*)(xs + (wi * 4 + t) * 8)) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int hi = 0; hi < 2; hi++) {
-            const u32 b0 = hi ? xb.z : xb.x, b1 = hi ? xb.w : xb.y;
-            const u32 mask = hi ? 0x00F000F0u : 0x000F000Fu;
-#pragma unroll
-            for (int rg = 0; rg < RG; rg++) {
-                u32 a[4];
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const u32 w = word4(R.q[rg][h][wi >> 2], wi & 3);
-#pragma unroll
-                    for (int pr = 0; pr < 2; pr++) {  // bytes 0,1 -> slots 2t, 2t+1; bytes 2,3 -> 2t+8, 2t+9
-                        const u32 p = __byte_perm(w, 0u, pr ? 0x4342u : 0x4140u);
-                        a[2 * pr + h] = q4_f16x2(p, mask, s[rg][h][hi], n[rg][h][hi], k1024);
-                    }
-                }
-                mma16816(acc[rg][hi % AC], a, b0, b1);
-            }
+            for (int e = 0; e < 2; e++) acc[2 * h + e] = fmaf(sh_, sh[2 * h + e], fmaf(sl_, sl[2 * h + e], acc[2 * h + e]));
         }
     }
-#else
-    __half2 s[RG][2][4];  // [group][row g / g+8][quarter]
+}
+
+// GLU: the 16 rows of the mma are 8 gate rows (g) and the same 8 rows of up (g + 8).
+template <bool GLU>
+__device__ __forceinline__ void mmv4_body(const WDesc& w, const u8* __restrict__ up, const __half* __restrict__ x8,
+                                          const uint2* __restrict__ xsub, int M, float* __restrict__ y, int ldy,
+                                          int out, int act) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int o0 = blockIdx.x * (GLU ? 8 : 16);
+    const u8* rp[2];  // rows g, g + 8 (GLU: gate and up row g)
+    if (GLU) {
+        const i64 r = min(o0 + g, out - 1);  // rows past the end re-read the last row; never written
+        rp[0] = w.base + r * w.row_bytes;
+        rp[1] = up + r * w.row_bytes;
+    } else {
+        rp[0] = w.base + (i64)min(o0 + g, out - 1) * w.row_bytes;
+        rp[1] = w.base + (i64)min(o0 + g + 8, out - 1) * w.row_bytes;
+    }
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, accm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const bool tok = g < M;
+    const __half* xg = x8 + (i64)min(g, M - 1) * w.nb * 256 + 8 * t;
+    const uint2* xmg = xsub + g * 4 + t;  // + sb * 32
+    Mmv4Raw ra, rb;  // two register sets, alternating (no copies)
+    int sb = warp;
+    if (sb < w.nb) ra.load(rp, (i64)sb * 144, t);
+    pdl_wait();  // x8 and xsub are mmv_x's output (launched as a dependent: kernels/build.py)
+    while (sb < w.nb) {  // warp-uniform
+        if (sb + MMV_WARPS < w.nb) rb.load(rp, (i64)(sb + MMV_WARPS) * 144, t);
+        mmv4_step(ra, xg + (i64)sb * 256, __ldg(xmg + sb * 32), t, tok, acc, accm);
+        sb += MMV_WARPS;
+        if (sb >= w.nb) break;
+        if (sb + MMV_WARPS < w.nb) ra.load(rp, (i64)(sb + MMV_WARPS) * 144, t);
+        mmv4_step(rb, xg + (i64)sb * 256, __ldg(xmg + sb * 32), t, tok, acc, accm);
+        sb += MMV_WARPS;
+    }
+    pdl_trigger();  // the next dependent (mmv_x of the next product) may be scheduled
+    const float sum[4] = {acc[0] + accm[0], acc[1] + accm[1], acc[2] + accm[2], acc[3] + accm[3]};
+    mmv_store<GLU>(sum, o0, M, y, ldy, out, act);
+}
+
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
+    mmv_r1(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, const uint2* xsub, int M,
+           float* y, int ldy, int out) {
+    mmv4_body<false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, xsub, M, y, ldy, out, 0);
+}
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
+    mmv_glu(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const u8* up, const __half* x8,
+            const uint2* xsub, int M, float* y, int ldy, int out, int act) {
+    mmv4_body<true>(WDesc{base, row_bytes, nblk, nb, cols}, up, x8, xsub, M, y, ldy, out, act);
+}
+
+// x (fp32 [M, ldx], or f16 when x_f16) -> x8 (f16 [M][nb * 256], zeros past cols) and xsub: the sum X
+// of x8's values over each 32-value sub-block j as two f16s hi = f16(X), lo = f16(X - hi), in mmv4's
+// B fragment order: f16x2 [nb][token 8][t 4][2] = (hi, lo) of sub-blocks t and t + 4 (zeros for tokens
+// past M). Thread i takes 4 values of token i / (nb * 64), over all 8 tokens.
+extern "C" __global__ void __launch_bounds__(256)
+    mmv_x(const void* __restrict__ x, int x_f16, int ldx, int M, int cols, int nb, __half* __restrict__ x8,
+          u32* __restrict__ xsub) {
+    pdl_trigger();  // the mmv after it may load its first weights while x8 is written
+    pdl_wait();     // x is the previous kernel's output (launched as a dependent: kernels/build.py)
+    const int i = blockIdx.x * 256 + threadIdx.x;  // grid: exactly 8 * nb * 64 threads
+    const int per = nb * 64, m = i / per, k = (i - m * per) * 4;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (m < M) {
 #pragma unroll
-    for (int rg = 0; rg < RG; rg++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const float d = h2f(R.d[rg][h]);
-            const uint2 sc = R.sc[rg][h];
-#pragma unroll
-            for (int qq = 0; qq < 4; qq++) {  // scale (t&1) + 2qq of the half: byte of sc.x (qq < 2) or sc.y
-                const u32 word = qq < 2 ? sc.x : sc.y;
-                const int shift = 8 * ((t & 1) + 2 * (qq & 1));
-                s[rg][h][qq] = __float2half2_rn(d * (float)(int)(signed char)(u8)(word >> shift));
-            }
+        for (int j = 0; j < 4; j++) {
+            const i64 at = (i64)m * ldx + k + j;
+            v[j] = k + j >= cols ? 0.0f : x_f16 ? __half2float(((const __half*)x)[at]) : ((const float*)x)[at];
         }
+    }
+    const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+    if (m < M) *(uint2*)(x8 + (i64)m * per * 4 + k) = make_uint2(h2u(a), h2u(b));
+    float s = (__low2float(a) + __high2float(a)) + (__low2float(b) + __high2float(b));
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);  // the sub-block's 8 threads
+    if ((threadIdx.x & 7) == 0) {
+        const int sb = k >> 8, j = (k >> 5) & 7;
+        const __half hi = __float2half_rn(s), lo = __float2half_rn(s - __half2float(hi));
+        xsub[((sb * 8 + m) * 4 + (j & 3)) * 2 + (j >> 2)] = h2u(__halves2half2(hi, lo));
+    }
+}
+#else
+// Q6_K: x8's k steps run across the super-block, 4 consecutive values of a row a lane, each value
+// scaled in f16 as store_unit does. Lane (g, t) decodes a quarter of each super-block of rows g and
+// g + 8, 16 k steps of 4 values a row: of each, values j0, j1 are A's k slots 2t, 2t+1 and j2, j3
+// slots 2t+8, 2t+9. mmv_x writes x in that order (mmv_kpos), so lane (g, t) reads token g's B
+// fragments of 2 k steps with one 16-byte load. Lane t takes half h = t / 2 and l in [16(t&1), +16):
+// ql[l], ql[l+32], qh[l]; step (wi, qq) = quarter qq (values 128h + 32qq + l, one int8 scale each),
+// bytes l = 16(t&1) + 4wi + j. Decode in f16x2: two quant bytes spread to the 16-bit lanes (PRMT),
+// the value OR 0x6400 (the f16 1024 + v), minus 1056 (1024 and the -32 offset) exactly, then one
+// HMUL2 with the scale rounded to f16. Two sets of registers for two row groups would spill: one group a block.
+
+// x8's groups of 4 values in a super-block, in the order lane t reads them: group ((wi * 4 + t) * 4 + qq);
+// the first of its values.
+__device__ __forceinline__ int mmv_kpos(int group) {
+    const int qq = group & 3, t = (group >> 2) & 3, wi = group >> 4;
+    return 128 * (t >> 1) + 32 * qq + 16 * (t & 1) + 4 * wi;
+}
+
+struct MmvRaw {  // one super-block of rows g, g + 8: lane t's quarter
+    uint4 ql[2][2], qh[2];
+    uint2 sc[2];
+    u16 d[2];
+    __device__ __forceinline__ void load(const WDesc& w, const int (&row)[2], int sb, int t) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {  // planes ql[nblk][128] | qh[nblk][64] | scales[nblk][16] | d[nblk]
+            const i64 b = (i64)row[h] * w.nb + sb;
+            const int half = t >> 1, l0 = 16 * (t & 1);
+            const u8* p = w.base;
+            ql[h][0] = __ldg((const uint4*)(p + b * 128 + 64 * half + l0));
+            ql[h][1] = __ldg((const uint4*)(p + b * 128 + 64 * half + 32 + l0));
+            qh[h] = __ldg((const uint4*)(p + w.nblk * 128 + b * 64 + 32 * half + l0));
+            sc[h] = __ldg((const uint2*)(p + w.nblk * 192 + b * 16 + 8 * half));
+            d[h] = __ldg((const u16*)(p + w.nblk * 208 + b * 2));
+        }
+    }
+};
+
+__device__ __forceinline__ void mmv_step(const MmvRaw& R, const __half* __restrict__ xs, int t, bool tok,
+                                         float (&acc)[2][4]) {
+    __half2 s[2][4];  // [row g / g+8][quarter]
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const float d = h2f(R.d[h]);
+        const uint2 sc = R.sc[h];
+#pragma unroll
+        for (int qq = 0; qq < 4; qq++) {  // scale (t&1) + 2qq of the half: byte of sc.x (qq < 2) or sc.y
+            const u32 word = qq < 2 ? sc.x : sc.y;
+            const int shift = 8 * ((t & 1) + 2 * (qq & 1));
+            s[h][qq] = __float2half2_rn(d * (float)(int)(signed char)(u8)(word >> shift));
+        }
+    }
     const __half2 k1056 = __float2half2_rn(1056.0f);
 #pragma unroll
     for (int wi = 0; wi < 4; wi++) {
@@ -939,114 +1066,56 @@ __device__ __forceinline__ void mmv_step(const MmvRaw<RG>& R, const __half* __re
         for (int qq = 0; qq < 4; qq++) {
             const uint4 x2 = xb[qq >> 1];
             const u32 b0 = qq & 1 ? x2.z : x2.x, b1 = qq & 1 ? x2.w : x2.y;
+            u32 a[4];
 #pragma unroll
-            for (int rg = 0; rg < RG; rg++) {
-                u32 a[4];
+            for (int h = 0; h < 2; h++) {
+                const u32 wl = word4(R.ql[h][qq & 1], wi), wh = word4(R.qh[h], wi);
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const u32 wl = word4(R.ql[rg][h][qq & 1], wi), wh = word4(R.qh[rg][h], wi);
-#pragma unroll
-                    for (int pr = 0; pr < 2; pr++) {
-                        const u32 sel = pr ? 0x4342u : 0x4140u;
-                        const u32 pl = __byte_perm(wl, 0u, sel), ph = __byte_perm(wh, 0u, sel);
-                        const u32 lo = (qq < 2 ? pl : pl >> 4) & 0x000F000Fu;
-                        const u32 hb = (qq == 0 ? ph << 4 : qq == 1 ? ph << 2 : qq == 2 ? ph : ph >> 2) & 0x00300030u;
-                        const __half2 v = __hsub2(u2h(lo | hb | 0x64006400u), k1056);
-                        a[2 * pr + h] = h2u(__hmul2(v, s[rg][h][qq]));
-                    }
+                for (int pr = 0; pr < 2; pr++) {
+                    const u32 sel = pr ? 0x4342u : 0x4140u;
+                    const u32 pl = __byte_perm(wl, 0u, sel), ph = __byte_perm(wh, 0u, sel);
+                    const u32 lo = (qq < 2 ? pl : pl >> 4) & 0x000F000Fu;
+                    const u32 hb = (qq == 0 ? ph << 4 : qq == 1 ? ph << 2 : qq == 2 ? ph : ph >> 2) & 0x00300030u;
+                    const __half2 v = __hsub2(u2h(lo | hb | 0x64006400u), k1056);
+                    a[2 * pr + h] = h2u(__hmul2(v, s[h][qq]));
                 }
-                mma16816(acc[rg][qq % AC], a, b0, b1);
             }
+            mma16816(acc[qq & 1], a, b0, b1);  // two independent mma chains
         }
     }
-#endif
 }
 
-template <int RG, bool GLU>
-__device__ __forceinline__ void mmv_body(const WDesc& w, const u8* __restrict__ up, const __half* __restrict__ x8,
-                                         int M, float* __restrict__ y, int ldy, int out, int act) {
-    static_assert(!GLU || RG == 2, "GLU pairs one gate group with one up group");
-    constexpr int ROWS = GLU ? 16 : 16 * RG;  // rows of y a block covers
-    constexpr int AC = RG == 1 ? 2 : 1;      // accumulator sets: two independent mma chains a warp
-    __shared__ float red[MMV_WARPS][RG][16][8];
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
+    mmv_r1(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, const uint2*, int M,
+           float* y, int ldy, int out) {
+    const WDesc w{base, row_bytes, nblk, nb, cols};
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int o0 = blockIdx.x * ROWS;
-    const u8* base[RG];
-    int row[RG][2];
-#pragma unroll
-    for (int rg = 0; rg < RG; rg++) {
-        base[rg] = GLU && rg ? up : w.base;
-        const int r0 = o0 + (GLU ? 0 : 16 * rg) + g;
-        row[rg][0] = min(r0, out - 1);  // rows past the end re-read the last row; never written
-        row[rg][1] = min(r0 + 8, out - 1);
-    }
-    float acc[RG][AC][4];
-#pragma unroll
-    for (int rg = 0; rg < RG; rg++)
-#pragma unroll
-        for (int c = 0; c < AC; c++) acc[rg][c][0] = acc[rg][c][1] = acc[rg][c][2] = acc[rg][c][3] = 0.0f;
+    const int o0 = blockIdx.x * 16;
+    const int row[2] = {min(o0 + g, out - 1), min(o0 + g + 8, out - 1)};  // past the end: re-read, never written
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     const bool tok = g < M;
     const __half* xg = x8 + (i64)min(g, M - 1) * w.nb * 256;
-    MmvRaw<RG> cur, nxt;
+    MmvRaw cur, nxt;
     int sb = warp;
-    if (sb < w.nb) cur.load(w, base, row, sb, t);
+    if (sb < w.nb) cur.load(w, row, sb, t);
     pdl_wait();  // x8 is mmv_x's output (launched as a dependent: kernels/build.py)
     while (sb < w.nb) {  // warp-uniform
         const int nsb = sb + MMV_WARPS;
-        if (nsb < w.nb) nxt.load(w, base, row, nsb, t);
-        mmv_step<RG, AC>(cur, xg + (i64)sb * 256, t, tok, acc);
+        if (nsb < w.nb) nxt.load(w, row, nsb, t);
+        mmv_step(cur, xg + (i64)sb * 256, t, tok, acc);
         cur = nxt;
         sb = nsb;
     }
     pdl_trigger();  // the next dependent (mmv_x of the next product) may be scheduled
-    // acc[rg]: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
-#pragma unroll
-    for (int rg = 0; rg < RG; rg++) {
-        float c[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) c[i] = AC == 2 ? acc[rg][0][i] + acc[rg][AC - 1][i] : acc[rg][0][i];
-        red[warp][rg][g][2 * t] = c[0];
-        red[warp][rg][g][2 * t + 1] = c[1];
-        red[warp][rg][g + 8][2 * t] = c[2];
-        red[warp][rg][g + 8][2 * t + 1] = c[3];
-    }
-    __syncthreads();
-    const int tid = threadIdx.x;
-    if (tid < (GLU ? 1 : RG) * 128) {
-        const int rg = tid >> 7, r = (tid >> 3) & 15, n = tid & 7;
-        float v = 0.0f, u = 0.0f;
-#pragma unroll
-        for (int q = 0; q < MMV_WARPS; q++) {
-            v += red[q][rg][r][n];
-            if (GLU) u += red[q][1][r][n];
-        }
-        const int o = o0 + 16 * rg + r;
-        if (n < M && o < out) y[(i64)n * ldy + o] = GLU ? glu_act(v, act) * u : v;
-    }
+    const float sum[4] = {acc[0][0] + acc[1][0], acc[0][1] + acc[1][1], acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]};
+    mmv_store<false>(sum, o0, M, y, ldy, out, 0);
 }
-
-extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
-    mmv_r1(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, int M, float* y, int ldy,
-           int out) {
-    mmv_body<1, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0);
-}
-#if QTYPE == T_Q4_K  // Q6_K's two register sets of two row groups would spill: one group a block
-extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
-    mmv_r2(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x8, int M, float* y, int ldy,
-           int out) {
-    mmv_body<2, false>(WDesc{base, row_bytes, nblk, nb, cols}, nullptr, x8, M, y, ldy, out, 0);
-}
-extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
-    mmv_glu(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const u8* up, const __half* x8, int M,
-            float* y, int ldy, int out, int act) {
-    mmv_body<2, true>(WDesc{base, row_bytes, nblk, nb, cols}, up, x8, M, y, ldy, out, act);
-}
-#endif
 
 // x (fp32 [M, ldx], or f16 when x_f16) -> x8 (f16 [M][nb][64 groups][4], mmv's order: mmv_kpos;
-// zeros past cols): thread i writes the 4 values of group i (of token, super-block, group).
+// zeros past cols): thread i writes the 4 values of group i (of token, super-block, group). The
+// xsub argument (Q4_K's) is not used.
 extern "C" __global__ void __launch_bounds__(256)
-    mmv_x(const void* __restrict__ x, int x_f16, int ldx, int M, int cols, int nb, __half* __restrict__ x8) {
+    mmv_x(const void* __restrict__ x, int x_f16, int ldx, int M, int cols, int nb, __half* __restrict__ x8, u32*) {
     pdl_trigger();  // the mmv after it may load its first weights while x8 is written
     pdl_wait();     // x is the previous kernel's output (launched as a dependent: kernels/build.py)
     const int i = blockIdx.x * 256 + threadIdx.x;
@@ -1062,4 +1131,5 @@ extern "C" __global__ void __launch_bounds__(256)
     const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
     *(uint2*)(x8 + (i64)i * 4) = make_uint2(h2u(a), h2u(b));
 }
+#endif
 #endif

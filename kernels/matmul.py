@@ -533,45 +533,40 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
 
 
 def _x8(x, w: GpuWeight):
-    """x (fp32 or f16 [M, cols], M <= 8) as mmv's f16 operand: [M][blocks][256] in the order its
-    lanes read (mmv_x, matmul.cu), zeros past cols."""
+    """x (fp32 or f16 [M, cols], M <= 8) as mmv's operands (mmv_x, matmul.cu): (x8, xsub). Q4_K: x8 is x
+    as f16 [M][blocks * 256] in its own order, xsub the sums of x8 over each 32-value sub-block as
+    hi + lo f16 pairs in the mins' fragment order (all 8 tokens: zeros past M). Q6_K: x8 is
+    [M][blocks][256] in the order its lanes read, xsub is not used (a 1-element placeholder)."""
     cp = _cupy()
     m = x.shape[0]
     x8 = cp.empty((m, w.kpad), dtype=cp.float16)
-    n = m * w.blocks_per_row * 64
+    q4 = w.dtype == GGMLType.Q4_K
+    xsub = cp.empty(w.blocks_per_row * 64 if q4 else 1, dtype=cp.uint32)
+    n = (MMV_MAX_M if q4 else m) * w.blocks_per_row * 64
     launch(_kernel(w, "mmv_x"), (-(-n // 256),), (256,), (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]),
-                                                         np.int32(m), np.int32(w.cols), np.int32(w.blocks_per_row), x8),
-           dependent=True)
-    return x8
-
-
-def _mmv_rows(w: GpuWeight, dev: int) -> int:
-    """Row groups of 16 a block of mmv takes: for Q4_K 2 once that leaves two blocks for every SM
-    (x's fragments then serve 32 rows), else 1 (more blocks for short matrices); Q6_K 1 (two
-    groups' registers would spill)."""
-    return 2 if w.dtype == GGMLType.Q4_K and w.rows >= 2 * 32 * 2 * _sm_count(dev) else 1
+                                                         np.int32(m), np.int32(w.cols), np.int32(w.blocks_per_row), x8,
+                                                         xsub), dependent=True)
+    return x8, xsub
 
 
 def _mmv(x, w: GpuWeight, y) -> None:
-    """y (fp32 [M, rows], M <= 8) = x . W^T on mmv_r<RG> (Q4_K/Q6_K on tensor cores, W decoded into
-    the mma fragments, f16 operands, fp32 sums)."""
-    dev = _cupy().cuda.runtime.getDevice()
-    rg = _mmv_rows(w, dev)
-    launch(_kernel(w, f"mmv_r{rg}"), (-(-w.rows // (16 * rg)),), (256,),
-           (*w.kernel_args(), _x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]), np.int32(w.rows)),
+    """y (fp32 [M, rows], M <= 8) = x . W^T on mmv_r1 (Q4_K/Q6_K on tensor cores, W decoded into the
+    mma fragments, f16 operands, fp32 sums), a block of 8 warps a group of 16 rows."""
+    launch(_kernel(w, "mmv_r1"), (-(-w.rows // 16),), (256,),
+           (*w.kernel_args(), *_x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]), np.int32(w.rows)),
            dependent=True)
 
 
 def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
-    """act(x . Wg^T) * (x . Wu^T) as fp32 [M, rows] (M <= 8, Q4_K) from one mmv_glu launch: a
-    block takes 16 gate rows and the same 16 up rows (other types: two mmv and a glu)."""
+    """act(x . Wg^T) * (x . Wu^T) as fp32 [M, rows] (M <= 8, Q4_K) from one mmv_glu launch: the mma's
+    16 rows are 8 gate rows and the same 8 up rows, a block a group (other types: two mmv and a glu)."""
     from . import ops
 
     cp = _cupy()
     m = x.shape[0]
     y = cp.empty((m, wg.rows), dtype=cp.float32) if out is None else out
-    launch(_kernel(wg, "mmv_glu"), (-(-wg.rows // 16),), (256,),
-           (*wg.kernel_args(), wu.data, _x8(x, wg), np.int32(m), y, np.int32(wg.rows), np.int32(wg.rows),
+    launch(_kernel(wg, "mmv_glu"), (-(-wg.rows // 8),), (256,),
+           (*wg.kernel_args(), wu.data, *_x8(x, wg), np.int32(m), y, np.int32(wg.rows), np.int32(wg.rows),
             np.int32(ops.ACTS[act])), dependent=True)
     return y
 
@@ -579,16 +574,21 @@ def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
 PATHS = ("gemv", "mmv", "mma", "cublas")
 # mmv takes 1..8 tokens of these types; the default from MMV_MIN_M tokens on (below, the GEMV):
 # H200, 7B shapes graph-replayed, mmv beats the GEMV on every Q4_K matrix from M = 2 (e.g. the
-# gate/up pair 43.9 vs 67.6 us) and loses at M = 1 (43.2 vs 36.5); Q6_K from 2 on the LM head
-# and the gate/up pair, from 3 on the others; one bound for both types, as batch-2 decode steps
-# were fastest with it (1.24x the GEMV's).
+# gate/up pair 43.9 vs 67.6 us); Q6_K from 2 on the LM head and the gate/up pair, from 3 on the
+# others; one bound for both types, as batch-2 decode steps were fastest with it (1.24x the GEMV's).
 MMV_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K)
 MMV_MAX_M = 8
 MMV_MIN_M = 2
+# At M = 1, Q4_K matrices of at most this many rows take mmv too (its sub-block-scaled Q4_K kernel,
+# H200, graph-replayed: 3584x18944 18.2 vs the GEMV's 26.3 us, 4608x3584 8.6 vs 9.9, 3584x3584 6.0
+# vs 6.7, 512x3584 3.7 vs 4.1); on more rows the GEMV keeps it (152064x3584: 110.8 vs 126.6 us).
+MMV_M1_MAX_ROWS = 8192
 
 
-def _default_path(m: int, dtype: GGMLType | None = None) -> str:
+def _default_path(m: int, dtype: GGMLType | None = None, rows: int | None = None) -> str:
     if dtype in MMV_TYPES and MMV_MIN_M <= m <= MMV_MAX_M:
+        return "mmv"
+    if m == 1 and dtype == GGMLType.Q4_K and rows is not None and rows <= MMV_M1_MAX_ROWS:
         return "mmv"
     return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
 
@@ -620,7 +620,7 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     if m == 0:
         return out
     forced = path is not None
-    path = path or _default_path(m, w.dtype)
+    path = path or _default_path(m, w.dtype, w.rows)
     if path not in PATHS:
         raise InputError(f"matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mmv":

@@ -127,13 +127,11 @@ def test_gemm(rng, dtype, path, m):
 def test_mmv(rng, dtype, m, rows, cols):
     """Q4_K and Q6_K on tensor cores for 1..8 tokens, W decoded into the mma fragments (mmv): a
     padded row (644 values in 3 super-blocks), 9 super-blocks a row (warp 0 takes two, the others
-    one), one per row (most warps idle), 74 (long rows); ragged row groups; two groups a block
-    from 16896 rows on (Q4_K: RG = 2); fp32 and f16 x (what the GLU hands the down projection);
-    fp32 and f16 out. The f16 x operand is exact here: x is drawn as f16 values."""
-    dev = cp.cuda.runtime.getDevice()
+    one), one per row (most warps idle), 74 (long rows); ragged row groups; 17001 rows (1063
+    blocks); fp32 and f16 x (what the GLU hands the down projection); fp32 and f16 out. The f16 x
+    operand is exact here: x is drawn as f16 values."""
     w, w_ref, x = setup(rng, dtype, rows, cols, m)
     x = x.astype(np.float16).astype(np.float32)
-    print(f"{dtype.name} {rows}x{cols}, M = {m}: RG = {mm._mmv_rows(w, dev)}")
     check(run(x, w, "mmv"), x, w_ref, TOL_F16)
     y16 = cp.full((m, rows), np.nan, dtype=cp.float16)
     mm.matmul(cp.asarray(x).astype(cp.float16), w, out=y16, path="mmv")
@@ -184,7 +182,7 @@ def test_dependent_launch_in_graph(rng, dtype, m, cols):
             stream.synchronize()
             got_y, got_g = cp.asnumpy(y), cp.asnumpy(held["glu"])
             x3 = 3 * xs
-            check(cp.asarray(got_y), x3, w_ref, TOL_F16 if m > 1 else TOL_FP32)
+            check(cp.asarray(got_y), x3, w_ref, TOL_FP32 if mm._default_path(m, dtype, rows) == "gemv" else TOL_F16)
             check_glu(cp.asarray(got_g), x3, g_ref, u_ref, "silu", m > 1, False)
             eager_y = cp.asnumpy(mm.matmul(cp.asarray(x3), w))
             eager_g = cp.asnumpy(mm.glu_matmul(cp.asarray(x3), wg, wu, "silu"))
@@ -202,11 +200,11 @@ def test_mmv_refuses_other_types_and_m(rng):
 
 
 @pytest.mark.parametrize("m", [1, 4, 8])
-@pytest.mark.parametrize("rows", [200, 18944])
+@pytest.mark.parametrize("rows", [203, 18944])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_glu_mmv(rng, act, rows, m):
-    """Gate and up (Q4_K) and the activation for 1..8 tokens in one mmv_glu launch (16 gate rows
-    and their up rows a block; 200 rows: a ragged last block), NaN-poisoned output."""
+    """Gate and up (Q4_K) and the activation for 1..8 tokens in one mmv_glu launch (8 gate rows
+    and the same up rows a block; 203 rows: a ragged last block, 18944: 2368 blocks), NaN-poisoned output."""
     cols = 3584 if rows > 1000 else 644
     wg, g_ref, x = setup(rng, GGMLType.Q4_K, rows, cols, m)
     wu, u_ref, _ = setup(rng, GGMLType.Q4_K, rows, cols, m)
@@ -241,9 +239,14 @@ def test_gemm_fused_split_k(rng, dtype, m, out_dtype):
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 300, 2048])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
 def test_dispatch(rng, dtype, m):
-    """The default choice per M, at a model-like row length (3584 = 14 super-blocks)."""
-    w, w_ref, x = setup(rng, dtype, 520, 3584, m)
-    check(run(x, w, None), x, w_ref, TOL_FP32 if mm._default_path(m, dtype) == "gemv" else TOL_F16)
+    """The default choice per M, at a model-like row length (3584 = 14 super-blocks); at M = 1 a
+    Q4_K matrix of few rows takes mmv, one of many rows the GEMV."""
+    for rows in (520, mm.MMV_M1_MAX_ROWS + 16):
+        w, w_ref, x = setup(rng, dtype, rows, 3584, m)
+        path = mm._default_path(m, dtype, rows)
+        if m == 1:
+            assert path == ("mmv" if dtype == GGMLType.Q4_K and rows <= mm.MMV_M1_MAX_ROWS else "gemv")
+        check(run(x, w, None), x, w_ref, TOL_FP32 if path == "gemv" else TOL_F16)
 
 
 @pytest.mark.parametrize("rows,m", [(300, 40), (1000, 300)])
