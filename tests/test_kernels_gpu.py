@@ -143,11 +143,11 @@ def test_mmv(rng, dtype, m, rows, cols):
 @pytest.mark.parametrize("m", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
 def test_dependent_launch_in_graph(rng, dtype, m, cols):
-    """Captured into a CUDA graph, the k-quant GEMV (M = 1) and mmv (2..8) launch as programmatic
-    dependents on sm_90 and later: they start while the kernel before them runs and must still read
-    x as that kernel wrote it. The graph: x = 3 * src (a kernel), then a matmul and a gate/up pair
-    of x. Each replay gets a fresh src; its outputs must equal eager (plain) launches bit for bit
-    and the oracle within the f16 tolerance."""
+    """Captured into a CUDA graph, the k-quant GEMV and mmv (each where the default dispatch takes
+    it) launch as programmatic dependents on sm_90 and later: they start while the kernel before
+    them runs and must still read x as that kernel wrote it. The graph: x = 3 * src (a kernel), then
+    a matmul and a gate/up pair of x. Each replay gets a fresh src; its outputs must equal eager
+    (plain) launches bit for bit and the oracle within tolerance."""
     from q4k_engine.kernels import build
 
     dev = cp.cuda.runtime.getDevice()
