@@ -850,8 +850,8 @@ __device__ __forceinline__ void mmv_store(const float (&acc)[4], int o0, int M, 
 // 8t+4s+2, +3. Token g's B fragments of both steps are then x's values 8t..8t+7 of the sub-block in
 // x's own order: one 16-byte load (x8 = x as f16, zeros past cols).
 // The mins: y -= sum over sub-blocks j of dmin * m_j * X_j, X_j the sum of x8's values over j, as
-// one more mma a super-block whose k slots 2j, 2j+1 hold f16(dmin * m_j) (rounded as the fp32
-// paths' f16 tiles round it) against X_j split in two f16s, hi + lo (mmv_x writes them in fragment
+// one more mma a super-block whose k slots 2j, 2j+1 hold f16(dmin * m_j) (rounded as the fused
+// GEMM's f16 tiles round it) against X_j split in two f16s, hi + lo (mmv_x writes them in fragment
 // order: xsub [nb][token 8][t 4][2] f16x2 = (hi, lo) of sub-blocks t and t + 4).
 struct Mmv4Raw {  // rows g, g + 8 of one super-block: header (d, dmin, 12 scale bytes), 8 bytes a chunk
     uint4 hd[2];
