@@ -22,6 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+from q4k_engine.binio import atomic_output
 
 # name: (type, rows, cols, M, kind) -- kind "matmul" or "glu" (the gate/up pair and its activation)
 CASES = {
@@ -80,10 +83,16 @@ def run_case(name: str) -> None:
         cp.cuda.Device().synchronize()
 
 
+def refuse(message: str) -> None:
+    """Bad input or a missing tool: one line on stderr, exit 2, before any work."""
+    print(f"profile_kernels: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def ncu_path() -> str:
     found = shutil.which("ncu") or ("/usr/local/cuda/bin/ncu" if os.path.exists("/usr/local/cuda/bin/ncu") else None)
     if not found:
-        sys.exit("profile_kernels: ncu (Nsight Compute) not found on PATH or in /usr/local/cuda/bin")
+        refuse("ncu (Nsight Compute) not found on PATH or in /usr/local/cuda/bin")
     return found
 
 
@@ -104,10 +113,18 @@ def profile(name: str, raw_dir: str | None) -> list[dict]:
                               capture_output=True, text=True, check=True).stdout
     if raw_dir:
         os.makedirs(raw_dir, exist_ok=True)
-        with open(os.path.join(raw_dir, f"{name}.csv"), "w") as f:
-            f.write(text)
+        with atomic_output(Path(raw_dir) / f"{name}.csv") as tmp:
+            tmp.write_text(text)
+    return parse_raw(text)
+
+
+def parse_raw(text: str) -> list[dict]:
+    """ncu's raw CSV page (a row of metric names, a row of their units, a row a kernel) as one dict a
+    kernel, its units under "__units"."""
     rows = list(csv.reader(io.StringIO(text)))
-    header, units, body = rows[0], rows[1], rows[2:]  # ncu's raw page: names, a units row, one row a kernel
+    if len(rows) < 2:
+        raise ValueError("ncu raw CSV: no header and units rows")
+    header, units, body = rows[0], rows[1], rows[2:]
     return [dict(zip(header, r)) | {"__units": dict(zip(header, units))} for r in body]
 
 
@@ -179,7 +196,10 @@ def main() -> None:
     names = args.cases.split(",")
     bad = [n for n in names if n not in CASES]
     if bad:
-        sys.exit(f"profile_kernels: unknown case(s) {', '.join(bad)}; one of {', '.join(CASES)}")
+        refuse(f"unknown case(s) {', '.join(bad)}; one of {', '.join(CASES)}")
+    if args.out and not Path(args.out).parent.is_dir():
+        refuse(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
+    ncu_path()
     rows = []
     for n in names:
         got = summarize(n, profile(n, args.raw))
@@ -189,8 +209,8 @@ def main() -> None:
             "leading four.\n\n" + table(rows))
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        with atomic_output(Path(args.out)) as tmp:
+            tmp.write_text(text + "\n")
 
 
 if __name__ == "__main__":
