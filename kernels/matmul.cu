@@ -842,7 +842,9 @@ __device__ __forceinline__ void mmv_store(const float (&acc)[4], int o0, int M, 
 // Q4_K: every k step lies inside one 32-value sub-block, so its scale is applied to the mma's fp32
 // sums, once per sub-block and row, and W's quants enter the fragments unscaled: a nibble masked
 // in place is the f16 whose bits are q (q * 2^-24, subnormal; a high nibble 16q * 2^-24), exact,
-// and the tensor cores' products of it are exact. Two instructions make two values (PRMT for two
+// and the tensor cores' products of it are exact (mma keeps f16 subnormals: the kernel tests against
+// the oracle, run on sm_90, would fail by orders of magnitude if it flushed them; sm_80 and sm_121
+// are compiled, not yet run). Two instructions make two values (PRMT for two
 // bytes, one LOP3 a nibble plane), against 3.5 where each value is scaled and shifted in f16.
 // Lane t takes bytes 8t..8t+7 of each 32-byte quant chunk c of rows g and g + 8: their low nibbles
 // are values 8t..8t+7 of sub-block 2c, their high nibbles those of sub-block 2c+1. K step s of a
