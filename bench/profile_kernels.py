@@ -47,8 +47,7 @@ SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "Sched
             "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis")
 METRICS = ("dram__bytes_read.sum", "lts__t_bytes.sum", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
            "smsp__inst_executed.sum")
-STALL = re.compile(r"smsp__average_warp_latency_issue_stalled_(\w+)\.ratio$|"
-                   r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")  # WarpStateStats
 
 
 def run_case(name: str) -> None:
@@ -128,7 +127,7 @@ def parse_raw(text: str) -> list[dict]:
     return [dict(zip(header, r)) | {"__units": dict(zip(header, units))} for r in body]
 
 
-def num(k: dict, key: str, scale: dict | None = None) -> float:
+def num(k: dict, key: str) -> float:
     """A metric as a float in base units (ncu's raw page prints its own units row)."""
     v = k.get(key, "")
     if v in ("", "n/a"):
@@ -148,10 +147,10 @@ def summarize(name: str, kernels: list[dict]) -> list[dict]:
         stalls = []
         for key in k:
             mt = STALL.match(key)
-            if mt and "not_issued" not in key:
+            if mt:
                 v = num(k, key)
                 if v == v:
-                    stalls.append((v, mt.group(1) or mt.group(2)))
+                    stalls.append((v, mt.group(1)))
         stalls.sort(reverse=True)
         total = sum(v for v, _ in stalls)
         out.append({

@@ -667,6 +667,7 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
         raise InputError(f"glu_matmul: x must be float32 [M, {wg.cols}], got {x.dtype} {tuple(x.shape)}")
     x = _cupy().ascontiguousarray(x)
     forced = path is not None
+    # No rows: at M = 1 the pair stays on gemv1_glu, which beats mmv_glu there (MMV_M1_MAX_ROWS).
     path = path or _default_path(x.shape[0], wg.dtype if wg.dtype == wu.dtype else None)
     if path == "mmv" and x.shape[0]:
         _check_mmv(x.shape[0], wg.dtype)
