@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,9 +54,20 @@ def sm_count(device_id: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def headers_digest() -> str:
+    """sha256 (16 hex digits) of the headers beside the .cu files (kernels/*.cuh)."""
+    h = hashlib.sha256()
+    for p in sorted(SRC_DIR.glob("*.cuh")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
 def _module(name: str, device_id: int, defines: Defines):
     cp = _cupy()
-    code = (SRC_DIR / name).read_text()
+    # CuPy's disk cache keys a binary on the code and options, not on the files the code includes:
+    # the headers' digest in a trailing comment keeps a header change from loading a stale binary.
+    code = (SRC_DIR / name).read_text() + f"\n// kernels/*.cuh sha256 {headers_digest()}\n"
     return cp.RawModule(code=code, options=compile_options(_arch(device_id), dict(defines)), backend="nvrtc")
 
 

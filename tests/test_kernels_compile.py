@@ -124,3 +124,24 @@ def test_cli_one_file(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("kernels.check: error: "), r.stderr
         assert fragment in lines[0]
+
+
+def test_header_digest_covers_every_header(tmp_path, monkeypatch):
+    """CuPy's disk cache keys a binary on the code string: the digest build appends to it must change
+    with any kernels/*.cuh (a header edit would otherwise load a stale binary)."""
+    for p in KERNEL_SOURCES:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(build, "SRC_DIR", tmp_path)
+    build.headers_digest.cache_clear()
+    try:
+        before = build.headers_digest()
+        headers = sorted(tmp_path.glob("*.cuh"))
+        assert len(headers) >= 4
+        for h in headers:
+            h.write_text(h.read_text() + "\n")
+            build.headers_digest.cache_clear()
+            after = build.headers_digest()
+            assert after != before, h.name
+            before = after
+    finally:
+        build.headers_digest.cache_clear()
