@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from q4k_engine.backend import Batch
 from q4k_engine.backend_cpu import NumpyBackend
-from q4k_engine.forward import upload
+from q4k_engine.forward import forward, upload
 from q4k_engine.generate import generate
 from q4k_engine.synthetic import synthetic_model
 
@@ -54,13 +55,27 @@ def test_graph_equals_eager_and_is_greedy_under_the_reference(setup, rng):
 
 
 def test_one_graph_per_batch_size_and_alone_equals_batched(setup, rng):
-    model, cuda, wg, *_ = setup
+    """A sequence decoded alone gets the tokens it gets in a batch, up to a near-tie: alone its
+    products run on other kernels (M = 1: the GEMV for all but the smaller Q4_K matrices; in a
+    batch: mmv), whose roundings differ, so where the two first part, the reference's logits of the
+    two candidates must lie within 1e-3 of its largest |logit| (over 25 seeds of both models, on
+    an H200, 1 of 100 sequences parted, at 1.7e-4)."""
+    model, cuda, wg, cpu, wc = setup
     c = model.config
     prompts = [rng.integers(0, c.vocab_size, n) for n in (6, 17)]
     together = generate(c, wg, cuda, prompts, 9).tokens
     for p, want in zip(prompts, together):
         g = generate(c, wg, cuda, [p], 9)
-        assert g.mode == "graph" and g.tokens[0] == want
+        got = g.tokens[0]
+        assert g.mode == "graph" and len(got) == len(want)
+        if got != want:
+            t = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            seq = np.concatenate([p, np.asarray(want[:t], np.int64)]).astype(np.int32)
+            row = cpu.to_numpy(forward(c, wc, cpu, seq, Batch.from_lengths([len(seq)])))[-1]
+            gap = abs(float(row[got[t]]) - float(row[want[t]])) / float(np.abs(row).max())
+            print(f"{c.arch}: alone and batched part at new token {t} ({got[t]} vs {want[t]}), "
+                  f"{gap:.2e} of the largest |logit| apart under the reference")
+            assert gap <= 1e-3, f"alone {got} vs batched {want}: token {t} {gap:.3g} apart under the reference"
 
 
 def test_failed_capture_falls_back_to_eager_steps(setup, rng, monkeypatch):
