@@ -113,3 +113,6 @@ class Backend(Protocol):
     # index; indices int32) and, with tail, the logsumexp of the other log-probs (the tail mass; -inf where k covers the row). CUDA
     # does it in one kernel without a [rows, n] temporary; x may be a row-strided view.
     def all_finite(self, x: Array) -> bool: ...  # no NaN/Inf anywhere in x (float16/32): one bool back
+    def argmax(self, x: Array, out: Array | None = None) -> Array: ...
+    # int32 [rows], the index of each row's largest value of x [rows, n], as numpy.argmax (the first of
+    # equal maxima, a row's first NaN); out: an int32 [rows] array to write (a decode graph's buffer)

@@ -257,6 +257,13 @@ class NumpyBackend:
         step = max(1, FINITE_CHUNK_VALUES // max(rows.shape[1], 1))  # a bounded bool temporary
         return all(bool(np.isfinite(rows[s:s + step]).all()) for s in range(0, rows.shape[0], step))
 
+    def argmax(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        ids = np.argmax(x, axis=-1).astype(np.int32)
+        if out is None:
+            return ids
+        out[...] = ids
+        return out
+
     def logsumexp(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         z = x.astype(np.float64) / temperature
         m = z.max(axis=-1, keepdims=True)

@@ -324,6 +324,9 @@ class CudaBackend:
         self.device_name = cp.cuda.runtime.getDeviceProperties(device)["name"].decode()
         self.upload = UploadReport()
         self._batch_dev: _DeviceBatch | None = None  # the last Batch seen (one forward's worth)
+        # (x, its Q4_K mmv operand): written beside x by the kernel that made x (a norm, decode
+        # attention) when x has at most 8 rows, and read by the products of x (matmul.MmvOperand).
+        self._xq: tuple[Any, Any] | None = None
 
     # --- memory -----------------------------------------------------------------------------
     def free_bytes(self) -> int:
@@ -393,7 +396,22 @@ class CudaBackend:
         # float16 x is glu_matmul's output, taken as is by the fused and cuBLAS paths
         if x.dtype != self._cp.float16:
             x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
-        return self._mm.matmul(x, w)
+        return self._mm.matmul(x, w, xq=self._operand_of(x))
+
+    def _with_operand(self, x: Any, rows: int, cols: int) -> Any:
+        """A fresh operand for x [rows, cols] that its producer is about to write, or None (too many
+        rows, or rows no Q4_K product could read); remembered with x until the next producer."""
+        xq = self._mm.mmv_operand(rows, cols)
+        self._xq = None if xq is None else (x, xq)
+        return xq
+
+    def _operand_of(self, x: Any) -> Any:
+        """The operand written beside x, if x is (a view of all of) the last producer's output. The
+        producer's array is held, so its memory cannot have gone to another array meanwhile."""
+        s = self._xq
+        if s is not None and x.data.ptr == s[0].data.ptr and x.size == s[0].size and x.dtype == s[0].dtype:
+            return s[1]
+        return None
 
     def add(self, a: Any, b: Any) -> Any:
         return a + b
@@ -402,10 +420,16 @@ class CudaBackend:
         return x * np.float32(s)
 
     def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
-        return self._ops.rmsnorm(x, w, eps)
+        if x.ndim != 2:
+            return self._ops.rmsnorm(x, w, eps)
+        y = self._cp.empty(x.shape, self._cp.float32)
+        return self._ops.rmsnorm(x, w, eps, out=y, xq=self._with_operand(y, *x.shape))
 
     def add_rmsnorm(self, h: Any, d: Any, w: Any, eps: float) -> tuple[Any, Any]:
-        return self._ops.add_rmsnorm(h, d, w, eps)
+        if h.ndim != 2:
+            return self._ops.add_rmsnorm(h, d, w, eps)
+        y = self._cp.empty(h.shape, self._cp.float32)
+        return self._ops.add_rmsnorm(h, d, w, eps, out_y=y, xq=self._with_operand(y, *h.shape))
 
     def qkv_rope(self, q: Any, k: Any, v: Any, batch: Batch, theta: float, neox: bool, pos_scale: float,
                  freq_factors: Any | None, bias: tuple = (None, None, None), norm: tuple | None = None,
@@ -418,7 +442,8 @@ class CudaBackend:
         return (q, None, None) if into else (q, k, v)
 
     def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
-        return self._mm.glu_matmul(self._cp.ascontiguousarray(x, dtype=self._cp.float32), gate, up, act)
+        x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
+        return self._mm.glu_matmul(x, gate, up, act, xq=self._operand_of(x))
 
     def attention(self, q: Any, k: Any, v: Any, batch: Batch, scale: float, window: int,
                   cache: CudaKVCache | None, layer: int) -> Any:
@@ -428,7 +453,12 @@ class CudaBackend:
         ck, cv = cache.k[layer], cache.v[layer]
         if k is not None:  # else qkv_rope stored them
             self._ops.kv_write(k, v, ck, cv, db.cache_rows)
-        return self._ops.attention(q, ck, cv, db.cached, scale, window)
+        if not db.cached.decode:
+            return self._ops.attention(q, ck, cv, db.cached, scale, window)
+        # decode: the output projection's operand from split-K's combine kernel
+        n, hq, hd = q.shape
+        y = self._cp.empty(q.shape, self._cp.float32)
+        return self._ops.attention(q, ck, cv, db.cached, scale, window, out=y, xq=self._with_operand(y, n, hq * hd))
 
     def new_cache(self, n_layers: int, n_seqs: int, max_len: int, n_kv_heads: int, head_dim: int) -> CudaKVCache:
         cp = self._cp
@@ -455,7 +485,7 @@ class CudaBackend:
         if dtype not in (np.float32, np.float16):
             raise InputError(f"logits dtype must be float32 or float16, got {dtype}")
         x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
-        return self._mm.matmul(x, w, out=self._cp.empty((x.shape[0], w.rows), dtype))
+        return self._mm.matmul(x, w, out=self._cp.empty((x.shape[0], w.rows), dtype), xq=self._operand_of(x))
 
     def log_softmax(self, x: Any, temperature: float = 1.0, inplace: bool = False) -> Any:
         # in place: the provider's chunk of logits becomes its log-probs, no second [rows, vocab] buffer
@@ -476,6 +506,9 @@ class CudaBackend:
 
     def all_finite(self, x: Any) -> bool:
         return self._ops.all_finite(x)
+
+    def argmax(self, x: Any, out: Any | None = None) -> Any:
+        return self._ops.argmax(x, out=out)
 
     # --- CUDA graphs of a decode step -----------------------------------------------------------
     def decode_inputs(self, cache: CudaKVCache) -> DecodeInputs:
@@ -508,6 +541,9 @@ class CudaBackend:
         cp = self._cp
         pool = cp.cuda.MemoryPool()
         stream = cp.cuda.Stream(non_blocking=True)  # capture cannot run on the legacy default stream
+        # The operand remembered with x (_xq) never crosses the capture's edges: one from before is
+        # not the graph's to read, and one from the graph's pool must not outlive the graph.
+        self._xq = None
         try:
             with cp.cuda.using_allocator(pool.malloc), stream:
                 stream.begin_capture()
@@ -520,6 +556,8 @@ class CudaBackend:
                 graph = stream.end_capture()
         except Exception as e:  # CuPy and the CUDA runtime raise their own types
             raise DeviceError(f"CUDA graph capture failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
+        finally:
+            self._xq = None
         return CapturedGraph(graph, pool)
 
     # --- helpers ----------------------------------------------------------------------------

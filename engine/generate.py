@@ -47,7 +47,7 @@ class Generation:
 
 
 def _argmax_host(be: Backend, logits: Any) -> np.ndarray:
-    return be.to_numpy(be.xp.argmax(logits, axis=-1)).astype(np.int32)
+    return be.to_numpy(be.argmax(logits))
 
 
 class _EagerStep:
@@ -76,7 +76,7 @@ class _GraphStep:
     def _run(self) -> None:
         self.be.use_decode_inputs(self.inputs)
         logits = forward(self.cfg, self.w, self.be, self.inputs.ids, self.inputs.batch, cache=self.cache)
-        self.next_ids[...] = self.be.xp.argmax(logits, axis=-1)
+        self.be.argmax(logits, out=self.next_ids)
 
     def __call__(self, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
         self.inputs.write(ids, past)

@@ -17,6 +17,7 @@
 #include "quant_decode.cuh"
 #include "act.cuh"
 #include "pdl.cuh"
+#include "mmv_x.cuh"
 
 #ifndef QTYPE
 #error "QTYPE (GGML type code) must be defined"
@@ -976,35 +977,19 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
     mmv4_body<true>(WDesc{base, row_bytes, nblk, nb, cols}, up, x8, xsub, M, y, ldy, out, act);
 }
 
-// x (fp32 [M, ldx], or f16 when x_f16) -> x8 (f16 [M][nb * 256], zeros past cols) and xsub: the sum X
-// of x8's values over each 32-value sub-block j as two f16s hi = f16(X), lo = f16(X - hi), in mmv4's
-// B fragment order: f16x2 [nb][token 8][t 4][2] = (hi, lo) of sub-blocks t and t + 4 (zeros for tokens
-// past M). Thread i takes 4 values of token i / (nb * 64), over all 8 tokens.
+// x (fp32 [M, ldx], or f16 when x_f16) -> x8 and xsub (mmv_x.cuh: the layout, zeros past cols and for
+// tokens past M). Thread i takes value i % (nb * 256) of token i / (nb * 256), over all 8 tokens: a warp
+// a sub-block. The producers of a small batch's rows write the same operand themselves (ops.cu).
 extern "C" __global__ void __launch_bounds__(256)
     mmv_x(const void* __restrict__ x, int x_f16, int ldx, int M, int cols, int nb, __half* __restrict__ x8,
           u32* __restrict__ xsub) {
     pdl_trigger();  // the mmv after it may load its first weights while x8 is written
     pdl_wait();     // x is the previous kernel's output (launched as a dependent: kernels/build.py)
-    const int i = blockIdx.x * 256 + threadIdx.x;  // grid: exactly 8 * nb * 64 threads
-    const int per = nb * 64, m = i / per, k = (i - m * per) * 4;
-    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (m < M) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const i64 at = (i64)m * ldx + k + j;
-            v[j] = k + j >= cols ? 0.0f : x_f16 ? __half2float(((const __half*)x)[at]) : ((const float*)x)[at];
-        }
-    }
-    const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
-    if (m < M) *(uint2*)(x8 + (i64)m * per * 4 + k) = make_uint2(h2u(a), h2u(b));
-    float s = (__low2float(a) + __high2float(a)) + (__low2float(b) + __high2float(b));
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);  // the sub-block's 8 threads
-    if ((threadIdx.x & 7) == 0) {
-        const int sb = k >> 8, j = (k >> 5) & 7;
-        const __half hi = __float2half_rn(s), lo = __float2half_rn(s - __half2float(hi));
-        xsub[((sb * 8 + m) * 4 + (j & 3)) * 2 + (j >> 2)] = h2u(__halves2half2(hi, lo));
-    }
+    const int i = blockIdx.x * 256 + threadIdx.x;  // grid: exactly 8 * nb * 256 threads
+    const int per = nb * 256, m = i / per, k = i - m * per;
+    const i64 at = (i64)m * ldx + k;
+    const float v = m >= M || k >= cols ? 0.0f : x_f16 ? __half2float(((const __half*)x)[at]) : ((const float*)x)[at];
+    mmv4_x_put(x8, xsub, nb, m, k, v, m < M);
 }
 #else
 // Q6_K: x8's k steps run across the super-block, 4 consecutive values of a row a lane, each value

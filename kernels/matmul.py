@@ -26,6 +26,7 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -532,32 +533,73 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
     return out
 
 
-def _x8(x, w: GpuWeight):
-    """x (fp32 or f16 [M, cols], M <= 8) as mmv's operands (mmv_x, matmul.cu): (x8, xsub). Q4_K: x8 is x
-    as f16 [M][blocks * 256] in its own order, xsub the sums of x8 over each 32-value sub-block as
-    hi + lo f16 pairs in the mins' fragment order (all 8 tokens: zeros past M). Q6_K: x8 is
-    [M][blocks][256] in the order its lanes read, xsub is not used (a 1-element placeholder)."""
+_Q4K_VALUES = TYPE_INFO[GGMLType.Q4_K].block_size  # 256: values a super-block
+
+
+class MmvOperand(NamedTuple):
+    """x [M, cols] (M <= 8, cols whole 256-value super-blocks) as the Q4_K mmv reads it (kernels/
+    mmv_x.cuh): x8 f16 [M, cols], xsub uint32 [cols / 256 * 64] (the sub-block sums of x8, hi + lo
+    f16 pairs in the mins' fragment order, zeros for tokens M..7). The kernel that makes a small
+    batch's x writes it beside x (ops.rmsnorm, ops.add_rmsnorm, decode attention), so that the
+    products reading x need no conversion launch of their own."""
+
+    x8: object
+    xsub: object
+
+
+def mmv_operand(m: int, cols: int) -> MmvOperand | None:
+    """Empty buffers of x [m, cols]'s Q4_K mmv operand, for a producer to write; None where no Q4_K
+    mmv could read it (m outside 1..MMV_MAX_M, or rows that are not whole super-blocks)."""
+    if not 1 <= m <= MMV_MAX_M or cols % _Q4K_VALUES or not cols:
+        return None
+    cp = _cupy()
+    return MmvOperand(cp.empty((m, cols), dtype=cp.float16), cp.empty(cols // _Q4K_VALUES * 64, dtype=cp.uint32))
+
+
+def write_mmv_operand(x, xq: MmvOperand) -> None:
+    """xq from x (fp32 or f16 [M, cols], row-contiguous) with matmul.cu's mmv_x: for a producer that
+    cannot write it itself."""
+    m, cols = xq.x8.shape
+    if x.shape != (m, cols) or x.dtype not in (np.float32, np.float16) or x.strides[1] != x.itemsize:
+        raise InputError(f"mmv operand of [{m}, {cols}] from x {x.dtype} {tuple(x.shape)}")
+    ldx = x.strides[0] // x.itemsize if m > 1 else cols
+    nb = cols // _Q4K_VALUES
+    launch(_function(GGMLType.Q4_K, "mmv_x", _cupy().cuda.runtime.getDevice()), (MMV_MAX_M * nb,), (256,),
+           (x, np.int32(x.dtype == np.float16), np.int32(ldx), np.int32(m), np.int32(cols), np.int32(nb), xq.x8,
+            xq.xsub), dependent=True)
+
+
+def _x8(x, w: GpuWeight, xq: MmvOperand | None = None):
+    """x (fp32 or f16 [M, cols], M <= 8) as mmv's operands: (x8, xsub). Q4_K: the MmvOperand (xq if
+    the producer of x wrote it, else from mmv_x). Q6_K: x8 is [M][blocks][256] in the order its lanes
+    read (mmv_x, matmul.cu), and no xsub (x8 fills its argument)."""
     cp = _cupy()
     m = x.shape[0]
+    if w.dtype == GGMLType.Q4_K:
+        if xq is not None and xq.x8.shape == (m, w.kpad):
+            return xq.x8, xq.xsub
+        xq = MmvOperand(cp.empty((m, w.kpad), dtype=cp.float16), cp.empty(w.blocks_per_row * 64, dtype=cp.uint32))
+        launch(_kernel(w, "mmv_x"), (MMV_MAX_M * w.blocks_per_row,), (256,),
+               (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]), np.int32(m), np.int32(w.cols),
+                np.int32(w.blocks_per_row), *xq), dependent=True)
+        return xq
     x8 = cp.empty((m, w.kpad), dtype=cp.float16)
-    q4 = w.dtype == GGMLType.Q4_K
-    xsub = cp.empty(w.blocks_per_row * 64 if q4 else 1, dtype=cp.uint32)
-    n = (MMV_MAX_M if q4 else m) * w.blocks_per_row * 64
+    n = m * w.blocks_per_row * 64
     launch(_kernel(w, "mmv_x"), (-(-n // 256),), (256,), (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]),
                                                          np.int32(m), np.int32(w.cols), np.int32(w.blocks_per_row), x8,
-                                                         xsub), dependent=True)
-    return x8, xsub
+                                                         x8), dependent=True)
+    return x8, x8
 
 
-def _mmv(x, w: GpuWeight, y) -> None:
+def _mmv(x, w: GpuWeight, y, xq: MmvOperand | None = None) -> None:
     """y (fp32 [M, rows], M <= 8) = x . W^T on mmv_r1 (Q4_K/Q6_K on tensor cores, W decoded into the
     mma fragments, f16 operands, fp32 sums), a block of 8 warps a group of 16 rows."""
     launch(_kernel(w, "mmv_r1"), (-(-w.rows // 16),), (256,),
-           (*w.kernel_args(), *_x8(x, w), np.int32(x.shape[0]), y, np.int32(y.shape[1]), np.int32(w.rows)),
+           (*w.kernel_args(), *_x8(x, w, xq), np.int32(x.shape[0]), y, np.int32(y.shape[1]), np.int32(w.rows)),
            dependent=True)
 
 
-def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
+def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None, xq: MmvOperand | None = None):
     """act(x . Wg^T) * (x . Wu^T) as fp32 [M, rows] (M <= 8, Q4_K) from one mmv_glu launch: the mma's
     16 rows are 8 gate rows and the same 8 up rows, a block a group (other types: two mmv and a glu)."""
     from . import ops
@@ -566,7 +608,7 @@ def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None):
     m = x.shape[0]
     y = cp.empty((m, wg.rows), dtype=cp.float32) if out is None else out
     launch(_kernel(wg, "mmv_glu"), (-(-wg.rows // 8),), (256,),
-           (*wg.kernel_args(), wu.data, *_x8(x, wg), np.int32(m), y, np.int32(wg.rows), np.int32(wg.rows),
+           (*wg.kernel_args(), wu.data, *_x8(x, wg, xq), np.int32(m), y, np.int32(wg.rows), np.int32(wg.rows),
             np.int32(ops.ACTS[act])), dependent=True)
     return y
 
@@ -599,12 +641,13 @@ def _check_mmv(m: int, dtype: GGMLType) -> None:
                                f"{MMV_MAX_M} tokens, got {GGMLType(dtype).name} and {m}")
 
 
-def matmul(x, w: GpuWeight, out=None, path: str | None = None):
+def matmul(x, w: GpuWeight, out=None, path: str | None = None, xq: MmvOperand | None = None):
     """y[M, out] = x[M, in] . W^T.
 
     x is float32, or float16 (what glu_matmul hands the down projection: the fused and cuBLAS
     paths take it as their operand, the GEMV widens it). `out` (C-contiguous [M, out], float32 or float16) is
     written if given; else a float32 one is made. Sums are fp32 whatever the output type.
+    xq: x's MmvOperand where x's producer wrote one (read by the Q4_K mmv instead of converting x).
     """
     cp = _cupy()
     if x.ndim != 2 or x.shape[1] != w.cols:
@@ -635,7 +678,7 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     # gemv and mmv write fp32 y (gemv reads fp32 x, mmv converts x to its own f16 operand).
     y = out if out.dtype == np.float32 else cp.empty((m, w.rows), dtype=cp.float32)
     if path == "mmv":
-        _mmv(x, w, y)
+        _mmv(x, w, y, xq)
     else:
         xp = _padded_x(x.astype(cp.float32, copy=False), w)
         for m0 in range(0, m, _GEMV_TOKENS):
@@ -645,7 +688,7 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None):
     return out
 
 
-def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = None):
+def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = None, xq: MmvOperand | None = None):
     """act(x . Wg^T) * (x . Wu^T), the input of a gated MLP's down projection.
 
     On the mmv path (2..8 tokens of Q4_K/Q6_K by default) it is float32 [M, rows], from one
@@ -657,7 +700,7 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     are rounded to f16 before the activation. Otherwise it is float32: on the GEMV (one launch at
     M = 1 for the k-quants), and from two matmuls and an in-place glu where one launch cannot take
     the pair (on the mma path gate and up of two types; on the cuBLAS path padded row lengths that
-    differ; check_kernel_limits warns of the last two when the model is loaded).
+    differ; check_kernel_limits warns of the last two when the model is loaded). xq: as matmul's.
     """
     from . import ops
 
@@ -672,7 +715,7 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     if path == "mmv" and x.shape[0]:
         _check_mmv(x.shape[0], wg.dtype)
         if wg.dtype == wu.dtype == GGMLType.Q4_K:
-            return _glu_mmv(x, wg, wu, act)
+            return _glu_mmv(x, wg, wu, act, xq=xq)
     if path not in PATHS:
         raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mma" and x.shape[0]:

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include "act.cuh"
 #include "pdl.cuh"
+#include "mmv_x.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -48,10 +49,13 @@ extern "C" {
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm over the last dim: one block per row. With `res` non-null this is the fused
-// residual step: h_out = x + res is written, then y = rmsnorm(h_out) * w.
+// residual step: h_out = x + res is written, then y = rmsnorm(h_out) * w. With x8 non-null (at most
+// 8 rows, dim whole 256-value super-blocks, blockDim whole warps: ops.py checks) y is also written
+// as the Q4_K mmv's operand x8 / xsub (mmv_x.cuh), a warp a sub-block.
 __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restrict__ res,
                              const float* __restrict__ w, float* __restrict__ h_out,
-                             float* __restrict__ y, int dim, float eps) {
+                             float* __restrict__ y, int dim, float eps, __half* __restrict__ x8,
+                             unsigned* __restrict__ xsub) {
     __shared__ float red[32];
     pdl_trigger();  // a matmul launched after it as a dependent may load its weights meanwhile
     const size_t base = (size_t)blockIdx.x * dim;
@@ -67,6 +71,15 @@ __global__ void rmsnorm_rows(const float* __restrict__ x, const float* __restric
     const float inv = rsqrtf(block_reduce(ss, red, false) / dim + eps);
     // Each thread re-reads only the elements it wrote itself, so h_out needs no barrier.
     const float* src = res ? h_out : x;
+    if (x8) {  // block-uniform; every lane of a warp takes part in each sub-block's sum
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            const float v = src[base + i] * inv * w[i];
+            y[base + i] = v;
+            mmv4_x_put(x8, xsub, dim >> 8, blockIdx.x, i, v, true);
+        }
+        if (blockIdx.x == 0) mmv4_x_zero_tail(xsub, dim >> 8, gridDim.x, threadIdx.x, blockDim.x);
+        return;
+    }
     for (int i = threadIdx.x; i < dim; i += blockDim.x) y[base + i] = src[base + i] * inv * w[i];
 }
 
@@ -780,11 +793,14 @@ DEC_SPLIT_KERNEL(8)
 // query's n_split ranges (0 when it sees no key, as attn_decode). Grid (N, Hq); dynamic shared
 // memory: n_ws floats, the ranges' weights 2^(m_s - M), computed once, so that the column loop
 // issues its loads of acc back to back. Sums run in a fixed order: the result is deterministic.
+// With x8 non-null (at most 8 tokens, n_heads * HEAD_DIM whole 256-value super-blocks, HEAD_DIM and
+// blockDim whole warps: ops.py checks) out is also written as the Q4_K mmv's operand (mmv_x.cuh)
+// for the output projection, a warp a sub-block.
 __global__ void attn_decode_combine(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                     float* __restrict__ out, const int* __restrict__ tok_seq,
                                     const int* __restrict__ q_start, const int* __restrict__ q_pos0,
                                     const int* __restrict__ kv_len, int n_heads, int window, int max_splits,
-                                    int min_keys, int n_ws) {
+                                    int min_keys, int n_ws, __half* __restrict__ x8, unsigned* __restrict__ xsub) {
     extern __shared__ float wsh[];
     __shared__ float red[32];
     pdl_trigger();  // as attn_decode
@@ -810,8 +826,11 @@ __global__ void attn_decode_combine(const float* __restrict__ ws_acc, const floa
         float o = 0.f;
 #pragma unroll 4
         for (int s = 0; s < n_split; ++s) o += acc[(size_t)s * HEAD_DIM] * wsh[s];
-        out[((size_t)tok * n_heads + h) * HEAD_DIM + d] = l > 0.f ? o / l : 0.f;
+        const float r = l > 0.f ? o / l : 0.f;
+        out[((size_t)tok * n_heads + h) * HEAD_DIM + d] = r;
+        if (x8) mmv4_x_put(x8, xsub, n_heads * HEAD_DIM >> 8, tok, h * HEAD_DIM + d, r, true);
     }
+    if (x8 && tok == 0 && h == 0) mmv4_x_zero_tail(xsub, n_heads * HEAD_DIM >> 8, gridDim.x, tid, blockDim.x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1070,4 +1089,42 @@ extern "C" __global__ void any_nonfinite(const unsigned char* __restrict__ p, lo
         }
     }
     if (bad) *flag = 1;
+}
+
+// The index of the largest value of each row of x [rows, n] (row stride ld), as numpy.argmax: the
+// first of equal maxima, and the first NaN where a row has one. One block of AM_THREADS per row;
+// each value becomes a 64-bit key (its order-preserving bits above the index's complement, NaN
+// above everything) and the block takes the largest key. Greedy decoding's next token: cupy's
+// argmax took 0.1-0.2 ms a step on a 152k vocabulary, this one a few microseconds.
+#define AM_THREADS 1024
+__device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
+    const unsigned u = __float_as_uint(v);
+    const unsigned ord = v != v ? 0xFFFFFFFFu : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)ord << 32) | (unsigned)~(unsigned)i;
+}
+
+extern "C" __global__ void __launch_bounds__(AM_THREADS)
+    argmax_rows(const float* __restrict__ x, long long ld, int n, int* __restrict__ out) {
+    __shared__ unsigned long long red[AM_THREADS / 32];
+    const float* row = x + (long long)blockIdx.x * ld;
+    unsigned long long best = 0;  // below every key of a value (n >= 1: the launcher checks)
+#pragma unroll 8
+    for (int i = threadIdx.x; i < n; i += AM_THREADS) {
+        const unsigned long long k = argmax_key(__ldg(row + i), i);
+        best = k > best ? k : best;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long k = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+        best = k > best ? k : best;
+    }
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        best = red[threadIdx.x];
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long k = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+            best = k > best ? k : best;
+        }
+        if (threadIdx.x == 0) out[blockIdx.x] = (int)~(unsigned)(best & 0xFFFFFFFFu);
+    }
 }

@@ -44,8 +44,21 @@ def _threads_for(n: int, cap: int = 1024) -> int:
     return int(min(cap, max(32, -(-n // 32) * 32)))
 
 
-def rmsnorm(x, w, eps: float, out=None):
-    """x [..., d] -> x / sqrt(mean(x^2) + eps) * w over the last dim (also [N, heads, head_dim])."""
+def _operand_args(xq, rows: int, cols: int, threads: int) -> tuple:
+    """The (x8, xsub) kernel arguments of a Q4_K mmv operand (matmul.MmvOperand) that a kernel writes
+    beside its [rows, cols] output, a warp a sub-block; null pointers without one."""
+    if xq is None:
+        return _NULL, _NULL
+    from .matmul import MMV_MAX_M
+
+    if xq.x8.shape != (rows, cols) or rows > MMV_MAX_M or cols % 256 or threads % 32:
+        raise ValueError(f"mmv operand {tuple(xq.x8.shape)} for an output of [{rows}, {cols}] ({threads} threads)")
+    return xq.x8, xq.xsub
+
+
+def rmsnorm(x, w, eps: float, out=None, xq=None):
+    """x [..., d] -> x / sqrt(mean(x^2) + eps) * w over the last dim (also [N, heads, head_dim]).
+    xq (matmul.mmv_operand of x [rows, d]): the result written as the Q4_K mmv's operand too."""
     x, w = _f32(x), _f32(w)
     d = x.shape[-1]
     if w.shape != (d,):
@@ -53,13 +66,14 @@ def rmsnorm(x, w, eps: float, out=None):
     y = _out(out, x.shape)
     rows = x.size // d if d else 0
     if rows:
-        kernel("ops.cu", "rmsnorm_rows")((rows,), (_threads_for(d, 256),),
-                                         (x, _NULL, w, _NULL, y, np.int32(d), np.float32(eps)))
+        threads = _threads_for(d, 256)
+        kernel("ops.cu", "rmsnorm_rows")((rows,), (threads,), (x, _NULL, w, _NULL, y, np.int32(d), np.float32(eps),
+                                                               *_operand_args(xq, rows, d, threads)))
     return y
 
 
-def add_rmsnorm(h, r, w, eps: float, out_h=None, out_y=None):
-    """Fused residual step: (h + r, rmsnorm(h + r) * w) in one pass over the rows."""
+def add_rmsnorm(h, r, w, eps: float, out_h=None, out_y=None, xq=None):
+    """Fused residual step: (h + r, rmsnorm(h + r) * w) in one pass over the rows; xq as rmsnorm's."""
     h, r, w = _f32(h), _f32(r), _f32(w)
     if h.shape != r.shape:
         raise ValueError(f"add_rmsnorm: shapes {h.shape} and {r.shape} differ")
@@ -68,8 +82,9 @@ def add_rmsnorm(h, r, w, eps: float, out_h=None, out_y=None):
     y = _out(out_y, h.shape)
     rows = h.size // d if d else 0
     if rows:
-        kernel("ops.cu", "rmsnorm_rows")((rows,), (_threads_for(d, 256),),
-                                         (h, r, w, hs, y, np.int32(d), np.float32(eps)))
+        threads = _threads_for(d, 256)
+        kernel("ops.cu", "rmsnorm_rows")((rows,), (threads,), (h, r, w, hs, y, np.int32(d), np.float32(eps),
+                                                               *_operand_args(xq, rows, d, threads)))
     return hs, y
 
 
@@ -260,7 +275,7 @@ def _aligned16(x):
     return x if x.data.ptr % 16 == 0 else x.copy()
 
 
-def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=None, decode: str = "split"):
+def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=None, decode: str = "split", xq=None):
     """Causal (optionally sliding-window) GQA attention; q [N, Hq, D], k/v [rows, Hkv, D].
 
     Rows of k/v per sequence are given by `layout` (packed new tokens, or a KV cache viewed as
@@ -268,6 +283,8 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
     sequence) is fp32; prefill multiplies f16-rounded operands on tensor cores with fp32 sums.
     `decode` picks the decode kernel: "split" (split-K, _decode_split) or "single" (attn_decode,
     one block per query head over all its keys: the kernel before split-K, kept for the bench).
+    xq (matmul.mmv_operand of the output as [N, Hq * D]): the output written as the Q4_K mmv's
+    operand too, by split-K decode's combine kernel where D is whole warps, else by mmv_x after it.
     """
     if decode not in DECODE_KERNELS:
         raise ValueError(f"unknown decode kernel {decode!r} (known: {', '.join(DECODE_KERNELS)})")
@@ -283,15 +300,19 @@ def attention(q, k, v, layout: SeqLayout, scale: float, window: int = 0, out=Non
     y = _out(out, q.shape)
     if n == 0:
         return y
+    fused = xq is not None and layout.decode and decode == "split" and d % 32 == 0
     if layout.decode and decode == "split":
-        _decode_split(q, k, v, y, layout, scale, window)
-        return y
-    if layout.decode:
+        _decode_split(q, k, v, y, layout, scale, window, xq if fused else None)
+    elif layout.decode:
         f = kernel("ops.cu", "attn_decode", **_decode_defines(d))
         f((n, hq), (_DEC_THREADS,), (q, k, v, y, layout.tok_seq, layout.q_start, layout.q_pos0,
                                      layout.kv_off, layout.kv_len, *_attn_scalars(hq, hkv, scale, window)))
-        return y
-    _flash_prefill(q, k, v, y, layout, scale, window, _flash_tiles(-(-d // 16) * 16))
+    else:
+        _flash_prefill(q, k, v, y, layout, scale, window, _flash_tiles(-(-d // 16) * 16))
+    if xq is not None and not fused:
+        from .matmul import write_mmv_operand
+
+        write_mmv_operand(y.reshape(n, hq * d), xq)
     return y
 
 
@@ -325,7 +346,7 @@ def decode_splits(n_tokens: int, hq: int, hkv: int, max_keys: int, window: int, 
     return DecodeSplits(group, tiles, max_splits, max(1, min(max_splits, -(-visible // DECODE_MIN_KEYS))))
 
 
-def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int) -> None:
+def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int, xq=None) -> None:
     """Split-K decode attention into y (checked by attention()): attn_decode_split writes each
     range's partial softmax state to a workspace, attn_decode_combine merges them. Both launches
     and the workspace are sized from host values only (layout.max_kv_len), so the pair can be
@@ -342,10 +363,12 @@ def _decode_split(q, k, v, y, layout: SeqLayout, scale: float, window: int) -> N
         (n, hkv * plan.tiles, plan.grid), (_DEC_THREADS,),
         (q, k, v, ws_acc, ws_ml, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_off, layout.kv_len,
          *scalars, np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS)))
+    threads = _threads_for(d, 256)
     kernel("ops.cu", "attn_decode_combine", **_decode_defines(d))(
-        (n, hq), (_threads_for(d, 256),),
+        (n, hq), (threads,),
         (ws_acc, ws_ml, y, layout.tok_seq, layout.q_start, layout.q_pos0, layout.kv_len, np.int32(hq),
-         np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid)),
+         np.int32(window), np.int32(plan.max_splits), np.int32(DECODE_MIN_KEYS), np.int32(plan.grid),
+         *_operand_args(xq, n, hq * d, threads)),
         shared_mem=4 * plan.grid)
 
 
@@ -487,6 +510,29 @@ def all_finite(x) -> bool:
         blocks = max(1, min(-(-n16 // 256), 8 * sm_count(cp.cuda.Device().id)))
         kernel("ops.cu", "any_nonfinite")((blocks,), (256,), (x, np.int64(x.nbytes), np.int32(x.dtype == cp.float16), flag))
     return not int(flag.get()[0])
+
+
+_AM_THREADS = 1024  # must match ops.cu
+
+
+def argmax(x, out=None):
+    """The index of the largest value of each row of x [rows, n] (n >= 1) as int32 [rows], as
+    numpy.argmax: the first of equal maxima, the first NaN of a row that has one. A row-strided
+    float32 view is read in place; other arrays are first made a contiguous float32 copy. One block
+    a row, no temporary: greedy decoding's next token."""
+    cp = _cupy()
+    if x.ndim != 2 or not x.shape[1]:
+        raise InputError(f"argmax: x must be [rows, n] with n >= 1, got shape {tuple(x.shape)}")
+    if x.dtype != cp.float32 or x.strides[1] != 4 or x.strides[0] % 4 or x.data.ptr % 4:
+        x = _f32(x)
+    rows, n = x.shape
+    out = _out(out, (rows,), np.int32)
+    if n >= 1 << 31:
+        raise InputError(f"argmax: rows of {n} values; at most 2^31 - 1")
+    if rows:
+        ld = x.strides[0] // 4 if rows > 1 else n
+        kernel("ops.cu", "argmax_rows")((rows,), (_AM_THREADS,), (x, np.int64(ld), np.int32(n), out))
+    return out
 
 
 _TK_THREADS = 512  # must match ops.cu

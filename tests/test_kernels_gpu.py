@@ -190,6 +190,30 @@ def test_dependent_launch_in_graph(rng, dtype, m, cols):
             assert got_g.tobytes() == eager_g.tobytes(), f"replay {i}: gate/up pair differs from eager launches"
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_mmv_reads_the_producers_operand(rng, m):
+    """matmul / glu_matmul given x's MmvOperand (what a norm or decode attention writes beside x) read
+    it instead of converting x: the same bits as without it when it holds x, other bits when it is
+    planted with other values (so it is read); a Q6_K weight ignores it (its mmv has its own order)."""
+    rows, cols = 517, 2304
+    w, w_ref, x = setup(rng, GGMLType.Q4_K, rows, cols, m)
+    wg, g_ref, _ = setup(rng, GGMLType.Q4_K, rows, cols, m)
+    w6, w6_ref, _ = setup(rng, GGMLType.Q6_K, rows, cols, m)
+    x = scaled_for_glu(x, g_ref, w_ref).astype(np.float16).astype(np.float32)
+    dx = cp.asarray(x)
+    xq = mm.mmv_operand(m, cols)
+    mm.write_mmv_operand(dx, xq)
+    y = mm.matmul(dx, w, path="mmv", xq=xq)
+    check(y, x, w_ref, TOL_F16)
+    assert y.get().tobytes() == mm.matmul(dx, w, path="mmv").get().tobytes()
+    g = mm.glu_matmul(dx, wg, w, "silu", path="mmv", xq=xq)
+    assert g.get().tobytes() == mm.glu_matmul(dx, wg, w, "silu", path="mmv").get().tobytes()
+    assert mm.matmul(dx, w6, path="mmv", xq=xq).get().tobytes() == mm.matmul(dx, w6, path="mmv").get().tobytes()
+    other = mm.mmv_operand(m, cols)
+    mm.write_mmv_operand(dx * 2, other)
+    check(mm.matmul(dx, w, path="mmv", xq=other), 2 * x, w_ref, TOL_F16)
+
+
 def test_mmv_refuses_other_types_and_m(rng):
     w, _, x = setup(rng, GGMLType.Q8_0, 64, 256, 2)
     with pytest.raises(mm.UnsupportedError, match="mmv"):

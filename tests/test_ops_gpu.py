@@ -529,3 +529,114 @@ def test_topk_logprobs_strided_ties_and_peaks(cp, ops, rng):
         ops.topk_logprobs(full, 0)
     with pytest.raises(InputError):
         ops.topk_logprobs(full, 5, temperature=0.0)
+
+
+@pytest.mark.parametrize("rows, n", [(1, 1), (3, 7), (8, 1031), (8, 152_064), (5, 300_007)])
+def test_argmax(cp, ops, rng, rows, n):
+    """argmax_rows against numpy.argmax (the NumPy backend's) on random rows, outputs poisoned
+    first: plain rows, a row-strided crop read in place, float16 (converted), ties at two places
+    (the first wins), a row of -inf, NaN (the first NaN wins, as NumPy's) and, in a CUDA graph,
+    what greedy decoding replays."""
+    from q4k_engine.backend_cpu import NumpyBackend
+
+    x = (rng.standard_normal((rows, n)) * 8).astype(np.float32)
+    if n > 2:
+        i, j = sorted(rng.choice(n, 2, replace=False).tolist())
+        x[0, i] = x[0, j] = x[0].max() + 1.0  # a tie: i wins
+        x[-1] = -np.inf
+    if rows > 2 and n > 3:
+        x[1, int(rng.integers(n // 2, n))] = np.nan
+        x[1, int(rng.integers(0, n // 2))] = np.nan
+    d = cp.asarray(x)
+    cases = [(d, x), (d[:, 1:], x[:, 1:]), (d.astype(cp.float16), x.astype(np.float16))]
+    for k, (dx, hx) in enumerate(cases):
+        if not dx.shape[1]:
+            continue
+        out = cp.full(rows, -7, cp.int32)
+        got = ops.argmax(dx, out=out).get()
+        ref = NumpyBackend().argmax(hx)
+        assert got.dtype == np.int32 and (got == ref).all(), (k, got, ref)
+    out = cp.full(rows, -7, cp.int32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        ops.argmax(d, out=out)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    assert (out.get() == np.argmax(x, axis=1)).all()
+    with pytest.raises(InputError, match="argmax"):
+        ops.argmax(cp.zeros((2, 0), cp.float32))
+
+
+# --- the Q4_K mmv operand written by the producers of a small batch's rows (kernels/mmv_x.cuh) -----
+def poisoned_operand(cp, m, cols):
+    from q4k_engine.kernels import matmul
+
+    xq = matmul.mmv_operand(m, cols)
+    xq.x8.fill(np.nan)
+    xq.xsub.fill(0xFFFFFFFF)  # NaN in both halves
+    return xq
+
+
+def check_operand(cp, xq, y, what):
+    """xq against y (the fp32 rows it was written beside): x8 is y rounded to f16, bit for bit; xsub's
+    hi + lo is each 32-value sub-block's sum of x8 (to the fp32 sum's rounding; hi is that sum rounded
+    to f16), in fragment order, zeros for tokens past y's rows."""
+    y = np.asarray(y, np.float32).reshape(y.shape[0], -1)
+    m, cols = y.shape
+    nb = cols // 256
+    x8 = y.astype(np.float16)
+    assert xq.x8.get().tobytes() == x8.tobytes(), what
+    pairs = xq.xsub.get().view(np.float16).reshape(nb, 8, 4, 2, 2).astype(np.float64)  # [sb][m][t][s][hi, lo]
+    got = pairs.sum(-1).transpose(0, 1, 3, 2).reshape(nb, 8, 8)  # [sb][m][j = 4 s + t]
+    assert (got[:, m:] == 0).all(), f"{what}: tokens past {m} are not zeros"
+    ref = x8.astype(np.float64).reshape(m, nb, 8, 32).sum(-1).transpose(1, 0, 2)  # [sb][m][j]
+    scale = np.abs(x8.astype(np.float64)).reshape(m, nb, 8, 32).sum(-1).transpose(1, 0, 2)
+    err = np.abs(got[:, :m] - ref) / np.maximum(scale, 1e-30)
+    assert err.max() < 2e-6, f"{what}: sub-block sums off by {err.max():.3g} of their magnitude"
+    hi = pairs[:, :m, :, :, 0].transpose(0, 1, 3, 2).reshape(nb, m, 8)
+    assert (np.abs(hi - ref) <= np.abs(ref) * 2.0 ** -10 + scale[:, :m] * 2.0 ** -20).all(), what
+
+
+@pytest.mark.parametrize("rows, d", [(1, 256), (3, 768), (8, 3584), (5, 2560)])
+def test_norms_write_the_mmv_operand(cp, ops, rng, rows, d):
+    """rmsnorm and add_rmsnorm write the Q4_K mmv operand of their output (poisoned first) beside it;
+    the output itself is that of a call without it, bit for bit; mmv_x from the output agrees."""
+    from q4k_engine.kernels import matmul
+
+    h = cp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
+    r = cp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
+    w = cp.asarray((1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+    xq = poisoned_operand(cp, rows, d)
+    y = ops.rmsnorm(h, w, 1e-6, xq=xq)
+    assert y.get().tobytes() == ops.rmsnorm(h, w, 1e-6).get().tobytes()
+    check_operand(cp, xq, y.get(), f"rmsnorm {rows}x{d}")
+    xq = poisoned_operand(cp, rows, d)
+    hs, y = ops.add_rmsnorm(h, r, w, 1e-6, xq=xq)
+    hs0, y0 = ops.add_rmsnorm(h, r, w, 1e-6)
+    assert hs.get().tobytes() == hs0.get().tobytes() and y.get().tobytes() == y0.get().tobytes()
+    check_operand(cp, xq, y.get(), f"add_rmsnorm {rows}x{d}")
+    xq = poisoned_operand(cp, rows, d)
+    matmul.write_mmv_operand(y, xq)
+    check_operand(cp, xq, y.get(), f"mmv_x {rows}x{d}")
+    with pytest.raises(ValueError, match="mmv operand"):
+        ops.rmsnorm(h, w, 1e-6, xq=matmul.mmv_operand(rows, d + 256))
+    assert matmul.mmv_operand(9, d) is None and matmul.mmv_operand(rows, d + 32) is None
+
+
+@pytest.mark.parametrize("past,hq,hkv,d", [([700, 3, 20], 28, 4, 128), ([50] * 8, 16, 2, 64), ([9, 300], 16, 4, 80)])
+def test_decode_attention_writes_the_mmv_operand(cp, ops, rng, past, hq, hkv, d):
+    """Split-K decode's combine kernel writes the output projection's operand (head dims of whole
+    warps; d = 80: mmv_x after it): output bits unchanged, operand as mmv_x's."""
+    b = len(past)
+    max_len = max(past) + 2
+    k = cp.asarray(rng.standard_normal((b * max_len, hkv, d)).astype(np.float32))
+    v = cp.asarray(rng.standard_normal((b * max_len, hkv, d)).astype(np.float32))
+    q = cp.asarray(rng.standard_normal((b, hq, d)).astype(np.float32))
+    slot0 = np.arange(b) * max_len
+    layout = ops.SeqLayout.build(np.arange(b), np.ones(b), np.asarray(past), slot0, np.asarray(past) + 1)
+    xq = poisoned_operand(cp, b, hq * d)
+    y = ops.attention(q, k, v, layout, d ** -0.5, 0, xq=xq)
+    assert y.get().tobytes() == ops.attention(q, k, v, layout, d ** -0.5, 0).get().tobytes()
+    check_operand(cp, xq, y.get(), f"decode attention b={b} hq={hq} d={d}")
