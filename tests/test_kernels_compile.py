@@ -89,7 +89,10 @@ def test_engine_and_check_share_the_options(monkeypatch):
     finally:
         build._arch.cache_clear()
         build._module.cache_clear()
-    assert seen["backend"] == "nvrtc" and seen["code"] == (ROOT / "kernels/ops.cu").read_text()
+    # the file's own text, then a comment with the headers' digest (CuPy's disk cache keys on the code)
+    source = (ROOT / "kernels/ops.cu").read_text()
+    assert seen["backend"] == "nvrtc" and seen["code"].startswith(source)
+    assert seen["code"][len(source):] == f"\n// kernels/*.cuh sha256 {build.headers_digest()}\n"
     assert seen["options"] == build.compile_options("sm_90", {"FA_BK": 32, "HEAD_DIM": 64})
     assert {"-std=c++17", "--gpu-architecture=sm_90", "-ftz=true", "-DHEAD_DIM=64", "-DFA_BK=32"} <= set(seen["options"])
 
