@@ -46,14 +46,19 @@ def breakdown(teacher, b: int, ctx: int) -> tuple[float, float, int]:
     k = rng.standard_normal((b * ctx, cfg.n_kv_heads, cfg.head_dim), dtype=cp.float32)
     layout = ops.SeqLayout.build(np.arange(b), np.ones(b), np.full(b, ctx - 1), np.arange(b) * ctx, np.full(b, ctx))
 
+    ones = cp.ones(cfg.hidden, dtype=cp.float32)
+
     def gemvs() -> None:  # the weight products of a step, as the forward calls them
+        # As in a step, the products of hidden-size rows read the mmv operand their producer (here one
+        # norm) wrote beside them; the down projection's input (the GLU's output) has none.
+        xn = be.rmsnorm(x, ones, 1e-6)
         for lw in w.layers:
             for m in lw.qkv:  # q, k and v, stacked where they share a type
-                be.matmul(x, m)
-            be.matmul(x, lw.wo)
-            be.glu_matmul(x, lw.gate, lw.up, cfg.act)
+                be.matmul(xn, m)
+            be.matmul(xn, lw.wo)
+            be.glu_matmul(xn, lw.gate, lw.up, cfg.act)
             be.matmul(xs[lw.down.cols], lw.down)
-        be.matmul(x, w.output)
+        be.matmul(xn, w.output)
 
     def attention() -> None:
         for i in range(cfg.n_layers):
