@@ -854,8 +854,8 @@ __device__ __forceinline__ void mmv_store(const float (&acc)[4], int o0, int M, 
 // x's own order: one 16-byte load (x8 = x as f16, zeros past cols).
 // The mins: y -= sum over sub-blocks j of dmin * m_j * X_j, X_j the sum of x8's values over j, as
 // one more mma a super-block whose k slots 2j, 2j+1 hold f16(dmin * m_j) (rounded as the fused
-// GEMM's f16 tiles round it) against X_j split in two f16s, hi + lo (mmv_x writes them in fragment
-// order: xsub [nb][token 8][t 4][2] f16x2 = (hi, lo) of sub-blocks t and t + 4).
+// GEMM's f16 tiles round it) against X_j split in two f16s, hi + lo (xsub, mmv_x.cuh: in fragment
+// order [nb][token 8][t 4][2] f16x2 = (hi, lo) of sub-blocks t and t + 4).
 struct Mmv4Raw {  // rows g, g + 8 of one super-block: header (d, dmin, 12 scale bytes), 8 bytes a chunk
     uint4 hd[2];
     uint2 q[2][4];
@@ -951,7 +951,7 @@ __device__ __forceinline__ void mmv4_body(const WDesc& w, const u8* __restrict__
     Mmv4Raw ra, rb;  // two register sets, alternating (no copies)
     int sb = warp;
     if (sb < w.nb) ra.load(rp, (i64)sb * 144, t);
-    pdl_wait();  // x8 and xsub are mmv_x's output (launched as a dependent: kernels/build.py)
+    pdl_wait();  // x8 and xsub are the previous kernel's output: mmv_x's or x's producer's (kernels/build.py)
     while (sb < w.nb) {  // warp-uniform
         if (sb + MMV_WARPS < w.nb) rb.load(rp, (i64)(sb + MMV_WARPS) * 144, t);
         mmv4_step(ra, xg + (i64)sb * 256, __ldg(xmg + sb * 32), t, tok, acc, accm);
@@ -961,7 +961,7 @@ __device__ __forceinline__ void mmv4_body(const WDesc& w, const u8* __restrict__
         mmv4_step(rb, xg + (i64)sb * 256, __ldg(xmg + sb * 32), t, tok, acc, accm);
         sb += MMV_WARPS;
     }
-    pdl_trigger();  // the next dependent (mmv_x of the next product) may be scheduled
+    pdl_trigger();  // the next dependent (a product, or mmv_x of one) may be scheduled
     const float sum[4] = {acc[0] + accm[0], acc[1] + accm[1], acc[2] + accm[2], acc[3] + accm[3]};
     mmv_store<GLU>(sum, o0, M, y, ldy, out, act);
 }
@@ -1093,7 +1093,7 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 2)
         cur = nxt;
         sb = nsb;
     }
-    pdl_trigger();  // the next dependent (mmv_x of the next product) may be scheduled
+    pdl_trigger();  // the next dependent (a product, or mmv_x of one) may be scheduled
     const float sum[4] = {acc[0][0] + acc[1][0], acc[0][1] + acc[1][1], acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]};
     mmv_store<false>(sum, o0, M, y, ldy, out, 0);
 }

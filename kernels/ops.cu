@@ -1094,8 +1094,8 @@ extern "C" __global__ void any_nonfinite(const unsigned char* __restrict__ p, lo
 // The index of the largest value of each row of x [rows, n] (row stride ld), as numpy.argmax: the
 // first of equal maxima, and the first NaN where a row has one. One block of AM_THREADS per row;
 // each value becomes a 64-bit key (its order-preserving bits above the index's complement, NaN
-// above everything) and the block takes the largest key. Greedy decoding's next token: cupy's
-// argmax took 0.1-0.2 ms a step on a 152k vocabulary, this one a few microseconds.
+// above everything) and the block takes the largest key. Greedy decoding's next token, in place
+// of cupy.argmax (bench/RESULTS.md, eighth session).
 #define AM_THREADS 1024
 __device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
     const unsigned u = __float_as_uint(v);
