@@ -557,16 +557,16 @@ def mmv_operand(m: int, cols: int) -> MmvOperand | None:
 
 
 def write_mmv_operand(x, xq: MmvOperand) -> None:
-    """xq from x (fp32 or f16 [M, cols], row-contiguous) with matmul.cu's mmv_x: for a producer that
-    cannot write it itself."""
-    m, cols = xq.x8.shape
-    if x.shape != (m, cols) or x.dtype not in (np.float32, np.float16) or x.strides[1] != x.itemsize:
-        raise InputError(f"mmv operand of [{m}, {cols}] from x {x.dtype} {tuple(x.shape)}")
-    ldx = x.strides[0] // x.itemsize if m > 1 else cols
-    nb = cols // _Q4K_VALUES
+    """xq from x (fp32 or f16 [M, n], n <= xq's columns, zeros past n; row-contiguous) with matmul.cu's
+    mmv_x: for a producer that cannot write it itself, and for an x without one."""
+    m, kpad = xq.x8.shape
+    if x.shape[0] != m or x.shape[1] > kpad or x.dtype not in (np.float32, np.float16) or x.strides[1] != x.itemsize:
+        raise InputError(f"mmv operand of [{m}, {kpad}] from x {x.dtype} {tuple(x.shape)}")
+    ldx = x.strides[0] // x.itemsize if m > 1 else x.shape[1]
+    nb = kpad // _Q4K_VALUES
     launch(_function(GGMLType.Q4_K, "mmv_x", _cupy().cuda.runtime.getDevice()), (MMV_MAX_M * nb,), (256,),
-           (x, np.int32(x.dtype == np.float16), np.int32(ldx), np.int32(m), np.int32(cols), np.int32(nb), xq.x8,
-            xq.xsub), dependent=True)
+           (x, np.int32(x.dtype == np.float16), np.int32(ldx), np.int32(m), np.int32(x.shape[1]), np.int32(nb),
+            xq.x8, xq.xsub), dependent=True)
 
 
 def _x8(x, w: GpuWeight, xq: MmvOperand | None = None):
@@ -576,12 +576,9 @@ def _x8(x, w: GpuWeight, xq: MmvOperand | None = None):
     cp = _cupy()
     m = x.shape[0]
     if w.dtype == GGMLType.Q4_K:
-        if xq is not None and xq.x8.shape == (m, w.kpad):
-            return xq.x8, xq.xsub
-        xq = MmvOperand(cp.empty((m, w.kpad), dtype=cp.float16), cp.empty(w.blocks_per_row * 64, dtype=cp.uint32))
-        launch(_kernel(w, "mmv_x"), (MMV_MAX_M * w.blocks_per_row,), (256,),
-               (x, np.int32(x.dtype == np.float16), np.int32(x.shape[1]), np.int32(m), np.int32(w.cols),
-                np.int32(w.blocks_per_row), *xq), dependent=True)
+        if xq is None or xq.x8.shape != (m, w.kpad):
+            xq = mmv_operand(m, w.kpad)
+            write_mmv_operand(x, xq)
         return xq
     x8 = cp.empty((m, w.kpad), dtype=cp.float16)
     n = m * w.blocks_per_row * 64

@@ -49,9 +49,9 @@ def _operand_args(xq, rows: int, cols: int, threads: int) -> tuple:
     beside its [rows, cols] output, a warp a sub-block; null pointers without one."""
     if xq is None:
         return _NULL, _NULL
-    from .matmul import MMV_MAX_M
+    from .matmul import MMV_MAX_M, _Q4K_VALUES
 
-    if xq.x8.shape != (rows, cols) or rows > MMV_MAX_M or cols % 256 or threads % 32:
+    if xq.x8.shape != (rows, cols) or rows > MMV_MAX_M or cols % _Q4K_VALUES or threads % 32:
         raise ValueError(f"mmv operand {tuple(xq.x8.shape)} for an output of [{rows}, {cols}] ({threads} threads)")
     return xq.x8, xq.xsub
 
