@@ -419,9 +419,10 @@ class TimedBackend:
         return sorted(((k, c, ms) for k, (c, ms) in acc.items()), key=lambda r: -r[2])
 
 
-def profile(path: str | None, lengths: list[int], decode: bool = False) -> None:
+def profile(path: str | None, lengths: list[int], decode: bool = False, precision: str = "fp16") -> None:
     """GPU time per operation of one all-position fp16 forward of the 7B (after a warm-up), or with
-    `decode` of one decode step (batch len(lengths)) after prefilling `lengths` into a KV cache."""
+    `decode` of one decode step (batch len(lengths)) after prefilling `lengths` into a KV cache;
+    `precision` is the backend's (fp16, or fp8: engine/fp8.py)."""
     from q4k_engine.backend import Batch
     from q4k_engine.backend_cuda import CudaBackend
     from q4k_engine.forward import forward, upload
@@ -431,7 +432,7 @@ def profile(path: str | None, lengths: list[int], decode: bool = False) -> None:
 
     model = open_model(make_7b.ensure_7b(path))
     cfg = model.config
-    be = CudaBackend()
+    be = CudaBackend(precision=precision)
     w = upload(model, be)
     rng = np.random.default_rng(0)
     batch = Batch.from_lengths(lengths)
@@ -449,7 +450,7 @@ def profile(path: str | None, lengths: list[int], decode: bool = False) -> None:
     rows = tb.table()
     total = sum(r[2] for r in rows)
     what = f"decode step of {len(lengths)} after {lengths[0]}" if decode else f"{len(lengths)}x{lengths[0]} forward"
-    print(f"profile, {what}, on {be.device_name}: wall {ms:.2f} ms (eager); sum of op GPU times "
+    print(f"profile, {what}, precision {precision}, on {be.device_name}: wall {ms:.2f} ms (eager); sum of op GPU times "
           f"{total:.2f} ms (events included)")
     print("| op | calls | GPU ms | share |\n|---|---|---|---|")
     for label, calls, t in rows:
@@ -514,11 +515,12 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,512,512,512", help="profile, finite: sequence lengths")
     ap.add_argument("--decode", action="store_true", help="profile: one decode step after the lengths")
     ap.add_argument("--model", default=None, help="model file (default: write the synthetic Qwen2-7B to /tmp)")
+    ap.add_argument("--precision", choices=("fp16", "fp8"), default="fp16", help="profile: the backend's precision")
     a = ap.parse_args()
     if a.what == "ops":
         bench_ops()
     elif a.what == "profile":
-        profile(a.model, [int(t) for t in a.lengths.split(",")], a.decode)
+        profile(a.model, [int(t) for t in a.lengths.split(",")], a.decode, a.precision)
     elif a.what == "finite":
         finite_cost(a.model, [int(t) for t in a.lengths.split(",")])
     else:

@@ -45,6 +45,8 @@ STAGES=(
   "distill-shards|python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distill_shards.py && set -o pipefail && python3 bench/bench_distill.py | tee $LOG/distill.md"
   "ray|set -o pipefail && python3 bench/bench_ray.py | tee $LOG/ray.md"
   "llama-bench|python3 bench/llama_bench.py --compare --out $LOG/llama-vs-engine.md"
+  "fp8-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_fp8_gpu.py"
+  "fp8-bench|python3 bench/bench_fp8.py --out $LOG/fp8.md"
 )
 # gpu-suite runs every file with GPU tests in one pytest call (the stages below run them one by one, beside
 # their benches): `bash bench/gpu-check.sh gpu-suite` is the whole GPU suite.

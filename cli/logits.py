@@ -38,6 +38,7 @@ from q4k_engine.distill.ray_run import write_signals_ray
 from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
 from q4k_engine.distill.shards import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, SignalOptions, prepare_out_dir, write_signals
 from q4k_engine.errors import InputError
+from q4k_engine.fp8 import PRECISIONS
 from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS, TeacherModel, load
 
 OUT_SUFFIXES = (".npy", ".npz", ".safetensors")
@@ -219,11 +220,15 @@ def _refuse(given: dict[str, bool], why: str) -> None:
               help="Chat rows: a template (.jinja, or a tokenizer_config.json) instead of the model file's own.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp16", show_default=True,
+              help="fp8: prefill's products in float8 e4m3 (GPUs of compute capability 8.9+; emulated on the "
+                   "CPU), faster and less exact (bench/RESULTS.md); decode and the LM head stay fp16.")
 def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], input_path: Path | None,
            positions: str, out: str | None, fmt: str | None, top_k: int | None, temperature: float | None,
            vocab_size: int | None, shard_rows: int | None, shard_mb: int | None, resume: bool, use_ray: bool,
            address: str | None, num_workers: int | None, batch_tokens: int, max_seq_len: int | None,
-           assistant_only: bool, skip_bad_lines: bool, chat_template: Path | None, dtype: str, device: str) -> None:
+           assistant_only: bool, skip_bad_lines: bool, chat_template: Path | None, dtype: str, device: str,
+           precision: str) -> None:
     """Teacher signals of MODEL for token ids, text or a dataset.
 
     Without --out, prints for each position the top-k next tokens with their log-probabilities.
@@ -255,7 +260,7 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
                              temperature=1.0 if temperature is None else temperature, vocab_size=vocab_size,
                              dtype=dtype, shard_rows=shard_rows or DEFAULT_SHARD_ROWS,
                              shard_bytes=(shard_mb << 20) if shard_mb else DEFAULT_SHARD_BYTES,
-                             batch_tokens=batch_tokens, rows=rows)
+                             batch_tokens=batch_tokens, rows=rows, precision=precision)
         log = lambda line: click.echo(line, err=True)  # noqa: E731
         if use_ray:
             s = write_signals_ray(model_spec, input_path, out_dir, opts, resume=resume, num_workers=num_workers,
@@ -265,7 +270,7 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
                 f"; {rate(s.computed_tokens, s.worker_seconds)} over the workers' {s.worker_seconds:.1f} s of "
                 "shards (after their model loads)" if s.worker_seconds else ""), err=True)
         else:
-            teacher = load(model_spec, device=device, max_batch_tokens=batch_tokens)
+            teacher = load(model_spec, device=device, max_batch_tokens=batch_tokens, precision=precision)
             s = write_signals(teacher, input_path, out_dir, opts, resume=resume, progress=sys.stderr.isatty(), log=log)
             report_load(teacher)
             teacher_vocab = teacher.vocab_size
@@ -290,7 +295,7 @@ def logits(model_spec: str, tokens: tuple[str, ...], texts: tuple[str, ...], inp
                  "--vocab-size": vocab_size is not None},
                 f"to {out_file.suffix} files of full logits (for top-k signals write shards: --out DIR/)")
         _check_out(out_file)
-    teacher = load(model_spec, device=device, max_batch_tokens=batch_tokens)
+    teacher = load(model_spec, device=device, max_batch_tokens=batch_tokens, precision=precision)
     seqs = _sequences(teacher, tokens, texts, input_path, rows)
     clean = teacher.validate(seqs)  # every bad id is reported before any compute
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import fp8
 from .backend import Batch
 from .dtypes import SUPPORTED
 from .errors import InputError, UnsupportedError
@@ -56,6 +57,12 @@ class NumpyBackend:
     name = "cpu"
     xp = np
 
+    def __init__(self, precision: str = "fp16"):
+        # "fp16": the exact reference (float64 sums of the stored weights). "fp8": products of at
+        # least fp8.FP8_MIN_ROWS rows emulate the CUDA backend's FP8 mode, rounding for rounding.
+        self.precision = fp8.check_precision(precision)
+        self._fp8_scales: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
     # --- weights --------------------------------------------------------------------------------
     def check_model(self, model: ModelFile) -> None:
         """Nothing to check: matrices stay in the memory-mapped file, dequantized tile by tile."""
@@ -96,12 +103,41 @@ class NumpyBackend:
         """float64 products and sums, rounded to float32 once: the result of a row does not depend
         on how many rows are multiplied together (BLAS picks other float32 kernels by shape), so a
         sequence's logits are the same alone, in a batch, or one token at a time."""
+        if fp8.uses_fp8(self.precision, x.shape[0]):
+            return self._matmul_fp8(x, w)
+        return self._matmul(x, w)
+
+    @staticmethod
+    def _matmul(x: np.ndarray, w: QTensor) -> np.ndarray:
         x = np.asarray(x, np.float64)
         out = np.empty((x.shape[0], w.rows), np.float32)
         step = max(1, TILE_VALUES // max(1, w.cols))
         for s in range(0, w.rows, step):
             e = min(w.rows, s + step)
             out[:, s:e] = x @ dequantize_rows(w, s, e).astype(np.float64).T
+        return out
+
+    def _weight_scales(self, w: QTensor) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, inverse) per row of W for its e4m3 form (engine/fp8.py), once per matrix."""
+        if w.name not in self._fp8_scales:
+            step = max(1, TILE_VALUES // max(1, w.cols))
+            amax = np.concatenate([np.abs(dequantize_rows(w, s, min(w.rows, s + step))).max(axis=1)
+                                   for s in range(0, w.rows, step)]) if w.cols else np.zeros(w.rows, np.float32)
+            self._fp8_scales[w.name] = fp8.row_scales(amax)
+        return self._fp8_scales[w.name]
+
+    def _matmul_fp8(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """The FP8 mode's product (engine/fp8.py): e4m3 x and W with row scales, sums in float64
+        (the GPU's fp32 sums differ from them by rounding only), the two scales in float32."""
+        xq, a = fp8.quantize_rows(x)
+        xq = xq.astype(np.float64)
+        scale, inv = self._weight_scales(w)
+        out = np.empty((x.shape[0], w.rows), np.float32)
+        step = max(1, TILE_VALUES // max(1, w.cols))
+        for s in range(0, w.rows, step):
+            e = min(w.rows, s + step)
+            w8 = fp8.e4m3(dequantize_rows(w, s, e) * inv[s:e, None])
+            out[:, s:e] = fp8.rescale((xq @ w8.astype(np.float64).T).astype(np.float32), a, scale[s:e])
         return out
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -220,7 +256,10 @@ class NumpyBackend:
         return out
 
     def glu_matmul(self, x: np.ndarray, gate: QTensor, up: QTensor, act: str) -> np.ndarray:
-        return self.glu(self.matmul(x, gate), self.matmul(x, up), act)
+        y = self.glu(self.matmul(x, gate), self.matmul(x, up), act)
+        if fp8.uses_fp8(self.precision, x.shape[0]):  # the FP8 mode hands the down projection f16 (engine/fp8.py)
+            return y.astype(np.float16).astype(np.float32)
+        return y
 
     def glu(self, gate: np.ndarray, up: np.ndarray, act: str) -> np.ndarray:
         g = gate.astype(np.float64)
@@ -239,7 +278,7 @@ class NumpyBackend:
 
     # --- logits ---------------------------------------------------------------------------------
     def lm_head(self, x: np.ndarray, w: QTensor, dtype=np.float32) -> np.ndarray:
-        return self.matmul(x, w).astype(dtype, copy=False)
+        return self._matmul(x, w).astype(dtype, copy=False)  # the fp16 path's head in every precision
 
     def log_softmax(self, x: np.ndarray, temperature: float = 1.0, inplace: bool = False) -> np.ndarray:
         if not temperature > 0:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import gpu
+from . import fp8, gpu
 from .backend import Batch
 from .binio import UNITS, human_bytes
 from .dtypes import SUPPORTED, GGMLType
@@ -313,7 +313,10 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, device: int = 0):
+    def __init__(self, device: int = 0, precision: str = "fp16"):
+        # precision "fp8": products of at least fp8.FP8_MIN_ROWS rows (prefill) in e4m3 through
+        # cuBLASLt (engine/fp8.py); decode's small products and the LM head stay on the fp16 kernels.
+        self.precision = fp8.check_precision(precision)
         cp = gpu.cupy()
         self.tracker = PeakPool.install(cp, device)  # first: its baseline precedes the context
         from q4k_engine.kernels import matmul, ops  # deferred: both use CuPy
@@ -327,6 +330,14 @@ class CudaBackend:
         # (x, its Q4_K mmv operand): written beside x by the kernel that made x (a norm, decode
         # attention) when x has at most 8 rows, and read by the products of x (matmul.MmvOperand).
         self._xq: tuple[Any, Any] | None = None
+        if self.precision == "fp8":
+            cc = self.device.compute_capability  # "90", "121"
+            if int(cc) < 89:
+                raise UnsupportedError(f"precision fp8 needs e4m3 tensor cores (compute capability 8.9 or later); "
+                                       f"{self.device_name} is {cc[:-1]}.{cc[-1]}")
+            from q4k_engine.kernels import cublaslt
+
+            cublaslt.gemm_library()  # DeviceError now, not at the first prefill, when cuBLASLt is missing
 
     # --- memory -----------------------------------------------------------------------------
     def free_bytes(self) -> int:
@@ -364,6 +375,8 @@ class CudaBackend:
         if t.nbytes > free:
             raise DeviceError(f"{t.name}: needs {human_bytes(t.nbytes)} on {self.device_name}, "
                               f"only {human_bytes(free)} free")
+        if self.precision == "fp8":  # the row scales of its e4m3 form, once (counted with the upload)
+            return self._measured_upload(t, lambda: self._mm.with_fp8_scales(self._mm.upload_weight(t)))
         return self._measured_upload(t, lambda: self._mm.upload_weight(t))
 
     def vector(self, t: QTensor) -> Any:
@@ -396,6 +409,8 @@ class CudaBackend:
         # float16 x is glu_matmul's output, taken as is by the fused and cuBLAS paths
         if x.dtype != self._cp.float16:
             x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
+        if fp8.uses_fp8(self.precision, x.shape[0]):
+            return self._mm.matmul_fp8(x, w)
         return self._mm.matmul(x, w, xq=self._operand_of(x))
 
     def _with_operand(self, x: Any, rows: int, cols: int) -> Any:
@@ -443,6 +458,8 @@ class CudaBackend:
 
     def glu_matmul(self, x: Any, gate: Any, up: Any, act: str) -> Any:
         x = self._cp.ascontiguousarray(x, dtype=self._cp.float32)
+        if fp8.uses_fp8(self.precision, x.shape[0]):
+            return self._mm.glu_matmul_fp8(x, gate, up, act)
         return self._mm.glu_matmul(x, gate, up, act, xq=self._operand_of(x))
 
     def attention(self, q: Any, k: Any, v: Any, batch: Batch, scale: float, window: int,

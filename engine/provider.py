@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from . import gpu
+from . import fp8, gpu
 from .backend import Backend, Batch
 from .backend_cpu import NumpyBackend
 from .errors import DeviceError, FallbackWarning, FormatError, InputError, UnsupportedError
@@ -129,7 +129,7 @@ def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def _cuda_backend() -> Backend:
+def _cuda_backend(precision: str = "fp16") -> Backend:
     """A CudaBackend, or DeviceError naming why none can be had (no CuPy, no driver, no device,
     the backend failing to import or to start)."""
     gpu.cupy()
@@ -138,27 +138,29 @@ def _cuda_backend() -> Backend:
     except ImportError as e:
         raise DeviceError(f"the CUDA backend cannot be imported ({e})") from None
     try:
-        return CudaBackend()
-    except DeviceError:
+        return CudaBackend(precision=precision)
+    except (DeviceError, UnsupportedError):
         raise
     except Exception as e:  # the CUDA runtime's own errors (context creation, out of memory)
         raise DeviceError(f"the CUDA backend failed to start ({type(e).__name__}: {' '.join(str(e).split())})") from e
 
 
-def make_backend(device: str) -> Backend:
+def make_backend(device: str, precision: str = "fp16") -> Backend:
     """"cpu", "cuda" (DeviceError naming why, without CuPy and a GPU), or "auto": cuda when it
-    works, else cpu with a FallbackWarning that names the reason."""
+    works, else cpu with a FallbackWarning that names the reason. precision: "fp16" (default) or
+    "fp8" (engine/fp8.py; on the CPU the NumPy backend emulates it)."""
     _check_choice("device", device, DEVICES)
+    fp8.check_precision(precision)
     if device == "cpu":
-        return NumpyBackend()
+        return NumpyBackend(precision)
     if device == "cuda":
-        return _cuda_backend()
+        return _cuda_backend(precision)
     try:
-        return _cuda_backend()
+        return _cuda_backend(precision)
     except DeviceError as e:
         warnings.warn(f"device 'auto' runs on the CPU (NumPy backend, much slower): {e}", FallbackWarning,
                       stacklevel=3)
-        return NumpyBackend()
+        return NumpyBackend(precision)
 
 
 def _sequence_ids(i: int, seq: Any, vocab: int) -> np.ndarray:
@@ -218,7 +220,7 @@ class TeacherModel:
     def __repr__(self) -> str:
         c = self.config
         return (f"TeacherModel({self.model.path.name}, arch={c.arch}, layers={c.n_layers}, hidden={c.hidden}, "
-                f"vocab={c.vocab_size}, device={self.device})")
+                f"vocab={c.vocab_size}, device={self.device}, precision={self.precision})")
 
     @property
     def vocab_size(self) -> int:
@@ -227,6 +229,11 @@ class TeacherModel:
     @property
     def device(self) -> str:
         return self.backend.name
+
+    @property
+    def precision(self) -> str:
+        """"fp16", or "fp8": prefill's products in e4m3 (engine/fp8.py)."""
+        return getattr(self.backend, "precision", "fp16")
 
     @property
     def pad_id(self) -> int | None:
@@ -536,7 +543,7 @@ class TeacherModel:
 
 def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype: str = "float32",
          max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, chunk_tokens: int | None = None,
-         verify: bool = False) -> TeacherModel:
+         verify: bool = False, precision: str = "fp16") -> TeacherModel:
     """Open a .gguf/.apr file (or "demo", the synthetic demo model) as a teacher on `device`.
 
     device: "cpu" (NumPy reference), "cuda" (CuPy; DeviceError without CuPy and a GPU), or "auto"
@@ -546,9 +553,16 @@ def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype
     HEAD_CHUNK_BYTES of float32 logits). verify=True first reads the whole file (engine/verify.py:
     the APR footer CRC, every tensor decodes to finite values) and raises a FormatError naming the
     first failure; it costs a full read and decode on the CPU.
+    precision: "fp16" (default: the f16/fp32 kernels, logits within mean KL 1e-4 of the reference)
+    or "fp8", opt-in: products of at least fp8.FP8_MIN_ROWS tokens (prefill) multiply float8 e4m3
+    operands with one scale per row of x and of W, fp32 sums (engine/fp8.py); decode's small
+    products and the LM head keep the fp16 kernels. Needs compute capability 8.9 or later
+    (UnsupportedError otherwise, before anything loads); the CPU backend emulates it. Its drift
+    from fp16 is measured in bench/RESULTS.md: check it against your distillation's tolerance.
     """
+    fp8.check_precision(precision)
     model = open_model(resolve_model(path))
     if verify:
         verify_model(model).raise_if_failed()
-    return TeacherModel(model, make_backend(device), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens,
+    return TeacherModel(model, make_backend(device, precision), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens,
                         chunk_tokens=chunk_tokens)

@@ -18,6 +18,7 @@
 #include "act.cuh"
 #include "pdl.cuh"
 #include "mmv_x.cuh"
+#include "fp8.cuh"
 
 #ifndef QTYPE
 #error "QTYPE (GGML type code) must be defined"
@@ -442,6 +443,48 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int e = 0; e < 8; e++) v[e] = k + e < cols ? __ldg(src + k + e) : 0.0f;
     }
     store8_f16(xout + (i64)m * kpad + k, v);
+}
+
+// FP8 mode (engine/fp8.py; kernels/matmul.py _gemm_fp8): rows [r0, r0+nrows) of W as e4m3
+// [nrows, kpad] for cuBLASLt, each row times its inverse scale inv[r0 + i] first; 8 values a
+// thread, one 8-byte store (a warp writes 256 contiguous bytes).
+extern "C" __global__ void __launch_bounds__(256)
+    prep_e4m3(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, int r0, int nrows,
+              const float* __restrict__ inv, u8* __restrict__ wout) {
+    const WDesc w{base, row_bytes, nblk, nb, cols};
+    const u32 units = nb * D::UNITS, kpad = nb * D::QK;
+    const u32 t = blockIdx.x * 256 + threadIdx.x;
+    if (t >= (u32)nrows * units * 4) return;
+    float v[8];
+    u32 i;
+    const int k = dequant_piece(w, nullptr, r0, t, units, v, i);
+    store8_e4m3(wout + (i64)i * kpad + k, v, inv[r0 + i]);
+}
+
+// The FP8 mode's per-row scales of W, once per matrix: block b reads row b (the same decode as
+// prep_e4m3) and writes amax / 448 and 448 / amax of its |values| (fp8.cuh e4m3_row_scales).
+extern "C" __global__ void __launch_bounds__(256)
+    row_scales_e4m3(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, float* __restrict__ scale,
+                    float* __restrict__ inv) {
+    const WDesc w{base, row_bytes, nblk, nb, cols};
+    const u32 units = nb * D::UNITS;
+    __shared__ float red[8];
+    float m = 0.0f, v[8];
+    u32 i;
+    for (u32 p = threadIdx.x; p < units * 4; p += 256) {
+        dequant_piece(w, nullptr, blockIdx.x, p, units, v, i);
+#pragma unroll
+        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int j = 1; j < 8; j++) m = fmaxf(m, red[j]);
+        e4m3_row_scales(m, scale[blockIdx.x], inv[blockIdx.x]);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)

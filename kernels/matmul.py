@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -83,6 +83,7 @@ class GpuWeight:
     dtype: GGMLType
     shape: tuple[int, int]
     data: object  # cupy uint8 [rows * row_bytes]
+    fp8_scale: tuple | None = None  # the FP8 mode's (scale, inverse) per row, fp32 [rows]: with_fp8_scales
 
     @property
     def rows(self) -> int:
@@ -530,6 +531,98 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
             _prep_f16(wu, r0, n, scratch[n:])
             _gemm_block(handle, scratch, 2 * n, x16, m, kpad, prod.data.ptr, np.float16, 2 * n)
             ops.glu_pair_f16(prod[: m * 2 * n].reshape(m, 2 * n), act, out, r0)
+    return out
+
+
+def with_fp8_scales(w: GpuWeight) -> GpuWeight:
+    """w with the FP8 mode's row scales (engine/fp8.py: amax|row| / 448 and its inverse),
+    computed once on the device from the stored quants."""
+    cp = _cupy()
+    scale, inv = cp.empty(w.rows, cp.float32), cp.empty(w.rows, cp.float32)
+    if w.rows:
+        _kernel(w, "row_scales_e4m3")((w.rows,), (256,), (*w.kernel_args(), scale, inv))
+    return replace(w, fp8_scale=(scale, inv))
+
+
+def _prep_e4m3(w: GpuWeight, r0: int, n: int, out) -> None:
+    """Rows [r0, r0+n) of W as e4m3 bytes into out[:n, :kpad] (C-contiguous uint8, row stride kpad)."""
+    if w.fp8_scale is None:
+        raise InputError(f"FP8 product of a {w.dtype.name} {w.shape} weight without its row scales (with_fp8_scales)")
+    if n * w.pieces_per_row >= _MAX_PIECES:
+        raise InputError(f"e4m3 conversion of {n} rows x {w.kpad} values at once: split it in chunks")
+    _kernel(w, "prep_e4m3")((-(-n * w.pieces_per_row // 256),), (256,),
+                            (*w.kernel_args(), np.int32(r0), np.int32(n), w.fp8_scale[1], out))
+
+
+def _x_e4m3(x, w: GpuWeight):
+    from . import ops
+
+    if x.ndim != 2 or x.shape[1] != w.cols or x.dtype not in (np.float32, np.float16):
+        raise InputError(f"FP8 matmul: x must be float32 or float16 [M, {w.cols}], got {x.dtype} {tuple(x.shape)}")
+    if x.shape[0] and x.strides[1] != x.itemsize:
+        x = _cupy().ascontiguousarray(x)
+    return ops.quant_rows_e4m3(x, w.kpad)
+
+
+def matmul_fp8(x, w: GpuWeight, out=None):
+    """The FP8 mode's product (engine/fp8.py): float32 y [M, rows] = x . W^T with x and W in e4m3
+    (row scales), fp32 sums by cuBLASLt, then the scales. W is expanded to e4m3 a chunk of rows at
+    a time into a scratch of at most SCRATCH_BYTES, as the fp16 path's cuBLAS route does with f16.
+    out: a C-contiguous float32 [M, rows] to write (tests poison it first)."""
+    from . import cublaslt, ops
+
+    cp = _cupy()
+    x8, a = _x_e4m3(x, w)
+    m = x.shape[0]
+    y = ops._out(out, (m, w.rows))
+    if m == 0:
+        return y
+    # cuBLASLt's FP8 products take whole 16s of rows (cublaslt.padded): a row count of W that is
+    # not one goes through a padded output and a copy; only the last chunk can be ragged.
+    ld = cublaslt.padded(w.rows)
+    d = y if ld == w.rows else cp.empty((m, ld), cp.float32)
+    chunk = _chunk_rows(w, 2 * SCRATCH_BYTES)  # one byte a value; _chunk_rows counts two
+    scratch = cp.empty((cublaslt.padded(chunk), w.kpad), cp.uint8)
+    for r0 in range(0, w.rows, chunk):
+        n = min(chunk, w.rows - r0)
+        _prep_e4m3(w, r0, n, scratch)
+        cublaslt.gemm_e4m3(scratch, cublaslt.padded(n), x8, m, w.kpad, d.data.ptr + 4 * r0, ld)
+    if d is not y:
+        y[...] = d[:, : w.rows]
+    ops.fp8_rescale(y, a, w.fp8_scale[0])
+    return y
+
+
+def glu_matmul_fp8(x, wg: GpuWeight, wu: GpuWeight, act: str):
+    """act(x . Wg^T) * (x . Wu^T) in the FP8 mode, as float16 [M, rows] (the fp16 path's cuBLAS
+    route gives the same type): per block of rows, gate and up rows expanded to e4m3 into one
+    scratch, one FP8 product into fp32 sums [M, 2n], then glu_pair_fp8 (scales, activation). Padded
+    row lengths that differ take two products and a separate glu (float32), as on the fp16 path."""
+    from . import cublaslt, ops
+
+    if wg.shape != wu.shape:
+        raise InputError(f"glu_matmul: gate {wg.shape} and up {wu.shape} weights differ")
+    if wg.kpad != wu.kpad:
+        gate = matmul_fp8(x, wg)
+        return ops.glu(gate, matmul_fp8(x, wu), act, out=gate)
+    cp = _cupy()
+    x8, a = _x_e4m3(x, wg)
+    m, kpad = x.shape[0], wg.kpad
+    out = cp.empty((m, wg.rows), dtype=cp.float16)
+    if m == 0:
+        return out
+    # A block: 2n e4m3 rows (the bytes of n f16 rows) within SCRATCH_BYTES, fp32 sums [M, 2n] too.
+    chunk = _chunk_rows(wg, SCRATCH_BYTES, m, SCRATCH_BYTES // 2)
+    scratch = cp.empty((cublaslt.padded(2 * chunk), kpad), dtype=cp.uint8)
+    d = cp.empty(m * cublaslt.padded(2 * chunk), dtype=cp.float32)
+    for r0 in range(0, wg.rows, chunk):
+        n = min(chunk, wg.rows - r0)
+        ld = cublaslt.padded(2 * n)  # the product's columns past 2n (a ragged last block) are not read
+        _prep_e4m3(wg, r0, n, scratch)
+        _prep_e4m3(wu, r0, n, scratch[n:])
+        cublaslt.gemm_e4m3(scratch, ld, x8, m, kpad, d.data.ptr, ld)
+        ops.glu_pair_fp8(d[: m * ld].reshape(m, ld), a, wg.fp8_scale[0][r0:r0 + n],
+                         wu.fp8_scale[0][r0:r0 + n], act, out, r0, n)
     return out
 
 

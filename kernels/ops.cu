@@ -9,6 +9,7 @@
 #include "act.cuh"
 #include "pdl.cuh"
 #include "mmv_x.cuh"
+#include "fp8.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -43,6 +44,27 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
     const float r = red[0];
     __syncthreads();  // red may be reused by the caller's next reduction
     return r;
+}
+
+// FP8 mode (engine/fp8.py): x [M, cols] (row stride ldx, fp32 or f16) to e4m3 [M, kpad], zero
+// tail, one scale a row: block m finds row m's largest |value|, writes scale[m] = amax / 448
+// and the row times 448 / amax (fp8.cuh).
+template <typename T>
+__device__ void quant_rows_e4m3(const T* __restrict__ x, long long ldx, int cols, int kpad,
+                                unsigned char* __restrict__ out, float* __restrict__ scale) {
+    __shared__ float red[32];
+    const T* src = x + blockIdx.x * ldx;
+    float m = 0.0f;
+    for (int k = threadIdx.x; k < cols; k += blockDim.x) m = fmaxf(m, fabsf((float)src[k]));
+    float sc, inv;
+    e4m3_row_scales(block_reduce(m, red, true), sc, inv);
+    if (threadIdx.x == 0) scale[blockIdx.x] = sc;
+    for (int k = 8 * threadIdx.x; k < kpad; k += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = k + e < cols ? (float)src[k + e] : 0.0f;
+        store8_e4m3(out + blockIdx.x * (long long)kpad + k, v, inv);
+    }
 }
 
 extern "C" {
@@ -190,6 +212,46 @@ __global__ void glu_pair_f16(const __half* __restrict__ prod, int n, long long t
         const long long m = i / n, j = i - m * n;
         const __half* row = prod + m * 2 * n;
         out[m * ldo + j] = __float2half_rn(glu_act(__half2float(row[j]), act) * __half2float(row[n + j]));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8 mode (engine/fp8.py; kernels/matmul.py _gemm_fp8, _glu_fp8): quant_rows_e4m3 above.
+__global__ void quant_rows_e4m3_f32(const float* x, long long ldx, int cols, int kpad, unsigned char* out,
+                                    float* scale) {
+    quant_rows_e4m3(x, ldx, cols, kpad, out, scale);
+}
+
+__global__ void quant_rows_e4m3_f16(const __half* x, long long ldx, int cols, int kpad, unsigned char* out,
+                                    float* scale) {
+    quant_rows_e4m3(x, ldx, cols, kpad, out, scale);
+}
+
+// The product's epilogue in place: y[m, j] = (y[m, j] * a[m]) * w[j] for j < n (row stride ldy).
+__global__ void fp8_rescale(float* __restrict__ y, long long ldy, int n, long long total,
+                            const float* __restrict__ a, const float* __restrict__ w) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long m = i / n, j = i - m * n;
+        float* p = y + m * ldy + j;
+        *p = __fmul_rn(__fmul_rn(*p, a[m]), w[j]);
+    }
+}
+
+// glu_pair_f16's FP8 twin: d fp32 [M, ldd] (gate sums in columns [0, n), up in [n, 2n)), each
+// rescaled as fp8_rescale does (row scale a, the gate's and the up's row scales wg, wu), then
+// out[m, j] = f16(act(gate) * up).
+__global__ void glu_pair_fp8(const float* __restrict__ d, long long ldd, int n, long long total,
+                             const float* __restrict__ a,
+                             const float* __restrict__ wg, const float* __restrict__ wu,
+                             __half* __restrict__ out, long long ldo, int act) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long m = i / n, j = i - m * n;
+        const float* row = d + m * ldd;
+        const float g = __fmul_rn(__fmul_rn(row[j], a[m]), wg[j]);
+        const float u = __fmul_rn(__fmul_rn(row[n + j], a[m]), wu[j]);
+        out[m * ldo + j] = __float2half_rn(glu_act(g, act) * u);
     }
 }
 

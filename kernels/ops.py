@@ -225,6 +225,53 @@ def glu_pair_f16(prod, act: str, out, col0: int) -> None:
                                                            np.int64(out.shape[1]), np.int32(ACTS[act])))
 
 
+def quant_rows_e4m3(x, kpad: int, out=None, scale=None):
+    """The FP8 mode's x (engine/fp8.py quantize_rows): x [M, cols] (fp32 or f16, rows contiguous,
+    any row stride) as e4m3 bytes uint8 [M, kpad] (zeros past cols) and fp32 scales [M]."""
+    m, cols = x.shape
+    if x.dtype not in (np.float32, np.float16) or (m and x.strides[1] != x.itemsize) or kpad < cols or kpad % 8:
+        raise ValueError(f"quant_rows_e4m3: x {x.dtype}{x.shape} strides {x.strides}, kpad {kpad}")
+    out, scale = _out(out, (m, kpad), np.uint8), _out(scale, (m,))
+    if m:
+        name = "quant_rows_e4m3_f32" if x.dtype == np.float32 else "quant_rows_e4m3_f16"
+        kernel("ops.cu", name)((m,), (256,), (x, np.int64(x.strides[0] // x.itemsize), np.int32(cols),
+                                              np.int32(kpad), out, scale))
+    return out, scale
+
+
+def _grid(total: int) -> int:
+    return int(min(-(-total // 256), 65535 * 4))
+
+
+def fp8_rescale(y, a, w) -> None:
+    """The FP8 product's epilogue in place: y[m, j] = (y[m, j] * a[m]) * w[j] (y C-contiguous fp32
+    [M, n], a [M], w [n])."""
+    m, n = y.shape
+    if (y.dtype != np.float32 or not y.flags.c_contiguous or a.shape != (m,) or w.shape != (n,)
+            or a.dtype != np.float32 or w.dtype != np.float32):
+        raise ValueError(f"fp8_rescale: y {y.dtype}{y.shape}, a {a.dtype}{a.shape}, w {w.dtype}{w.shape}")
+    if m * n:
+        kernel("ops.cu", "fp8_rescale")((_grid(m * n),), (256,), (y, np.int64(n), np.int32(n), np.int64(m * n),
+                                                                  _f32(a), _f32(w)))
+
+
+def glu_pair_fp8(d, a, wg, wu, act: str, out, col0: int, n: int) -> None:
+    """glu_pair_f16 for FP8 sums: out[:, col0:col0+n] = f16(act(gate) * up), gate = (d[:, j] *
+    a) * wg[j], up = (d[:, n + j] * a) * wu[j]; d C-contiguous fp32 [M, >= 2n] (its row length
+    is the row stride)."""
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTS)})")
+    m, ld = d.shape
+    if (d.dtype != np.float32 or ld < 2 * n or not d.flags.c_contiguous or out.dtype != np.float16
+            or out.shape[0] != m or col0 + n > out.shape[1] or not out.flags.c_contiguous
+            or a.shape != (m,) or wg.shape != (n,) or wu.shape != (n,)):
+        raise ValueError(f"glu_pair_fp8: d {d.dtype}{d.shape}, out {out.dtype}{out.shape}, col0 {col0}")
+    if m * n:
+        kernel("ops.cu", "glu_pair_fp8")((_grid(m * n),), (256,), (
+            d, np.int64(ld), np.int32(n), np.int64(m * n), _f32(a), _f32(wg), _f32(wu), np.uint64(out.data.ptr + 2 * col0),
+            np.int64(out.shape[1]), np.int32(ACTS[act])))
+
+
 @dataclass(frozen=True)
 class SeqLayout:
     """Per-sequence description of where queries and keys lie (device int32 arrays, see ops.cu)."""

@@ -169,6 +169,7 @@ def test_resume_after_a_kill_is_byte_identical(demo, tmp_path):
     (["--top-k", "4", "--max-seq-len", "20"], "option max_seq_len differs"),
     (["--top-k", "4", "--dtype", "float16"], "option dtype differs"),
     (["--format", "safetensors"], "option kind differs"),
+    (["--top-k", "4", "--precision", "fp8"], "option precision differs"),
 ])
 def test_resume_refuses_a_different_run(dataset, tmp_path, change, fragment):
     out = tmp_path / "run"

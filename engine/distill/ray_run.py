@@ -124,7 +124,7 @@ class ShardWorker:
         self.error: Q4KError | None = None
         self.teacher_busy = threading.Lock()
         try:
-            self.teacher = load(model, device=device, max_batch_tokens=opts.batch_tokens)
+            self.teacher = load(model, device=device, max_batch_tokens=opts.batch_tokens, precision=opts.precision)
             mine = sha256_file(self.teacher.model.path)
             if mine != model_sha256:  # another file at the same path on this node: its shards would be wrong
                 raise InputError(f"{self.teacher.model.path}: differs on this Ray node from the driver's model "

@@ -76,6 +76,7 @@ class SignalOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     rows: RowOptions = field(default_factory=RowOptions)
+    precision: str = "fp16"  # the teacher's (engine/fp8.py): "fp8" changes the signals' bytes
 
 
 @dataclass
@@ -292,6 +293,7 @@ def manifest_options(teacher: "TeacherModel", opts: SignalOptions, input_name: s
         "shard_bytes": opts.shard_bytes,
         "batch_tokens": opts.batch_tokens,
         "device": device or teacher.device,
+        "precision": opts.precision,
         "input": {"file": input_name, "sha256": input_sha},
     }
 
@@ -501,6 +503,8 @@ def write_signals(teacher: "TeacherModel", input_path: "Path | RowSource", out: 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    if executor is None and teacher.precision != opts.precision:
+        raise InputError(f"the teacher runs at precision {teacher.precision}, the signal options say {opts.precision}")
     executor = executor or LocalExecutor(teacher, out, opts)
     if opts.kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {opts.kind!r}")
