@@ -458,6 +458,8 @@ extern "C" __global__ void __launch_bounds__(256)
     float v[8];
     u32 i;
     const int k = dequant_piece(w, nullptr, r0, t, units, v, i);
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = k + e < cols ? v[e] : 0.0f;  // a last block's bytes past cols
     store8_e4m3(wout + (i64)i * kpad + k, v, inv[r0 + i]);
 }
 
@@ -472,9 +474,10 @@ extern "C" __global__ void __launch_bounds__(256)
     float m = 0.0f, v[8];
     u32 i;
     for (u32 p = threadIdx.x; p < units * 4; p += 256) {
-        dequant_piece(w, nullptr, blockIdx.x, p, units, v, i);
+        const int k = dequant_piece(w, nullptr, blockIdx.x, p, units, v, i);
 #pragma unroll
-        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
+        for (int e = 0; e < 8; e++)
+            if (k + e < cols) m = fmaxf(m, fabsf(v[e]));  // the row's values only, not a last block's padding
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));

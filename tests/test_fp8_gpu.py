@@ -82,8 +82,11 @@ def test_quant_rows_e4m3_reads_a_row_strided_view(rng):
 
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_K, GGMLType.Q8_0, GGMLType.Q5_0,
                                    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.F16, GGMLType.BF16, GGMLType.F32])
-def test_row_scales_and_prep_e4m3_are_numpys(rng, dtype):
-    rows, cols = 203, 768
+@pytest.mark.parametrize("cols", [768, 644])  # 644: a last 32-value block whose bytes run past the row
+def test_row_scales_and_prep_e4m3_are_numpys(rng, dtype, cols):
+    rows = 203
+    if cols % 256 and dtype in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_K):
+        pytest.skip("k-quant rows are whole 256-value super-blocks")
     raw = random_weight(rng, dtype, rows, cols)
     w = mm.with_fp8_scales(mm.prepare_weight(dtype, (rows, cols), cp.asarray(raw)))
     ref = dequantize_ref(raw, dtype, (rows, cols)).astype(np.float32)
@@ -94,6 +97,7 @@ def test_row_scales_and_prep_e4m3_are_numpys(rng, dtype):
         out = cp.full((n + 3, w.kpad), 0x7F, cp.uint8)
         mm._prep_e4m3(w, r0, n, out)
         np.testing.assert_array_equal(values(out[:n, :cols]), fp8.e4m3(ref[r0:r0 + n] * inv[r0:r0 + n, None]))
+        assert (values(out[:n, cols:]) == 0).all()  # the padding is zeros
         assert (cp.asnumpy(out[n:]) == 0x7F).all()  # nothing past the n rows
 
 
