@@ -139,10 +139,13 @@ def _make_plan(handle, n: int, m: int, k: int, ldd: int) -> tuple:
     try:
         _check(lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, d, d, pref, 1, ctypes.byref(heur),
                                                   ctypes.byref(count)), f"FP8 algorithm for {n}x{m}x{k}")
+        if count.value < 1:
+            raise DeviceError(f"cuBLASLt has no FP8 (e4m3, fp32 output) algorithm for a {n}x{m}x{k} product")
+    except DeviceError:
+        _free((desc, a, b, d, None))
+        raise
     finally:
         lib.cublasLtMatmulPreferenceDestroy(pref)
-    if count.value < 1:
-        raise DeviceError(f"cuBLASLt has no FP8 (e4m3, fp32 output) algorithm for a {n}x{m}x{k} product")
     return desc, a, b, d, heur
 
 

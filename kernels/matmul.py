@@ -13,6 +13,9 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
            32 tokens); where none fits, the default dispatch says so and takes the cuBLAS path.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
+FP8 mode (precision="fp8", engine/fp8.py): `matmul_fp8` and `glu_matmul_fp8` expand W to e4m3 in
+chunks of rows like the cuBLAS path's f16 and multiply through cuBLASLt (kernels/cublaslt.py); the
+CUDA backend takes them for prefill's products, never for decode's or the LM head.
 `matmul` and `glu_matmul` pick gemv for M = 1, mmv for 2..8 tokens of Q4_K/Q6_K (other types:
 gemv up to GEMV_MAX_M), mma up to FUSED_MAX_M tokens and the cuBLAS path above: the crossovers
 measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
