@@ -18,6 +18,7 @@ from q4k_engine.distill.compare import compare_signals, compare_teachers
 from q4k_engine.distill.reader import open_signals
 from q4k_engine.distill.rows import RowOptions, RowStats, read_rows
 from q4k_engine.errors import InputError
+from q4k_engine.fp8 import PRECISIONS
 from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS, load
 
 
@@ -32,14 +33,18 @@ from q4k_engine.provider import DEFAULT_MAX_BATCH_TOKENS, load
               help="Models: where both run.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
               help="Models: tokens per forward.")
+@click.option("--precision-a", type=click.Choice(list(PRECISIONS)), default="fp16", show_default=True,
+              help="Models: A's precision (see `logits --precision`).")
+@click.option("--precision-b", type=click.Choice(list(PRECISIONS)), default="fp16", show_default=True,
+              help="Models: B's precision; `compare M M --precision-b fp8` is the FP8 mode's drift on your data.")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="Models: cut longer rows (counted).")
 @click.option("--assistant-only", is_flag=True, help="Models: compare only the assistant tokens of chat rows.")
 @click.option("--skip-bad-lines", is_flag=True, help="Models: skip malformed rows (counted) instead of stopping.")
 @click.option("--no-verify", is_flag=True, help="Directories: skip checking each shard's sha256 against its manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def compare(a: str, b: str, input_path: Path | None, tokens: tuple[str, ...], texts: tuple[str, ...], device: str,
-            batch_tokens: int, max_seq_len: int | None, assistant_only: bool, skip_bad_lines: bool, no_verify: bool,
-            as_json: bool) -> None:
+            batch_tokens: int, precision_a: str, precision_b: str, max_seq_len: int | None, assistant_only: bool,
+            skip_bad_lines: bool, no_verify: bool, as_json: bool) -> None:
     """Statistics of B against A (the base): KL divergence, same top p, Δp, perplexities.
 
     A and B are both signal directories (written by `q4k-engine logits --out DIR` over the same
@@ -54,12 +59,14 @@ def compare(a: str, b: str, input_path: Path | None, tokens: tuple[str, ...], te
     if dirs[0]:
         if input_path or tokens or texts:
             raise InputError("--input, --tokens and --text are for two model files; the directories hold their own rows")
+        if (precision_a, precision_b) != ("fp16", "fp16"):
+            raise InputError("--precision-a/-b are for two model files; a directory's manifest records its precision")
         report = compare_signals(open_signals(a, verify=not no_verify), open_signals(b, verify=not no_verify))
     else:
         if sum(bool(x) for x in (input_path, tokens, texts)) != 1:
             raise InputError("two model files: give exactly one input: --input, --tokens or --text")
-        ta = load(a, device=device)
-        tb = load(b, device=device)
+        ta = load(a, device=device, precision=precision_a)
+        tb = load(b, device=device, precision=precision_b)
         options = RowOptions(max_seq_len=max_seq_len, assistant_only=assistant_only, skip_bad_lines=skip_bad_lines)
         if input_path is not None:
             stats = RowStats()

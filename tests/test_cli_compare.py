@@ -88,6 +88,20 @@ def test_models_over_a_dataset(tmp_path, rng, teachers):
     assert diff["perplexity"]["ppl_base"] == pytest.approx(direct.perplexity.ppl_base, rel=1e-5)
 
 
+def test_fp8_drift_of_one_model(rng, teachers):
+    """`compare M M --precision-b fp8`: the FP8 mode against fp16 on the same tokens (emulated on the
+    CPU): the same figures as the two teachers' logits compared directly."""
+    demo = teachers[0]
+    seq = rng.integers(0, demo.vocab_size, 150).tolist()  # one forward of >= 129 tokens: FP8 products
+    code, out, err = _run("demo", "demo", "--tokens", ",".join(map(str, seq)), "--device", "cpu", "--json",
+                          "--precision-b", "fp8")
+    assert code == 0, out
+    got = json.loads(out)
+    (la, _), (lb, _) = demo.logits_per_position([seq]), q4k_engine.load("demo", device="cpu", precision="fp8").logits_per_position([seq])
+    direct = compare_logits([la[0, :-1]], [lb[0, :-1]], [np.array(seq[1:])])
+    assert got["kld"]["mean"] > 0 and got["kld"]["mean"] == pytest.approx(direct.kld.mean, rel=1e-5)
+
+
 def test_bad_input(tmp_path, rng, teachers):
     demo, other, other_path = teachers
     seqs = _seqs(rng, demo.vocab_size)
@@ -99,6 +113,7 @@ def test_bad_input(tmp_path, rng, teachers):
         ((a, t), "holds dense signals and .* topk"),
         ((a, fewer), r"has 9 rows \(of 9\), .* 8 \(of 8\): not the same dataset"),
         ((a, a, "--tokens", "1,2"), "are for two model files"),
+        ((a, a, "--precision-b", "fp8"), "--precision-a/-b are for two model files"),
         (("demo", other_path), "two model files: give exactly one input"),
         ((tmp_path / "missing.gguf", "demo", "--tokens", "1,2"), "no such model file"),
     ):
