@@ -13,7 +13,7 @@ float8 e4m3 with fp32 sums:
 Every rounding above is float32 and ties-to-even, as the GPU's `cvt.rn.satfinite.e4m3x2.f32`
 does, so the NumPy backend reproduces the CUDA kernels' e4m3 bytes exactly for the same input.
 Products of fewer rows (decode, short prompts) are weight-bound, not compute-bound: they keep the
-fp16 path's kernels, as does the LM head (an fp8 head doubled the drift in bench/fp8_drift.py).
+fp16 path's kernels, as does the LM head (an fp8 head added 40-50% to the drift in bench/fp8_drift.py).
 """
 from __future__ import annotations
 
