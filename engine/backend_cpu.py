@@ -108,21 +108,28 @@ class NumpyBackend:
         return self._matmul(x, w)
 
     @staticmethod
-    def _matmul(x: np.ndarray, w: QTensor) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        out = np.empty((x.shape[0], w.rows), np.float32)
+    def _row_tiles(w: QTensor):
+        """(s, e, rows [s, e) of W as float32): one bounded tile of dequantized rows at a time."""
         step = max(1, TILE_VALUES // max(1, w.cols))
         for s in range(0, w.rows, step):
             e = min(w.rows, s + step)
-            out[:, s:e] = x @ dequantize_rows(w, s, e).astype(np.float64).T
+            yield s, e, dequantize_rows(w, s, e)
+
+    @classmethod
+    def _matmul(cls, x: np.ndarray, w: QTensor) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        out = np.empty((x.shape[0], w.rows), np.float32)
+        for s, e, tile in cls._row_tiles(w):
+            out[:, s:e] = x @ tile.astype(np.float64).T
         return out
 
     def _weight_scales(self, w: QTensor) -> tuple[np.ndarray, np.ndarray]:
         """(scale, inverse) per row of W for its e4m3 form (engine/fp8.py), once per matrix."""
         if w.name not in self._fp8_scales:
-            step = max(1, TILE_VALUES // max(1, w.cols))
-            amax = np.concatenate([np.abs(dequantize_rows(w, s, min(w.rows, s + step))).max(axis=1)
-                                   for s in range(0, w.rows, step)]) if w.cols else np.zeros(w.rows, np.float32)
+            amax = np.zeros(w.rows, np.float32)
+            if w.cols:
+                for s, e, tile in self._row_tiles(w):
+                    amax[s:e] = np.abs(tile).max(axis=1)
             self._fp8_scales[w.name] = fp8.row_scales(amax)
         return self._fp8_scales[w.name]
 
@@ -133,10 +140,8 @@ class NumpyBackend:
         xq = xq.astype(np.float64)
         scale, inv = self._weight_scales(w)
         out = np.empty((x.shape[0], w.rows), np.float32)
-        step = max(1, TILE_VALUES // max(1, w.cols))
-        for s in range(0, w.rows, step):
-            e = min(w.rows, s + step)
-            w8 = fp8.e4m3(dequantize_rows(w, s, e) * inv[s:e, None])
+        for s, e, tile in self._row_tiles(w):
+            w8 = fp8.e4m3(tile * inv[s:e, None])
             out[:, s:e] = fp8.rescale((xq @ w8.astype(np.float64).T).astype(np.float32), a, scale[s:e])
         return out
 

@@ -44,6 +44,11 @@ def _threads_for(n: int, cap: int = 1024) -> int:
     return int(min(cap, max(32, -(-n // 32) * 32)))
 
 
+def _grid(total: int) -> int:
+    """Blocks of 256 threads for a grid-stride loop over `total` elements (capped: the loop strides)."""
+    return int(min(-(-total // 256), 65535 * 4))
+
+
 def _operand_args(xq, rows: int, cols: int, threads: int) -> tuple:
     """The (x8, xsub) kernel arguments of a Q4_K mmv operand (matmul.MmvOperand) that a kernel writes
     beside its [rows, cols] output, a warp a sub-block; null pointers without one."""
@@ -187,8 +192,7 @@ def kv_write(k, v, ck, cv, rows) -> None:
     total = k.size
     if total:
         width = total // k.shape[0]
-        blocks = int(min(-(-total // 256), 65535 * 4))
-        kernel("ops.cu", "kv_write")((blocks,), (256,), (k, v, ck, cv, rows, np.int64(total), np.int32(width)))
+        kernel("ops.cu", "kv_write")((_grid(total),), (256,), (k, v, ck, cv, rows, np.int64(total), np.int32(width)))
 
 
 def glu(gate, up, act: str, out=None):
@@ -201,8 +205,7 @@ def glu(gate, up, act: str, out=None):
     y = _out(out, gate.shape)
     n = gate.size
     if n:
-        blocks = int(min(-(-n // 256), 65535 * 4))
-        kernel("ops.cu", "glu")((blocks,), (256,), (gate, up, y, np.int64(n), np.int32(ACTS[act])))
+        kernel("ops.cu", "glu")((_grid(n),), (256,), (gate, up, y, np.int64(n), np.int32(ACTS[act])))
     return y
 
 
@@ -219,8 +222,7 @@ def glu_pair_f16(prod, act: str, out, col0: int) -> None:
         raise ValueError(f"glu_pair_f16: prod {prod.dtype}{prod.shape}, out {out.dtype}{out.shape}, col0 {col0}")
     total = m * n
     if total:
-        blocks = int(min(-(-total // 256), 65535 * 4))
-        kernel("ops.cu", "glu_pair_f16")((blocks,), (256,), (prod, np.int32(n), np.int64(total),
+        kernel("ops.cu", "glu_pair_f16")((_grid(total),), (256,), (prod, np.int32(n), np.int64(total),
                                                            np.uint64(out.data.ptr + 2 * col0),
                                                            np.int64(out.shape[1]), np.int32(ACTS[act])))
 
@@ -237,10 +239,6 @@ def quant_rows_e4m3(x, kpad: int, out=None, scale=None):
         kernel("ops.cu", name)((m,), (256,), (x, np.int64(x.strides[0] // x.itemsize), np.int32(cols),
                                               np.int32(kpad), out, scale))
     return out, scale
-
-
-def _grid(total: int) -> int:
-    return int(min(-(-total // 256), 65535 * 4))
 
 
 def fp8_rescale(y, a, w) -> None:

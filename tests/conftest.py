@@ -45,3 +45,14 @@ def module_seed(request) -> int:
 def demo():
     """The demo teacher on the CPU, loaded once per test module (a module may define its own `demo`)."""
     return q4k_engine.load("demo", device="cpu")
+
+
+def synthetic_kernel_model(tmp_path_factory, arch: str):
+    """A small synthetic model of `arch` written as APR with every GGML type the kernels take
+    (keep_ggml_codes), opened: the GPU tests' model-level fixture."""
+    from q4k_engine import synthetic
+    from q4k_engine.loader import open_model
+
+    path = tmp_path_factory.mktemp("models") / f"{arch}.apr"
+    synthetic.write_synthetic(path, arch, "apr", keep_ggml_codes=True)
+    return open_model(path)

@@ -13,6 +13,7 @@ from q4k_engine.errors import DeviceError
 from q4k_engine.forward import stacked_parts
 from q4k_engine.tensors import QTensor
 
+from conftest import synthetic_kernel_model
 from test_ops_gpu import ref_attention, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -191,12 +192,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 @pytest.fixture(scope="module", params=ARCHS)
 def synthetic_model(request, tmp_path_factory):
-    synthetic = pytest.importorskip("q4k_engine.synthetic")
-    from q4k_engine.loader import open_model
-
-    path = tmp_path_factory.mktemp("models") / f"{request.param}.apr"
-    synthetic.write_synthetic(path, request.param, "apr", keep_ggml_codes=True)  # every kernel type
-    return open_model(path)
+    return synthetic_kernel_model(tmp_path_factory, request.param)
 
 
 def test_forward_parity_with_numpy(backend, synthetic_model, rng):

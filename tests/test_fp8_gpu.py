@@ -16,6 +16,8 @@ from q4k_engine.distill.stats import compare_logits
 from q4k_engine.dtypes import GGMLType
 from q4k_engine.tensors import QTensor
 
+from conftest import synthetic_kernel_model
+
 cp = pytest.importorskip("cupy")
 mm = pytest.importorskip("q4k_engine.kernels.matmul")
 ops = pytest.importorskip("q4k_engine.kernels.ops")
@@ -185,12 +187,7 @@ def test_glu_matmul_fp8_is_the_emulation(rng, dtype, act, m, monkeypatch):
 
 @pytest.fixture(scope="module", params=["qwen2", "gemma3"])
 def synthetic_model(request, tmp_path_factory):
-    from q4k_engine import synthetic
-    from q4k_engine.loader import open_model
-
-    path = tmp_path_factory.mktemp("models") / f"{request.param}.apr"
-    synthetic.write_synthetic(path, request.param, "apr", keep_ggml_codes=True)  # every kernel type
-    return open_model(path)
+    return synthetic_kernel_model(tmp_path_factory, request.param)
 
 
 def test_fp8_forward_is_the_numpy_emulation(synthetic_model, rng):
