@@ -413,6 +413,25 @@ __device__ __forceinline__ int dequant_piece(const WDesc& w, const int* ids, int
     return Piece<QTYPE>::load8(w, row, (int)(rem >> 2), (int)(rem & 3), v);
 }
 
+// Unit t (32 values) of rows ids[i] (or r0 + i): thread t -> row i = t / units, unit u; the unit is
+// decoded once (one Dec::load: its quant and scale loads, its scales) into four 8-value pieces,
+// v[pc] at row position k[pc] (run pc / 2, values 8 * (pc % 2) .. +7). The e4m3 kernels take a
+// unit a thread: their conversion makes a piece a thread issue-bound, and a unit a thread measured
+// 1.2-1.6x faster on the 7B's shapes (bench/RESULTS.md, tenth session). prep_f16 keeps a piece a
+// thread, whose warp stores are contiguous: a unit a thread measured 1.3x slower there for Q4_K.
+__device__ __forceinline__ u32 dequant_unit(const WDesc& w, const int* ids, int r0, u32 t, u32 units,
+                                            float (&v)[4][8], int (&k)[4]) {
+    const u32 i = t / units, u = t - i * units;
+    D dec;
+    dec.load(w, ids ? (i64)ids[i] : (i64)r0 + i, (int)u);
+#pragma unroll
+    for (int pc = 0; pc < 4; pc++) {
+        put8(v[pc], dec.get4(2 * pc), dec.get4(2 * pc + 1));
+        k[pc] = D::kpos((int)u, pc >> 1) + 8 * (pc & 1);
+    }
+    return i;
+}
+
 // One launch prepares both cuBLAS operands: blocks [0, wblocks) write W's rows [r0, r0+nrows)
 // as f16 [nrows, kpad]; the rest convert x (fp32 [M, cols], row stride ldx) to f16 [M, kpad] with
 // a zero tail. 8 values per thread, one 16-byte store each.
@@ -446,21 +465,25 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // FP8 mode (engine/fp8.py; kernels/matmul.py _gemm_fp8): rows [r0, r0+nrows) of W as e4m3
-// [nrows, kpad] for cuBLASLt, each row times its inverse scale inv[r0 + i] first; 8 values a
-// thread, one 8-byte store (a warp writes 256 contiguous bytes).
+// [nrows, kpad] for cuBLASLt, each row times its inverse scale inv[r0 + i] first; a unit a
+// thread, four 8-byte stores.
 extern "C" __global__ void __launch_bounds__(256)
     prep_e4m3(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, int r0, int nrows,
               const float* __restrict__ inv, u8* __restrict__ wout) {
     const WDesc w{base, row_bytes, nblk, nb, cols};
     const u32 units = nb * D::UNITS, kpad = nb * D::QK;
     const u32 t = blockIdx.x * 256 + threadIdx.x;
-    if (t >= (u32)nrows * units * 4) return;
-    float v[8];
-    u32 i;
-    const int k = dequant_piece(w, nullptr, r0, t, units, v, i);
+    if (t >= (u32)nrows * units) return;
+    float v[4][8];
+    int k[4];
+    const u32 i = dequant_unit(w, nullptr, r0, t, units, v, k);
+    const float s = inv[r0 + i];
 #pragma unroll
-    for (int e = 0; e < 8; e++) v[e] = k + e < cols ? v[e] : 0.0f;  // a last block's bytes past cols
-    store8_e4m3(wout + (i64)i * kpad + k, v, inv[r0 + i]);
+    for (int pc = 0; pc < 4; pc++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[pc][e] = k[pc] + e < cols ? v[pc][e] : 0.0f;  // a last block's bytes past cols
+        store8_e4m3(wout + (i64)i * kpad + k[pc], v[pc], s);
+    }
 }
 
 // The FP8 mode's per-row scales of W, once per matrix: block b reads row b (the same decode as
@@ -471,13 +494,15 @@ extern "C" __global__ void __launch_bounds__(256)
     const WDesc w{base, row_bytes, nblk, nb, cols};
     const u32 units = nb * D::UNITS;
     __shared__ float red[8];
-    float m = 0.0f, v[8];
-    u32 i;
-    for (u32 p = threadIdx.x; p < units * 4; p += 256) {
-        const int k = dequant_piece(w, nullptr, blockIdx.x, p, units, v, i);
+    float m = 0.0f, v[4][8];
+    int k[4];
+    for (u32 p = threadIdx.x; p < units; p += 256) {
+        dequant_unit(w, nullptr, blockIdx.x, p, units, v, k);
 #pragma unroll
-        for (int e = 0; e < 8; e++)
-            if (k + e < cols) m = fmaxf(m, fabsf(v[e]));  // the row's values only, not a last block's padding
+        for (int pc = 0; pc < 4; pc++)
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (k[pc] + e < cols) m = fmaxf(m, fabsf(v[pc][e]));  // the row's values only, not a last block's padding
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));

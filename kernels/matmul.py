@@ -60,7 +60,7 @@ _FUSED_LDS = 128 + 8
 SCRATCH_BYTES = 64 << 20
 # Plain float types have no blocks; the kernels walk them in units of 32 values.
 _UNIT = 32
-# The dequantize kernels index their 8-value pieces with 32-bit integers (and the launch covers W and x).
+# The dequantize kernels index their 8-value pieces (or 32-value units) with 32-bit integers.
 _MAX_PIECES = 1 << 30
 # GemmEx's alpha and beta (host pointer mode), made once: numpy's .ctypes costs microseconds per call.
 _ALPHA_BETA = np.array([1.0, 0.0], dtype=np.float32)
@@ -115,8 +115,13 @@ class GpuWeight:
 
     @functools.cached_property
     def pieces_per_row(self) -> int:
-        """8-value pieces per row (kpad / 8): the work items of the dequantize kernels."""
+        """8-value pieces per row (kpad / 8): the work items of prep_f16 and gather_f32."""
         return self.kpad // 8
+
+    @functools.cached_property
+    def units_per_row(self) -> int:
+        """32-value units per row (kpad / 32): the work items of the e4m3 kernels on W."""
+        return self.kpad // 32
 
     @functools.cached_property
     def _args(self) -> tuple:
@@ -553,7 +558,7 @@ def _prep_e4m3(w: GpuWeight, r0: int, n: int, out) -> None:
         raise InputError(f"FP8 product of a {w.dtype.name} {w.shape} weight without its row scales (with_fp8_scales)")
     if n * w.pieces_per_row >= _MAX_PIECES:
         raise InputError(f"e4m3 conversion of {n} rows x {w.kpad} values at once: split it in chunks")
-    _kernel(w, "prep_e4m3")((-(-n * w.pieces_per_row // 256),), (256,),
+    _kernel(w, "prep_e4m3")((-(-n * w.units_per_row // 256),), (256,),
                             (*w.kernel_args(), np.int32(r0), np.int32(n), w.fp8_scale[1], out))
 
 

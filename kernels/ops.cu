@@ -67,6 +67,78 @@ __device__ void quant_rows_e4m3(const T* __restrict__ x, long long ldx, int cols
     }
 }
 
+// glu_pair's loads: 8 values as fp32.
+__device__ __forceinline__ void load8f(const __half* p, float (&v)[8]) {
+    const uint4 r = *(const uint4*)p;
+    const __half2* h = (const __half2*)&r;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 f = __half22float2(h[e]);
+        v[2 * e] = f.x;
+        v[2 * e + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8f(const float* p, float (&v)[8]) {
+    const float4 r0 = ((const float4*)p)[0], r1 = ((const float4*)p)[1];
+    v[0] = r0.x, v[1] = r0.y, v[2] = r0.z, v[3] = r0.w, v[4] = r1.x, v[5] = r1.y, v[6] = r1.z, v[7] = r1.w;
+}
+
+// One block of a gated MLP's products to its output (kernels/matmul.py _glu_cublas, glu_matmul_fp8):
+// row m of `in` (row stride ldi) holds the gate sums in columns [0, n) and the up sums in [n, 2n);
+// out[m, j] = f16(act(gate) * up) (row stride ldo, already offset to the block's first column).
+// The FP8 mode's sums are fp32 and are rescaled first, as fp8_rescale does: gate by the row's scale
+// a[m] then by its weight row's wg[j], up by a[m] then wu[j].
+// Grid: x over 8-column groups (a thread takes 8 columns of one row), y over rows. vec (the caller
+// checks n, ldi, ldo and both addresses) takes them with 16-byte loads and one 16-byte store;
+// otherwise one value at a time. 32-bit column indices: no 64-bit division per value (a profile of
+// the grid-stride version showed it issue-bound at a third of copy bandwidth).
+template <typename T, bool SCALED>
+__device__ __forceinline__ void glu_pair(const T* __restrict__ in, long long ldi, int n, int m,
+                                         const float* __restrict__ a, const float* __restrict__ wg,
+                                         const float* __restrict__ wu, __half* __restrict__ out,
+                                         long long ldo, int act, int vec) {
+    const int j0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (j0 >= n) return;
+    const int cnt = min(8, n - j0);
+    for (int r = blockIdx.y; r < m; r += gridDim.y) {
+        const T* g = in + r * ldi + j0;
+        const T* u = g + n;
+        __half* o = out + r * ldo + j0;
+        float gv[8], uv[8];
+        if (vec) {
+            load8f(g, gv);
+            load8f(u, uv);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                gv[e] = e < cnt ? (float)g[e] : 0.0f;
+                uv[e] = e < cnt ? (float)u[e] : 0.0f;
+            }
+        }
+        float y[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float gg = gv[e], uu = uv[e];
+            if (SCALED && e < cnt) {
+                gg = __fmul_rn(__fmul_rn(gg, a[r]), wg[j0 + e]);
+                uu = __fmul_rn(__fmul_rn(uu, a[r]), wu[j0 + e]);
+            }
+            y[e] = glu_act(gg, act) * uu;
+        }
+        if (vec) {
+            uint4 st;
+            __half2* h = (__half2*)&st;
+#pragma unroll
+            for (int e = 0; e < 4; e++) h[e] = __floats2half2_rn(y[2 * e], y[2 * e + 1]);
+            *(uint4*)o = st;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (e < cnt) o[e] = __float2half_rn(y[e]);
+        }
+    }
+}
+
 extern "C" {
 
 // ---------------------------------------------------------------------------------------------
@@ -202,17 +274,10 @@ __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up
     }
 }
 
-// The same for one block of a gated MLP (kernels/matmul.py _glu_cublas): prod f16 [M, 2n] holds the
-// gate products in columns [0, n) and the up products in [n, 2n); act(gate) * up goes to columns
-// [0, n) of out (f16, row stride ldo, already offset to the block's first column).
-__global__ void glu_pair_f16(const __half* __restrict__ prod, int n, long long total,
-                             __half* __restrict__ out, long long ldo, int act) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long m = i / n, j = i - m * n;
-        const __half* row = prod + m * 2 * n;
-        out[m * ldo + j] = __float2half_rn(glu_act(__half2float(row[j]), act) * __half2float(row[n + j]));
-    }
+// glu_pair (above) for the fp16 path's products: prod f16 [M, ldp], gate and up in its first 2n columns.
+__global__ void glu_pair_f16(const __half* __restrict__ prod, long long ldp, int n, int m,
+                             __half* __restrict__ out, long long ldo, int act, int vec) {
+    glu_pair<__half, false>(prod, ldp, n, m, nullptr, nullptr, nullptr, out, ldo, act, vec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,31 +293,34 @@ __global__ void quant_rows_e4m3_f16(const __half* x, long long ldx, int cols, in
 }
 
 // The product's epilogue in place: y[m, j] = (y[m, j] * a[m]) * w[j] for j < n (row stride ldy).
-__global__ void fp8_rescale(float* __restrict__ y, long long ldy, int n, long long total,
-                            const float* __restrict__ a, const float* __restrict__ w) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long m = i / n, j = i - m * n;
-        float* p = y + m * ldy + j;
-        *p = __fmul_rn(__fmul_rn(*p, a[m]), w[j]);
+// Grid as glu_pair's: x over 4-column groups, y over rows; vec: one 16-byte load and store.
+__global__ void fp8_rescale(float* __restrict__ y, long long ldy, int n, int m, const float* __restrict__ a,
+                            const float* __restrict__ w, int vec) {
+    const int j0 = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (j0 >= n) return;
+    const int cnt = min(4, n - j0);
+    for (int r = blockIdx.y; r < m; r += gridDim.y) {
+        float* p = y + r * ldy + j0;
+        if (vec) {
+            float4 v = *(float4*)p;
+            v.x = __fmul_rn(__fmul_rn(v.x, a[r]), w[j0]);
+            v.y = __fmul_rn(__fmul_rn(v.y, a[r]), w[j0 + 1]);
+            v.z = __fmul_rn(__fmul_rn(v.z, a[r]), w[j0 + 2]);
+            v.w = __fmul_rn(__fmul_rn(v.w, a[r]), w[j0 + 3]);
+            *(float4*)p = v;
+        } else {
+            for (int e = 0; e < cnt; e++) p[e] = __fmul_rn(__fmul_rn(p[e], a[r]), w[j0 + e]);
+        }
     }
 }
 
-// glu_pair_f16's FP8 twin: d fp32 [M, ldd] (gate sums in columns [0, n), up in [n, 2n)), each
-// rescaled as fp8_rescale does (row scale a, the gate's and the up's row scales wg, wu), then
-// out[m, j] = f16(act(gate) * up).
-__global__ void glu_pair_fp8(const float* __restrict__ d, long long ldd, int n, long long total,
-                             const float* __restrict__ a,
-                             const float* __restrict__ wg, const float* __restrict__ wu,
-                             __half* __restrict__ out, long long ldo, int act) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long m = i / n, j = i - m * n;
-        const float* row = d + m * ldd;
-        const float g = __fmul_rn(__fmul_rn(row[j], a[m]), wg[j]);
-        const float u = __fmul_rn(__fmul_rn(row[n + j], a[m]), wu[j]);
-        out[m * ldo + j] = __float2half_rn(glu_act(g, act) * u);
-    }
+// glu_pair for FP8 sums: d fp32 [M, ldd] (gate sums in columns [0, n), up in [n, 2n)), each rescaled
+// as fp8_rescale does (row scale a, the gate's and the up's row scales wg, wu) before the activation.
+__global__ void glu_pair_fp8(const float* __restrict__ d, long long ldd, int n, int m,
+                             const float* __restrict__ a, const float* __restrict__ wg,
+                             const float* __restrict__ wu, __half* __restrict__ out, long long ldo,
+                             int act, int vec) {
+    glu_pair<float, true>(d, ldd, n, m, a, wg, wu, out, ldo, act, vec);
 }
 
 // ---------------------------------------------------------------------------------------------

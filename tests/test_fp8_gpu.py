@@ -137,6 +137,39 @@ def abs_products(x: np.ndarray, raw: np.ndarray, dtype: GGMLType, rows: int, col
 SUM_TOL = 5e-4
 
 
+@pytest.mark.parametrize("m,n,ld", [(70, 136, 288), (65600, 8, 16)])
+def test_fp8_epilogues_vector_path_is_the_scalar_path(rng, m, n, ld, monkeypatch):
+    """fp8_rescale and glu_pair_fp8 with 16-byte accesses (aligned blocks) give the bits of the
+    value-at-a-time path; the rescale is exactly NumPy's two float32 products."""
+    from test_kernels_gpu import act_ref, recording_alignment
+
+    d = cp.asarray((rng.standard_normal((m, ld)) * 50).astype(np.float32))
+    a = cp.asarray((rng.random(m) * 0.01).astype(np.float32))
+    wg = cp.asarray((rng.random(n) * 0.02).astype(np.float32))
+    wu = cp.asarray((rng.random(n) * 0.02).astype(np.float32))
+    runs = []
+    seen = recording_alignment(monkeypatch, ops)
+    for scalar in (False, True):
+        if scalar:
+            monkeypatch.setattr(ops, "_aligned", lambda *v: False)
+        out = cp.full((m, n + 8), np.nan, cp.float16)
+        ops.glu_pair_fp8(d, a, wg, wu, "silu", out, 8, n)
+        y = cp.ascontiguousarray(d[:, :n])
+        ops.fp8_rescale(y, a, wg)
+        runs.append((cp.asnumpy(out), cp.asnumpy(y)))
+    assert seen == [True, True]
+    (out, y), (out_s, y_s) = runs
+    np.testing.assert_array_equal(out.view(np.uint16), out_s.view(np.uint16))
+    np.testing.assert_array_equal(y, y_s)
+    dn, an, gn, un = (cp.asnumpy(v) for v in (d, a, wg, wu))
+    np.testing.assert_array_equal(y, (dn[:, :n] * an[:, None]) * gn)
+    gate, up = (dn[:, :n] * an[:, None]) * gn, (dn[:, n:2 * n] * an[:, None]) * un
+    ref = act_ref(gate.astype(np.float64), "silu") * up
+    got = out.astype(np.float64)
+    np.testing.assert_allclose(got[:, 8:8 + n], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    assert np.isnan(got[:, :8]).all() and np.isnan(got[:, 8 + n:]).all()
+
+
 def emulated(x: np.ndarray, t: QTensor) -> np.ndarray:
     from q4k_engine.backend_cpu import NumpyBackend
 

@@ -419,6 +419,34 @@ def test_glu_pair_f16_writes_only_its_columns(rng):
     assert np.isnan(got[:, :col0]).all() and np.isnan(got[:, col0 + n:]).all()
 
 
+def recording_alignment(monkeypatch, ops) -> list:
+    """Record what the row-wise epilogues' alignment check (ops._aligned) answers."""
+    seen, aligned = [], ops._aligned
+    monkeypatch.setattr(ops, "_aligned", lambda *v: seen.append(aligned(*v)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("m,n", [(37, 64), (3, 1032), (65600, 8)])
+def test_glu_pair_f16_vector_path_is_the_scalar_path(rng, m, n, monkeypatch):
+    """16-byte loads and stores (aligned blocks, as the 7B's are) give the bits of the value-at-a-time
+    path that every other block takes; 65,600 rows walk the grid's 65,535 rows twice."""
+    ops = pytest.importorskip("q4k_engine.kernels.ops")
+    prod = (rng.standard_normal((m, 2 * n)) * 3).astype(np.float16)
+    seen = recording_alignment(monkeypatch, ops)
+    fast = cp.full((m, n + 16), np.nan, dtype=cp.float16)
+    ops.glu_pair_f16(cp.asarray(prod), "silu", fast, 8)
+    assert seen == [True]
+    monkeypatch.setattr(ops, "_aligned", lambda *v: False)
+    slow = cp.full((m, n + 16), np.nan, dtype=cp.float16)
+    ops.glu_pair_f16(cp.asarray(prod), "silu", slow, 8)
+    fast, slow = cp.asnumpy(fast), cp.asnumpy(slow)
+    np.testing.assert_array_equal(fast.view(np.uint16), slow.view(np.uint16))
+    got = fast.astype(np.float64)
+    ref = act_ref(prod[:, :n].astype(np.float64), "silu") * prod[:, n:].astype(np.float64)
+    np.testing.assert_allclose(got[:, 8:8 + n], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    assert np.isnan(got[:, :8]).all() and np.isnan(got[:, 8 + n:]).all()
+
+
 @pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
 def test_dequantize_rows_f16(rng, dtype):
     """The cuBLAS path's scratch writer: rows [r0, r0+n) as f16, row stride kpad, nothing else written."""
