@@ -47,6 +47,7 @@ STAGES=(
   "llama-bench|python3 bench/llama_bench.py --compare --out $LOG/llama-vs-engine.md"
   "fp8-tests|python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_fp8_gpu.py"
   "fp8-bench|python3 bench/bench_fp8.py --out $LOG/fp8.md"
+  "passes-bench|python3 bench/bench_passes.py"
   "fp8-profile|set -o pipefail; python3 bench/bench_model.py profile --precision fp8 | tee $LOG/profile-fp8.md"
 )
 # gpu-suite runs every file with GPU tests in one pytest call (the stages below run them one by one, beside
