@@ -5,10 +5,13 @@ sums. This emulates its roundings on the oracle's forward, every other step unch
 - activations: every matmul's input rounded to e4m3, with one scale per row (amax / 448: the issue's
   "per-row scales") or one per 32 values of a row (a scale per k32 mma step, applied to the fp32
   partial sums with the weight's block scale), or per 16 (finer than one mma step: two half-steps);
-- weights: exact, or rounded to e4m3 with one scale per 32-value block of a row. Exact is what the
-  kernel gets for 4-bit quants (Q4_K, Q4_0, Q4_1: the integer quants 0..15 are exact in e4m3, the
-  block scales and mins applied in fp32 per k32 step); rounded, what types whose quants do not fit
-  e4m3 exactly (Q6_K's -32..31, Q5, Q8_0) get when expanded to e4m3 tiles;
+- weights: exact, or rounded to e4m3 with one scale per 32-value block of a row, or with one scale
+  per 128 x 128 block of the matrix. Exact is what the kernel gets for 4-bit quants (Q4_K, Q4_0,
+  Q4_1: the integer quants 0..15 are exact in e4m3, the block scales and mins applied in fp32 per
+  k32 step); per 32, what types whose quants do not fit e4m3 exactly (Q6_K's -32..31, Q5, Q8_0) get
+  when expanded to e4m3 tiles; per 128 x 128 with activations per 128 values of a row, what
+  cuBLASLt's block-scaled FP8 products offer on Hopper (scale modes VEC128_32F and BLK128x128_32F),
+  the finest scaling a library GEMM takes there;
 - the LM head in FP8 too, or kept at the fp16 path's precision (the oracle's float64 here).
 Reported per model against the unmodified oracle over every position of one text: mean
 KL(oracle || emulated) in nats and top-1 agreement: the issue's bounds are mean KL <= 1e-3 and
@@ -61,22 +64,40 @@ def scaled_e4m3(x: np.ndarray, axis_block: int | None = None) -> np.ndarray:
     return out[:, :cols]
 
 
-def fp8_backend(act_block: int | None, weights_too: bool, head_f16: bool):
+def scaled_e4m3_tiles(w: np.ndarray, tile: int) -> np.ndarray:
+    """w [rows, cols] in e4m3 with one scale per tile x tile block (edge blocks partial)."""
+    rows, cols = w.shape
+    out = np.empty((rows, cols), np.float64)
+    for r in range(0, rows, tile):
+        for c in range(0, cols, tile):
+            b = np.asarray(w[r:r + tile, c:c + tile], np.float64)
+            amax = np.abs(b).max()
+            scale = amax / E4M3_MAX if amax > 0 else 1.0
+            out[r:r + tile, c:c + tile] = e4m3(b / scale) * scale
+    return out
+
+
+def fp8_backend(act_block: int | None, weights: int | str | None, head_f16: bool):
     """A NumpyBackend whose matmuls see the FP8 roundings (module docstring): activation scales per
-    row (act_block None) or per act_block values of a row."""
+    row (act_block None) or per act_block values of a row; weights exact (None), in e4m3 per 32
+    values of a row (32) or per 128 x 128 block ("128x128")."""
     from q4k_engine.backend_cpu import TILE_VALUES, NumpyBackend
     from q4k_engine.quants import dequantize_rows
 
     class Fp8Emulation(NumpyBackend):
         def matmul(self, x, w):
             xq = scaled_e4m3(x, act_block)
-            if not weights_too:  # the oracle's own matmul (float64 sums) of the rounded input
+            if weights is None:  # the oracle's own matmul (float64 sums) of the rounded input
                 return NumpyBackend.matmul(self, xq, w)
             out = np.empty((xq.shape[0], w.rows), np.float32)
             step = max(1, TILE_VALUES // max(1, w.cols))  # the oracle's row chunks
+            if weights == "128x128":
+                step = -(-step // 128) * 128  # whole 128-row blocks
             for s in range(0, w.rows, step):
                 e = min(w.rows, s + step)
-                out[:, s:e] = xq @ scaled_e4m3(dequantize_rows(w, s, e), 32).T
+                rows = dequantize_rows(w, s, e)
+                wq = scaled_e4m3(rows, 32) if weights == 32 else scaled_e4m3_tiles(rows, 128)
+                out[:, s:e] = xq @ wq.T
             return out
 
         def lm_head(self, x, w, dtype=np.float32):
@@ -105,18 +126,20 @@ def drift(path: Path, n_tokens: int) -> list[str]:
     types = sorted({t.dtype.name for t in model.tensors.values() if len(t.shape) == 2})
     lines = [f"{path.name} ({cfg.arch}, matrices {', '.join(types)}), {len(ids)} tokens of text:", "",
              "| activation scale | weights | LM head | mean KL | top-1 |", "|---|---|---|---|---|"]
-    for act_block, weights_too, head_f16 in VARIANTS:
-        fb = fp8_backend(act_block, weights_too, head_f16)
+    for act_block, weights, head_f16 in VARIANTS:
+        fb = fp8_backend(act_block, weights, head_f16)
         r = compare_logits(base, forward(cfg, upload(model, fb), fb, ids, batch))
-        lines.append(f"| {'row' if act_block is None else f'{act_block} values'} | "
-                     f"{'e4m3, 32-value blocks' if weights_too else 'exact'} | {'f16' if head_f16 else 'fp8'} | "
-                     f"{r.kld.mean:.2e} | {r.same_top_p:.4f} |")
+        wname = {None: "exact", 32: "e4m3, 32-value blocks", "128x128": "e4m3, 128x128 blocks"}[weights]
+        lines.append(f"| {'row' if act_block is None else f'{act_block} values'} | {wname} | "
+                     f"{'f16' if head_f16 else 'fp8'} | {r.kld.mean:.2e} | {r.same_top_p:.4f} |")
     return lines
 
 
-# (activation scale block (None: a row), weights rounded too, LM head kept at f16)
-VARIANTS = [(None, False, False), (None, False, True), (None, True, True),
-            (32, False, False), (32, False, True), (32, True, True), (16, False, True)]
+# (activation scale block (None: a row), weight rounding (None: exact, 32: per 32 values of a row,
+# "128x128": per 128 x 128 block), LM head kept at f16). The last: cuBLASLt's block scaling on Hopper.
+VARIANTS = [(None, None, False), (None, None, True), (None, 32, True),
+            (32, None, False), (32, None, True), (32, 32, True), (16, None, True),
+            (128, "128x128", True)]
 
 
 def main() -> None:

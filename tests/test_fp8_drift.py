@@ -45,3 +45,18 @@ def test_drift_runs_on_the_demo_model():
     for row in rows:
         kl, top1 = (float(v) for v in row.strip("| ").split(" | ")[3:5])
         assert 0.0 <= kl < 1.0 and 0.0 <= top1 <= 1.0, row
+
+
+def test_scaled_e4m3_tiles(rng):
+    w = rng.standard_normal((200, 300)) * np.linspace(0.01, 10, 300)
+    q = fd.scaled_e4m3_tiles(w, 128)
+    assert q.shape == w.shape
+    # one scale per 128 x 128 block (edge blocks partial): each block's largest magnitude is kept,
+    # and values within 2^-6 of it keep 3 mantissa bits
+    for r0 in (0, 128):
+        for c0 in (0, 128, 256):
+            b, qb = w[r0:r0 + 128, c0:c0 + 128], q[r0:r0 + 128, c0:c0 + 128]
+            i = np.unravel_index(np.abs(b).argmax(), b.shape)
+            assert qb[i] == pytest.approx(b[i], rel=1e-6)
+            big = np.abs(b) > np.abs(b).max() * 2.0 ** -6
+            assert (np.abs(qb - b)[big] <= 2.0 ** -4 * np.abs(b)[big]).all()
