@@ -228,12 +228,11 @@ def glu_pair_f16(prod, act: str, out, col0: int) -> None:
 
 def _rows_grid(cols: int, per_thread: int, threads: int, rows: int) -> tuple[int, int]:
     """Grid of glu_pair / fp8_rescale: x over groups of per_thread columns, y over rows (the
-    kernels stride y past it)."""
-    return -(-cols // (per_thread * threads)), min(rows, _MAX_GRID_YZ)
+    kernels stride y past 65535)."""
+    return -(-cols // (per_thread * threads)), min(rows, 65535)
 
 
 def _aligned(*addresses_and_strides: int) -> bool:
-    """Whether 16-byte vector accesses fit: every address and byte stride a multiple of 16."""
     return all(v % 16 == 0 for v in addresses_and_strides)
 
 
