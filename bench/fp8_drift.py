@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from q4k_engine.fp8 import E4M3_MAX, e4m3  # the engine's e4m3 rounding (ties to even), equal to torch's
+
 TEXT = ("The committee met on a rainy Tuesday to review the budget for the new library. After a long "
         "discussion about the cost of the roof, the heating system and the children's reading room, "
         "they agreed to ask the city for a second loan. Maria, who had chaired the meeting for six years, "
@@ -38,14 +40,6 @@ TEXT = ("The committee met on a rainy Tuesday to review the budget for the new l
         "the walls before winter. Several members asked whether the old books could be moved first, and "
         "the librarian explained that volunteers had already packed most of them into boxes labelled by "
         "subject: history, science, poetry, travel and local records going back to 1850.")
-E4M3_MAX = 448.0
-
-
-def e4m3(x: np.ndarray) -> np.ndarray:
-    """x rounded to float8 e4m3fn (nearest, ties to even; |x| <= 448 expected), back as float64."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.float8_e4m3fn).to(torch.float64).numpy()
 
 
 def scaled_e4m3(x: np.ndarray, axis_block: int | None = None) -> np.ndarray:

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from bench_scripts import bench_module
 
-pytest.importorskip("torch")
-
 fd = bench_module("fp8_drift")
 
 
