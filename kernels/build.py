@@ -45,7 +45,10 @@ def compile_options(arch: str, defines: Mapping[str, object]) -> tuple[str, ...]
 
 @functools.lru_cache(maxsize=None)
 def _arch(device_id: int) -> str:
-    return f"sm_{_cupy().cuda.Device(device_id).compute_capability}"
+    """The device's own target; on Hopper (sm_90) its arch-specific one, sm_90a, which has wgmma (the
+    fused GEMM's Hopper kernels). Its cubin runs only on sm_90 devices: the device it is built for."""
+    cc = _cupy().cuda.Device(device_id).compute_capability
+    return "sm_90a" if cc == "90" else f"sm_{cc}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,8 @@
 //   group, one PRMT + one FFMA per weight (see below).
 // - gemm_bt<BT>, gate_up_bt<BT>: the fused tensor-core GEMM (below): W dequantized a 128 x 128
 //   tile at a time into shared memory as f16, x as f16, mma.sync m16n8k16 with fp32 sums.
+// - wg_gemm_bt<BT>, wg_gate_up_bt<BT> (sm_90a only): the same GEMM on Hopper's wgmma, with warps
+//   that dequantize and warps that multiply.
 // - prep_f16: rows [r0, r0+n) of W as f16 into a scratch and x as f16, in one launch (the
 //   dequantize + cuBLAS peer path); bandwidth-bound, one 16-byte store per thread.
 // - gather_f32: rows ids[i] of W as fp32 (embedding lookup straight from quantized rows).
@@ -578,6 +580,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                  "r"(src_bytes));
 }
+__device__ __forceinline__ void cp_async16_s(u32 dst, const void* src, int src_bytes) {  // dst: a shared address
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
@@ -618,12 +623,21 @@ __device__ __forceinline__ u32 q4_f16x2(u32 p, u32 mask, __half2 s, __half2 n, _
     return h2u(__hfma2(__hsub2(u2h((p & mask) | 0x64006400u), k1024), s, n));
 }
 
-// One decoded unit (32 values: run 0 at ka, run 1 at kb of the tile row) as f16 into shared memory.
+// One decoded unit (32 values: run 0 at ka, run 1 at kb of the tile row) as f16 into shared memory:
+// values 8 h .. 8 h + 7 of run `run` go to dst.at(run, h), one 16-byte store. The layout L places
+// them: RowTile in the mma.sync tile, UnitSlots in the wgmma tile.
+// A plain row of the tile (gemm_bt: [BO][LDS] f16); ka, kb: the unit's runs in the row.
+struct RowTile {
+    __half* p;
+    int ka, kb;
+    __device__ __forceinline__ __half* at(int run, int h) const { return p + (run ? kb : ka) + 8 * h; }
+};
 #if QTYPE == T_Q4_K
 // Q4_K in f16x2 arithmetic, 1.75 instructions a value: two neighbouring quant bytes are spread to
 // the two 16-bit lanes (PRMT), then q4_f16x2 with the sub-block's scale (over 16 for high nibbles)
 // and minus its min, both rounded to f16 (the fp32 path rounds only the result).
-__device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, int kb) {
+template <class L>
+__device__ __forceinline__ void store_unit(const D& dec, const L& dst) {
     const __half2 s0 = __float2half2_rn(dec.d0), n0 = __float2half2_rn(-dec.m0);
     const __half2 s1 = __float2half2_rn(dec.d1 * 0.0625f), n1 = __float2half2_rn(-dec.m1);
     const __half2 k1024 = __float2half2_rn(1024.0f);
@@ -640,17 +654,18 @@ __device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, in
                 hi[2 * wd + pr] = q4_f16x2(p, 0x00F000F0u, s1, n1, k1024);
             }
         }
-        *(uint4*)(dst + ka + 8 * r) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-        *(uint4*)(dst + kb + 8 * r) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        *(uint4*)dst.at(0, r) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        *(uint4*)dst.at(1, r) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
     }
 }
 #else
-__device__ __forceinline__ void store_unit(const D& dec, __half* dst, int ka, int kb) {
+template <class L>
+__device__ __forceinline__ void store_unit(const D& dec, const L& dst) {
 #pragma unroll
     for (int gg = 0; gg < 4; gg++) {  // values 8 (gg & 1) .. +7 of run gg / 2
         const float4 lo = dec.get4(2 * gg), hi = dec.get4(2 * gg + 1);
         const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-        store8_f16(dst + (gg < 2 ? ka : kb) + 8 * (gg & 1), v);
+        store8_f16(dst.at(gg >> 1, gg & 1), v);
     }
 }
 #endif
@@ -671,16 +686,18 @@ struct WUnits {
         for (int i = 0; i < 2; i++)
             if (u < w[i].nb * D::UNITS) dec_fetch(dec[set][i], w[i], row[i], u, 0);
     }
-    // Unit i of tile kt (in register set `set`) into sW (that stage's [BO][LDS]).
-    __device__ __forceinline__ void store(int set, int i, int kt, __half* sW, int r0) {
-        const int u = kt * (BK / 32) + j, k0 = kt * BK;
-        __half* dst = sW + (r0 + 64 * i) * LDS;
-        if (u < w[i].nb * D::UNITS) {
+    // Unit i of tile kt (in register set `set`) to `dst`, its place in the tile (store_unit's layout);
+    // zeros past the row's units.
+    template <class L>
+    __device__ __forceinline__ void store(int set, int i, int kt, const L& dst) {
+        // Types of 256-value blocks fill every k tile (kpad a multiple of BK): no test, no branch, so
+        // that the two units' decode can interleave.
+        if (D::QK % BK == 0 || kt * (BK / 32) + j < w[i].nb * D::UNITS) {
             dec_finish(dec[set][i], 0);
-            store_unit(dec[set][i], dst, D::kpos(u, 0) - k0, D::kpos(u, 1) - k0);
+            store_unit(dec[set][i], dst);
         } else {
 #pragma unroll
-            for (int q = 0; q < 4; q++) *(uint4*)(dst + 32 * j + 8 * q) = make_uint4(0u, 0u, 0u, 0u);
+            for (int q = 0; q < 4; q++) *(uint4*)dst.at(q >> 1, q & 1) = make_uint4(0u, 0u, 0u, 0u);
         }
     }
 };
@@ -689,6 +706,10 @@ struct WUnits {
 // wt + 8 nj + 2 tq + (v & 1) of the tile. GLU: tile rows [0, 64) are gate rows, whose warps hand
 // their sums to the up warps through shared memory (over the pipeline's buffers: every warp is
 // done with them); f16 act(gate) * up. Else y (fp32 or f16) or, split over k, ws[z].
+// Barrier among the 256 threads that hold the sums (threads 0..255; named barrier 7, so that the
+// wgmma kernels' other warps need not take part).
+__device__ __forceinline__ void sums_sync() { asm volatile("bar.sync 7, 256;\n" ::: "memory"); }
+
 template <int MI, int NJ, int BT, bool GLU>
 __device__ __forceinline__ void gemm_epilogue(const float (&acc)[MI][NJ][4], void* smem_raw, int wo, int wt,
                                               int o0, int t0, int M, void* y, int ldy, int y_f16, float* ws,
@@ -698,7 +719,7 @@ __device__ __forceinline__ void gemm_epilogue(const float (&acc)[MI][NJ][4], voi
     if (GLU) {
         constexpr int LG = BT + 4;
         float* sG = (float*)smem_raw;  // gate sums [64][LG], over stage 0 once every warp is done
-        __syncthreads();
+        sums_sync();
         if (wo < 64) {
 #pragma unroll
             for (int mi = 0; mi < MI; mi++)
@@ -708,7 +729,7 @@ __device__ __forceinline__ void gemm_epilogue(const float (&acc)[MI][NJ][4], voi
                     for (int v = 0; v < 4; v++)
                         sG[(wo + 16 * mi + g + 8 * (v >> 1)) * LG + wt + 8 * nj + 2 * tq + (v & 1)] = acc[mi][nj][v];
         }
-        __syncthreads();
+        sums_sync();
         if (wo >= 64) {
             __half* yh = (__half*)y;
 #pragma unroll
@@ -767,6 +788,8 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
         wu.row[0] = min(o0 + r0, out - 1);
         wu.row[1] = min(o0 + r0 + 64, out - 1);
     }
+    // The runs of this thread's units in a tile row: the same in every k tile.
+    const int ka = D::kpos(wu.j, 0), kb = D::kpos(wu.j, 1);
     auto load_x = [&](int kt, __half* dst) {
         const int k0 = kt * BK;
         for (int c = tid; c < BT * (BK / 8); c += 256) {
@@ -798,8 +821,8 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
             if (q < n) load_x(kt0 + q, sX + q * BT * LDS);
             else cp_async_commit();
         }
-        wu.store(0, 0, kt0, sW, r0);
-        wu.store(0, 1, kt0, sW, r0);
+        wu.store(0, 0, kt0, RowTile{sW + r0 * LDS, ka, kb});
+        wu.store(0, 1, kt0, RowTile{sW + (r0 + 64) * LDS, ka, kb});
         if (n > 2) wu.fetch(0, kt0 + 2);
     }
     for (int i0 = 0; i0 < n; i0 += 2) {
@@ -817,9 +840,9 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
             __half* nW = sW + (P ^ 1) * BO * LDS;
 #pragma unroll
             for (int ks = 0; ks < BK; ks += 16) {
-                if (more && ks == 0) wu.store(P ^ 1, 0, kt0 + i + 1, nW, r0);
+                if (more && ks == 0) wu.store(P ^ 1, 0, kt0 + i + 1, RowTile{nW + r0 * LDS, ka, kb});
                 if (more && ks == BK / 2) {
-                    wu.store(P ^ 1, 1, kt0 + i + 1, nW, r0);
+                    wu.store(P ^ 1, 1, kt0 + i + 1, RowTile{nW + (r0 + 64) * LDS, ka, kb});
                     if (i + 3 < n) wu.fetch(P ^ 1, kt0 + i + 3);
                 }
                 u32 a[S::MI][4], b[S::NJ][2];
@@ -856,6 +879,239 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
         gemm_body<BT, true>(wg, wu, x, ldx, M, y, ldy, 1, nullptr, out, act);                      \
     }
 GEMM_FUSED(16, 2) GEMM_FUSED(32, 2) GEMM_FUSED(64, 2) GEMM_FUSED(128, 1)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// ------------------------------------------------------------------------------------------
+// The fused GEMM on Hopper's wgmma (sm_90a only; kernels/matmul.py picks it by compute capability,
+// gemm_bt / gate_up_bt above stay the portable twin): y[M, out] = x[M, kpad] . W^T, the same
+// arguments, tiles (BO = 128 rows of W x BT tokens, k tiles of BK = 128), split-K, GLU pairing and
+// epilogue as gemm_bt<BT> / gate_up_bt<BT>.
+//
+// Block: 512 threads in two roles (warp specialization), meeting at named barriers:
+// - warpgroups 0 and 1 multiply: warpgroup g takes W tile rows [64 g, 64 g + 64) (GLU: 0 gate, 1 up)
+//   times the whole x tile, wgmma.mma_async m64nBTk16 with both operands in shared memory and fp32
+//   sums in registers; they also copy x's tiles (cp.async, two tiles ahead), hold the sums and run
+//   the epilogue;
+// - warpgroups 2 and 3 dequantize W's tiles: thread p takes two 32-value units, tile rows p / 4 and
+//   p / 4 + 64, unit p % 4 (their loads issued two tiles ahead).
+// The dequantize is a chain of dependent instructions per thread. One set of 8 warps doing all of
+// it, the copies and the multiply was latency-bound at ~3.5x the multiply's time (bench/RESULTS.md);
+// here the tensor cores are fed by warps that wait on nothing else.
+// Rings: WG_WS stages of the W tile, WG_XS of the x tile. FULL(s): the dequantizing warps have stored
+// W stage s (fenced for the async proxy); the multiplying warps wait on it, which also makes their
+// own x copies visible to each other. EMPTY(s): both multiplying warpgroups have finished the wgmma
+// that read W stage s. An x stage is rewritten two iterations after its tile's FULL barrier, when
+// every multiplying warp has waited for that tile's wgmma.
+// Shared-memory tiles are wgmma's K-major layout with the 128-byte swizzle (swz_off): a tile is two
+// halves of 64 values of k, a row of a half is 128 bytes, and its eight 16-byte groups are permuted
+// by XOR with the row's index mod 8. So the 8 rows a wgmma reads at one k group, and the 8 rows a
+// quarter-warp's 16-byte stores write, fall in distinct banks.
+#define WG_WS 3               // W stages
+#define WG_XS 4               // x stages
+#define WG_THREADS 512        // 2 multiplying + 2 dequantizing warpgroups
+#define WG_FULL(s) (1 + (s))  // named barriers (0: __syncthreads; 7: sums_sync)
+#define WG_EMPTY(s) (4 + (s))
+
+template <int BT> struct WgShape {
+    static constexpr int WTILE = BO * BK, XTILE = BT * BK;  // f16 values
+    static constexpr int SMEM = (WG_WS * WTILE + WG_XS * XTILE) * 2;
+    static_assert(BT == 64 || BT == 128, "tile");
+};
+
+// f16 offset of (row r, 8-value group g of k) in a [ROWS][BK] wgmma tile: group g is 16 bytes at half
+// g / 8 (64 values of k), row r, position (g % 8) ^ (r % 8). Tiles start 1024-byte aligned (the
+// swizzle pattern repeats every 8 rows of 128 bytes and is taken from the address bits).
+template <int ROWS> __device__ __forceinline__ int swz_off(int r, int g) {
+    return (g >> 3) * (ROWS * 64) + r * 64 + (((g & 7) ^ (r & 7)) << 3);
+}
+
+// A unit's four 16-byte groups in a wgmma W tile (store_unit's layout), their offsets made once.
+struct UnitSlots {
+    __half* p;  // the stage
+    int o[4];   // group h of run `run` at p + o[2 run + h]
+    __device__ __forceinline__ __half* at(int run, int h) const { return p + o[2 * run + h]; }
+};
+
+// wgmma's shared-memory matrix descriptor for a K-major operand with the 128-byte swizzle: start
+// address, stride byte offset 1024 (8-row groups), leading byte offset unused (1), layout 1 (128B
+// swizzle); address fields in 16-byte units. A k16 step inside a 64-value half starts 32 bytes
+// further: the swizzle applies to the address, as the stores did.
+__device__ __forceinline__ unsigned long long wg_desc(u32 addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy writes to shared memory (st.shared, cp.async) made visible to wgmma (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads or writes across a wgmma fence or wait.
+template <int N> __device__ __forceinline__ void wg_hold(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+#define WG_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
+// d += A (64 x 16, descriptor a) . B (BT x 16, descriptor b)^T; D fragment as mma.sync's m16n8 C:
+// warp w of the warpgroup, lane (g, t): d[4 j + v] is row 16 w + g + 8 (v >> 1), column 8 j + 2 t + (v & 1).
+__device__ __forceinline__ void wgmma_bt(float (&d)[64], unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, 1, 1, 1, 0, 0;\n"
+        : WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24), WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
+        : "l"(a), "l"(b));
+}
+__device__ __forceinline__ void wgmma_bt(float (&d)[32], unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, 1, 1, 1, 0, 0;\n"
+        : WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
+        : "l"(a), "l"(b));
+}
+#undef WG_F8
+
+// Dequantizing warpgroups: W's tiles [kt0, kt0 + n) into the W ring.
+template <bool GLU>
+__device__ __forceinline__ void wg_dequant(const WDesc& wa, const WDesc& wb, int out, __half* sW, int o0, int kt0,
+                                           int n) {
+    WUnits wu;
+    const int p = threadIdx.x - 256, r0 = p >> 2;
+    wu.j = p & 3;
+    wu.w[0] = wa;
+    wu.w[1] = GLU ? wb : wa;
+    if (GLU) {  // tile rows [0, 64) gate rows o0 + r, [64, 128) the same rows of up
+        wu.row[0] = wu.row[1] = min(o0 + r0, out - 1);
+    } else {
+        wu.row[0] = min(o0 + r0, out - 1);
+        wu.row[1] = min(o0 + r0 + 64, out - 1);
+    }
+    // The units' places in every tile: four units always cover one aligned 128-value slice of a row.
+    const int ka = D::kpos(wu.j, 0) / 8, kb = D::kpos(wu.j, 1) / 8;
+    UnitSlots us[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        us[i].o[0] = swz_off<BO>(r0 + 64 * i, ka);
+        us[i].o[1] = swz_off<BO>(r0 + 64 * i, ka + 1);
+        us[i].o[2] = swz_off<BO>(r0 + 64 * i, kb);
+        us[i].o[3] = swz_off<BO>(r0 + 64 * i, kb + 1);
+    }
+    if (n > 0) wu.fetch(0, kt0);
+    if (n > 1) wu.fetch(1, kt0 + 1);
+    for (int i0 = 0; i0 < n; i0 += 2) {
+#pragma unroll
+        for (int P = 0; P < 2; P++) {
+            const int i = i0 + P, s = i % WG_WS;
+            if (i >= n) break;
+            if (i >= WG_WS) bar_sync(WG_EMPTY(s), WG_THREADS);  // the multiply of tile i - WG_WS is done
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                us[u].p = sW + s * (BO * BK);
+                wu.store(P, u, kt0 + i, us[u]);
+            }
+            if (i + 2 < n) wu.fetch(P, kt0 + i + 2);
+            fence_proxy_async();  // this thread's stores, visible to wgmma
+            bar_arrive(WG_FULL(s), WG_THREADS);
+        }
+    }
+}
+
+template <int BT, bool GLU>
+__device__ __forceinline__ void wg_body(const WDesc& wa, const WDesc& wb, const __half* __restrict__ x, int ldx,
+                                        int M, void* y, int ldy, int y_f16, float* ws, int out, int act) {
+    typedef WgShape<BT> S;
+    extern __shared__ __align__(1024) uint4 smem_raw[];
+    __half* sW = (__half*)smem_raw;      // [WG_WS][BO x BK] (swz_off<BO>)
+    __half* sX = sW + WG_WS * S::WTILE;  // [WG_XS][BT x BK] (swz_off<BT>)
+    const int tid = threadIdx.x, warp = tid >> 5, wgp = tid >> 7;
+    const int t0 = blockIdx.x * BT, o0 = blockIdx.y * (GLU ? BO / 2 : BO);
+    const int kpad = wa.nb * D::QK, KT = (kpad + BK - 1) / BK;
+    const int kt0 = (int)((i64)blockIdx.z * KT / gridDim.z), kt1 = (int)((i64)(blockIdx.z + 1) * KT / gridDim.z);
+    const int n = kt1 - kt0;
+    if (wgp >= 2) {
+        wg_dequant<GLU>(wa, wb, out, sW, o0, kt0, n);
+        return;
+    }
+    // x: copy q of a tile is token xt + 16 q, k group xg (a quarter-warp: 8 rows of one group, distinct
+    // banks); rows past M and k past kpad are zeros.
+    const int xg = (tid >> 3) & 15, xt = (tid >> 7) * 8 + (tid & 7);
+    const u32 xdst = smem_u32(sX + swz_off<BT>(xt, xg));  // + 2048 q bytes (16 rows) for copy q
+    const __half* xsrc = x + (i64)min(t0 + xt, M - 1) * ldx + 8 * xg;
+    u32 xok = 0;  // bit q: token xt + 16 q is a row of x
+#pragma unroll
+    for (int q = 0; q < BT / 16; q++) xok |= (t0 + xt + 16 * q < M ? 1u : 0u) << q;
+    auto load_x = [&](int kt, int stage) {
+        const int k = kt * BK;
+        const bool kin = k + 8 * xg < kpad;
+#pragma unroll
+        for (int q = 0; q < BT / 16; q++) {
+            const bool ok = kin && ((xok >> q) & 1u);
+            cp_async16_s(xdst + stage * S::XTILE * 2 + 2048 * q, ok ? xsrc + (i64)16 * q * ldx + k : x, ok ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    float acc[BT / 2];
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
+    // Descriptors of stage 0 (this warpgroup's 64 rows of W; all of x); a stage, a half and a k16
+    // step inside a half add to their address field (16-byte units).
+    const unsigned long long dW = wg_desc(smem_u32(sW) + wgp * 64 * 128), dX = wg_desc(smem_u32(sX));
+    if (n > 0) load_x(kt0, 0);
+    if (n > 1) load_x(kt0 + 1, 1);
+    else cp_async_commit();
+    for (int i = 0; i < n; i++) {
+        cp_async_wait<1>();   // this thread's copies of x tile i have landed
+        fence_proxy_async();  // ... visible to wgmma
+        bar_sync(WG_FULL(i % WG_WS), WG_THREADS);  // W tile i stored; every multiplying warp is past tile i - 1
+        if (i + 2 < n) load_x(kt0 + i + 2, (i + 2) % WG_XS);  // tile i - 2's stage: its wgmma waited for
+        else cp_async_commit();                                // (an empty group keeps the count uniform)
+        const unsigned long long da = dW + (i % WG_WS) * (S::WTILE * 2 / 16), dx = dX + (i % WG_XS) * (S::XTILE * 2 / 16);
+        wg_fence();
+        wg_hold(acc);
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++)  // half ks / 4 of the tile, 32 bytes a k16 step inside it
+            wgmma_bt(acc, da + ((ks >> 2) * BO * 128 + (ks & 3) * 32) / 16, dx + ((ks >> 2) * BT * 128 + (ks & 3) * 32) / 16);
+        wg_commit();
+        wg_wait<1>();  // tile i - 1's multiply is done: its W stage can be refilled
+        wg_hold(acc);
+        if (i >= 1 && i - 1 + WG_WS < n) bar_arrive(WG_EMPTY((i - 1) % WG_WS), WG_THREADS);
+    }
+    wg_wait<0>();
+    wg_hold(acc);
+    // The D fragment is mma.sync's C layout for one m16 tile a warp: gemm_epilogue with MI = 1.
+    gemm_epilogue<1, BT / 8, BT, GLU>(*(const float(*)[1][BT / 8][4])acc, smem_raw, 64 * wgp + 16 * (warp & 3), 0,
+                                      o0, t0, M, y, ldy, y_f16, ws, out, act);
+}
+
+#define GEMM_WG(BT)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                       \
+        wg_gemm_bt##BT(const u8* base, i64 row_bytes, i64 nblk, int nb, int cols, const __half* x,    \
+                       int ldx, int M, void* y, int ldy, int y_f16, float* ws, int out) {             \
+        const WDesc w{base, row_bytes, nblk, nb, cols};                                               \
+        wg_body<BT, false>(w, w, x, ldx, M, y, ldy, y_f16, ws, out, 0);                               \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                       \
+        wg_gate_up_bt##BT(const u8* gbase, const u8* ubase, i64 row_bytes, i64 nblk, int nb, int cols, \
+                          const __half* x, int ldx, int M, __half* y, int ldy, int out, int act) {    \
+        const WDesc wg{gbase, row_bytes, nblk, nb, cols}, wu{ubase, row_bytes, nblk, nb, cols};       \
+        wg_body<BT, true>(wg, wu, x, ldx, M, y, ldy, 1, nullptr, out, act);                           \
+    }
+GEMM_WG(64) GEMM_WG(128)
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 
 // y[t, o] = sum over z of ws[z][t, o] (z in order), as fp32 or f16: the split-K parts of gemm_bt*.

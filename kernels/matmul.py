@@ -11,14 +11,17 @@ Paths (kernels/matmul.cu, one compiled module per GGML type):
            gate and up of a gated MLP in one launch with the activation in the epilogue. Token
            tiles as large as the device's shared memory allows (on ~99 KiB parts such as GB10:
            32 tokens); where none fits, the default dispatch says so and takes the cuBLAS path.
+- "wgmma"  Hopper (sm_90) only: the fused GEMM on wgmma (asynchronous warpgroup MMA, operands in
+           shared memory), its W tile of the next k step dequantized while the tensor cores work on
+           this one; the same arguments, tiles, split-K and gate/up epilogue as "mma", its portable twin.
 - "cublas" peer: W dequantized to f16 in chunks of rows into a bounded scratch, then cuBLAS
            (f16 operands, fp32 accumulation and output).
 FP8 mode (precision="fp8", engine/fp8.py): `matmul_fp8` and `glu_matmul_fp8` expand W to e4m3 in
 chunks of rows like the cuBLAS path's f16 and multiply through cuBLASLt (kernels/cublaslt.py); the
 CUDA backend takes them for prefill's products, never for decode's or the LM head.
 `matmul` and `glu_matmul` pick gemv for M = 1, mmv for 2..8 tokens of Q4_K/Q6_K (other types:
-gemv up to GEMV_MAX_M), mma up to FUSED_MAX_M tokens and the cuBLAS path above: the crossovers
-measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
+gemv up to GEMV_MAX_M), mma up to FUSED_MAX_M tokens (on Hopper wgmma from WGMMA_MIN_M) and the
+cuBLAS path above: the crossovers measured in bench/RESULTS.md; `path=` forces one (tests, benchmarks).
 While a CUDA graph is captured (decode steps), the k-quant GEMV (gemv1_*) and mmv's two kernels
 launch as programmatic dependents on sm_90 and later (kernels/build.py launch): their first weight
 loads overlap the kernel before them, which they wait for before reading x.
@@ -307,13 +310,15 @@ def _fused_tile(m: int) -> int:
 
 @dataclass(frozen=True)
 class _FusedPlan:
-    """One fused launch: kernel names (plain, gate/up), tokens per tile, shared memory, blocks an SM."""
+    """One fused launch: kernel names (plain, gate/up), tokens per tile, shared memory, blocks an SM,
+    threads a block."""
 
     kernel: str
     glu_kernel: str
     bt: int
     smem: int
     per_sm: int
+    threads: int = 256
 
 
 @functools.lru_cache(maxsize=1024)  # called per matmul: a few hundred a forward at small M
@@ -347,6 +352,46 @@ def _mma_plan(m: int, forced: bool) -> _FusedPlan | None:
             raise UnsupportedError(f"GPU {dev}: {smem_optin(dev)} bytes of shared memory per block hold no tile "
                                    "of the fused quantized GEMM (path 'mma')")
         _no_fused_tile(dev)
+    return plan
+
+
+# matmul.cu wg_gemm_bt<BT> / wg_gate_up_bt<BT> (sm_90a): token tiles, and their shared memory: 3
+# stages of the W tile (FUSED_ROWS x 128 f16) and 4 of the x tile (BT x 128 f16), one block of
+# WGMMA_THREADS an SM.
+WGMMA_TILES = (64, 128)
+WGMMA_THREADS = 512
+
+
+def _wgmma_smem(bt: int) -> int:
+    return (3 * FUSED_ROWS + 4 * bt) * 128 * 2  # WgShape<BT>::SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def has_wgmma(device: int) -> bool:
+    """Whether the device runs the wgmma kernels: Hopper (sm_90), for which kernels/build.py compiles
+    the sm_90a target. Other GPUs (A100, Blackwell, GB10) take the mma.sync kernels."""
+    return _cupy().cuda.Device(device).compute_capability == "90"
+
+
+@functools.lru_cache(maxsize=1024)
+def _wgmma_plan_for(m: int, smem_limit: int) -> _FusedPlan | None:
+    """The wgmma launch for M tokens: 64-token tiles up to 64 tokens, else 128 (the larger tile
+    where its shared memory fits the device); None when neither fits."""
+    tile = next((bt for bt in WGMMA_TILES if m <= bt), WGMMA_TILES[-1])
+    for bt in reversed([t for t in WGMMA_TILES if t <= tile]):
+        if _wgmma_smem(bt) <= smem_limit:
+            return _FusedPlan(f"wg_gemm_bt{bt}", f"wg_gate_up_bt{bt}", bt, _wgmma_smem(bt), 1, WGMMA_THREADS)
+    return None
+
+
+def _wgmma_plan(m: int, forced: bool) -> _FusedPlan | None:
+    """The wgmma launch on the current device; None where it cannot run (not Hopper, or too little
+    shared memory), an error when the path was forced."""
+    dev = _cupy().cuda.runtime.getDevice()
+    plan = _wgmma_plan_for(m, smem_optin(dev)) if has_wgmma(dev) else None
+    if plan is None and forced:
+        raise UnsupportedError(f"GPU {dev}: path 'wgmma' needs a Hopper GPU (sm_90) with "
+                               f"{_wgmma_smem(WGMMA_TILES[0])} bytes of shared memory per block")
     return plan
 
 
@@ -389,7 +434,7 @@ def _gemm_fused(x, w: GpuWeight, y, plan: _FusedPlan) -> None:
     ws = cp.empty((s, m, w.rows), dtype=cp.float32) if s > 1 else None
     f16 = np.int32(y.dtype == np.float16)
     _fused_function(w.dtype, plan.kernel, plan.smem, dev)(
-        (*grid, s), (256,), (*w.kernel_args(), x16, np.int32(x16.shape[1]), np.int32(m), y, np.int32(y.shape[1]),
+        (*grid, s), (plan.threads,), (*w.kernel_args(), x16, np.int32(x16.shape[1]), np.int32(m), y, np.int32(y.shape[1]),
                              f16, ws if ws is not None else y, np.int32(w.rows)), shared_mem=plan.smem)
     if ws is not None:
         n = m * w.rows
@@ -411,7 +456,7 @@ def _glu_fused(x, wg: GpuWeight, wu: GpuWeight, act: str, plan: _FusedPlan):
     out = cp.empty((m, wg.rows), dtype=cp.float16)
     grid = (-(-m // plan.bt), -(-wg.rows // (FUSED_ROWS // 2)))
     _fused_function(wg.dtype, plan.glu_kernel, plan.smem, dev)(
-        grid, (256,), (wg.data, wu.data, *wg.kernel_args()[1:], x16, np.int32(x16.shape[1]), np.int32(m),
+        grid, (plan.threads,), (wg.data, wu.data, *wg.kernel_args()[1:], x16, np.int32(x16.shape[1]), np.int32(m),
                        out, np.int32(wg.rows), np.int32(wg.rows), np.int32(ops.ACTS[act])),
         shared_mem=plan.smem)
     return out
@@ -711,7 +756,7 @@ def _glu_mmv(x, wg: GpuWeight, wu: GpuWeight, act: str, out=None, xq: MmvOperand
     return y
 
 
-PATHS = ("gemv", "mmv", "mma", "cublas")
+PATHS = ("gemv", "mmv", "mma", "wgmma", "cublas")
 # mmv takes 1..8 tokens of these types; the default from MMV_MIN_M tokens on (below, the GEMV):
 # H200, 7B shapes graph-replayed, mmv beats the GEMV on every Q4_K matrix from M = 2 (e.g. the
 # gate/up pair 43.9 vs 67.6 us); Q6_K from 2 on the LM head and the gate/up pair, from 3 on the
@@ -725,11 +770,21 @@ MMV_MIN_M = 2
 MMV_M1_MAX_ROWS = 8192
 
 
-def _default_path(m: int, dtype: GGMLType | None = None, rows: int | None = None) -> str:
+# On Hopper the wgmma GEMM takes the fused GEMM's default range from WGMMA_MIN_M tokens on (up to
+# FUSED_MAX_M; the cuBLAS path above). H200, the 7B's shapes at M = 128 (bench/RESULTS.md, eleventh
+# session): wgmma / mma = 0.74 (gate/up pair), 0.80 (down), 0.72-0.82 (q+k+v, o); at M = 512 and 2048
+# the cuBLAS path stays faster on most shapes. Below 65 tokens (its 64-token tile) it was not measured.
+WGMMA_MIN_M = 65
+
+
+def _default_path(m: int, dtype: GGMLType | None = None, rows: int | None = None, wgmma: bool = False) -> str:
+    """The path for M tokens of a weight of `dtype` with `rows` rows; wgmma: the device runs it."""
     if dtype in MMV_TYPES and MMV_MIN_M <= m <= MMV_MAX_M:
         return "mmv"
     if m == 1 and dtype == GGMLType.Q4_K and rows is not None and rows <= MMV_M1_MAX_ROWS:
         return "mmv"
+    if wgmma and WGMMA_MIN_M <= m <= FUSED_MAX_M:
+        return "wgmma"
     return "gemv" if m <= GEMV_MAX_M else "mma" if m <= FUSED_MAX_M else "cublas"
 
 
@@ -761,16 +816,16 @@ def matmul(x, w: GpuWeight, out=None, path: str | None = None, xq: MmvOperand | 
     if m == 0:
         return out
     forced = path is not None
-    path = path or _default_path(m, w.dtype, w.rows)
+    path = path or _default_path(m, w.dtype, w.rows, has_wgmma(cp.cuda.runtime.getDevice()))
     if path not in PATHS:
         raise InputError(f"matmul: unknown path {path!r}; one of {PATHS}")
     if path == "mmv":
         _check_mmv(m, w.dtype)
-    plan = _mma_plan(m, forced) if path == "mma" else None
-    if path == "cublas" or (path == "mma" and plan is None):
+    plan = _mma_plan(m, forced) if path == "mma" else _wgmma_plan(m, forced) if path == "wgmma" else None
+    if path == "cublas" or (path in ("mma", "wgmma") and plan is None):
         _gemm_cublas(x, w, out)
         return out
-    if path == "mma":
+    if path in ("mma", "wgmma"):
         _gemm_fused(x, w, out, plan)
         return out
     # gemv and mmv write fp32 y (gemv reads fp32 x, mmv converts x to its own f16 operand).
@@ -809,15 +864,16 @@ def glu_matmul(x, wg: GpuWeight, wu: GpuWeight, act: str, path: str | None = Non
     x = _cupy().ascontiguousarray(x)
     forced = path is not None
     # No rows: at M = 1 the pair stays on gemv1_glu, which beats mmv_glu there (MMV_M1_MAX_ROWS).
-    path = path or _default_path(x.shape[0], wg.dtype if wg.dtype == wu.dtype else None)
+    path = path or _default_path(x.shape[0], wg.dtype if wg.dtype == wu.dtype else None,
+                                 wgmma=has_wgmma(_cupy().cuda.runtime.getDevice()))
     if path == "mmv" and x.shape[0]:
         _check_mmv(x.shape[0], wg.dtype)
         if wg.dtype == wu.dtype == GGMLType.Q4_K:
             return _glu_mmv(x, wg, wu, act, xq=xq)
     if path not in PATHS:
         raise InputError(f"glu_matmul: unknown path {path!r}; one of {PATHS}")
-    if path == "mma" and x.shape[0]:
-        plan = _mma_plan(x.shape[0], forced)
+    if path in ("mma", "wgmma") and x.shape[0]:
+        plan = (_mma_plan if path == "mma" else _wgmma_plan)(x.shape[0], forced)
         if plan is None:
             path = "cublas"
         elif wg.dtype == wu.dtype:

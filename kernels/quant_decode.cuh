@@ -98,13 +98,16 @@ template <> struct Dec<T_Q4_K> {
         hd = __ldg((const uint4*)blk);
         q = __ldg((const uint4*)(blk + 16 + 32 * c + 16 * (u & 1)));
     }
+    // The scales and mins of sub-blocks 2c and 2c + 1 (scale_min_k4's bytes), both at once in the two
+    // bytes of 16-bit words, without branches: bytes 2(c % 2), +1 of each 4-byte word of scales.
     __device__ void finish() {
-        float d = h2f((u16)(hd.x & 0xFFFF)), dmin = h2f((u16)(hd.x >> 16));
-        float sc, mn;
-        scale_min_k4(2 * c, hd.y, hd.z, hd.w, sc, mn);
-        d0 = d * sc; m0 = dmin * mn;
-        scale_min_k4(2 * c + 1, hd.y, hd.z, hd.w, sc, mn);
-        d1 = d * sc; m1 = dmin * mn;
+        const float d = h2f((u16)(hd.x & 0xFFFF)), dmin = h2f((u16)(hd.x >> 16));
+        const int sh = 16 * (c & 1);
+        const u32 a = (hd.y >> sh) & 0xFFFFu, b = (hd.z >> sh) & 0xFFFFu, e = (hd.w >> sh) & 0xFFFFu;
+        const u32 sc = c < 2 ? a & 0x3F3Fu : (e & 0x0F0Fu) | ((a >> 2) & 0x3030u);
+        const u32 mn = c < 2 ? b & 0x3F3Fu : ((e >> 4) & 0x0F0Fu) | ((b >> 2) & 0x3030u);
+        d0 = d * byte_f(sc, 0); m0 = dmin * byte_f(mn, 0);
+        d1 = d * byte_f(sc, 1); m1 = dmin * byte_f(mn, 1);
     }
     __device__ float4 get4(int g) const {
         u32 w = word4(q, g & 3);

@@ -212,6 +212,42 @@ def test_probe_names_why_no_device_is_usable(monkeypatch, count, reason):
     assert not p.usable and p.reason.startswith(reason)
 
 
+def test_wgmma_plan_and_dispatch(monkeypatch):
+    """Hopper's wgmma GEMM: 64-token tiles up to 64 tokens, 128 above, 512 threads, shared memory
+    (3 W stages + 4 x stages) within the H200's 227 KiB; the default takes it only on Hopper and only
+    in the fused GEMM's range from WGMMA_MIN_M; elsewhere (or forced off Hopper: an error) mma."""
+    from q4k_engine.errors import UnsupportedError
+    from q4k_engine.kernels import matmul as mm
+
+    plan = mm._wgmma_plan_for(100, 227 << 10)
+    assert (plan.kernel, plan.glu_kernel, plan.bt, plan.threads, plan.per_sm) == (
+        "wg_gemm_bt128", "wg_gate_up_bt128", 128, mm.WGMMA_THREADS, 1)
+    assert plan.smem == (3 * 128 + 4 * 128) * 128 * 2 <= 227 << 10
+    assert mm._wgmma_plan_for(40, 227 << 10).bt == mm._wgmma_plan_for(100, 163 << 10).bt == 64
+    assert mm._wgmma_plan_for(100, 101376) is None
+    for m in (1, 2, 8, 9, mm.WGMMA_MIN_M - 1, mm.WGMMA_MIN_M, mm.FUSED_MAX_M, mm.FUSED_MAX_M + 1, 4096):
+        on_hopper = mm._default_path(m, GGMLType.Q4_K, 3584, wgmma=True)
+        elsewhere = mm._default_path(m, GGMLType.Q4_K, 3584)
+        assert on_hopper == ("wgmma" if mm.WGMMA_MIN_M <= m <= mm.FUSED_MAX_M else elsewhere), m
+        assert elsewhere != "wgmma"
+
+    class FakeRuntime:
+        @staticmethod
+        def getDevice():
+            return 3
+
+    class FakeCupy:
+        class cuda:
+            runtime = FakeRuntime
+
+    monkeypatch.setattr(mm, "_cupy", lambda: FakeCupy)
+    monkeypatch.setattr(mm, "smem_optin", lambda device: 227 << 10)
+    monkeypatch.setattr(mm, "has_wgmma", lambda device: False)
+    assert mm._wgmma_plan(100, forced=False) is None
+    with pytest.raises(UnsupportedError, match=r"GPU 3: path 'wgmma' needs a Hopper GPU \(sm_90\)"):
+        mm._wgmma_plan(100, forced=True)
+
+
 def test_fused_gemm_tile_fits_the_device_shared_memory(monkeypatch):
     """The fused GEMM's token tile is chosen within the device's shared memory per block (H200 227 KiB,
     A100 163 KiB, GB10 about 99 KiB: 32-token tiles there); with no tile that fits, the default

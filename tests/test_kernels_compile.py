@@ -93,8 +93,9 @@ def test_engine_and_check_share_the_options(monkeypatch):
     source = (ROOT / "kernels/ops.cu").read_text()
     assert seen["backend"] == "nvrtc" and seen["code"].startswith(source)
     assert seen["code"][len(source):] == f"\n// kernels/*.cuh sha256 {build.headers_digest()}\n"
-    assert seen["options"] == build.compile_options("sm_90", {"FA_BK": 32, "HEAD_DIM": 64})
-    assert {"-std=c++17", "--gpu-architecture=sm_90", "-ftz=true", "-DHEAD_DIM=64", "-DFA_BK=32"} <= set(seen["options"])
+    # Hopper (sm_90) compiles its arch-specific target, which has wgmma (the fused GEMM's kernels there).
+    assert seen["options"] == build.compile_options("sm_90a", {"FA_BK": 32, "HEAD_DIM": 64})
+    assert {"-std=c++17", "--gpu-architecture=sm_90a", "-ftz=true", "-DHEAD_DIM=64", "-DFA_BK=32"} <= set(seen["options"])
 
 
 @needs_nvrtc

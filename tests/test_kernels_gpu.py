@@ -75,6 +75,12 @@ def setup(rng, dtype, rows, cols, m):
     return w, w_ref, x
 
 
+def need_path(path: str | None) -> None:
+    """Skip (saying why) a test of the wgmma path on a GPU that is not Hopper."""
+    if path == "wgmma" and not mm.has_wgmma(cp.cuda.runtime.getDevice()):
+        pytest.skip("path 'wgmma' runs on Hopper (sm_90) only")
+
+
 def run(x: np.ndarray, w, path: str | None):
     out = cp.full((x.shape[0], w.rows), np.nan, dtype=cp.float32)
     y = mm.matmul(cp.asarray(x), w, out=out, path=path)
@@ -112,11 +118,12 @@ def test_gemv_m1_launch_configs(rng, dtype, rows, cols):
 
 
 @pytest.mark.parametrize("m", [1, 9, 17, 40, 100, 300])
-@pytest.mark.parametrize("path", ["mma", "cublas"])
+@pytest.mark.parametrize("path", ["mma", "wgmma", "cublas"])
 @pytest.mark.parametrize("dtype", ALL, ids=lambda t: t.name)
 def test_gemm(rng, dtype, path, m):
-    """Every tile of the fused GEMM (16, 32, 64, 128 tokens; 300 = three tiles, the last ragged),
-    300 rows = three row tiles, the last ragged; rows with a padded tail."""
+    """Every tile of the fused GEMMs (mma: 16, 32, 64, 128 tokens; wgmma: 64, 128; 300 = three tiles,
+    the last ragged), 300 rows = three row tiles, the last ragged; rows with a padded tail."""
+    need_path(path)
     w, w_ref, x = setup(rng, dtype, 300, cols_for(dtype, True), m)
     check(run(x, w, path), x, w_ref, TOL_F16)
 
@@ -243,33 +250,39 @@ def test_glu_mmv(rng, act, rows, m):
 
 @pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("m", [1, 13, 50, 130])
+@pytest.mark.parametrize("path", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
-def test_gemm_fused_split_k(rng, dtype, m, out_dtype):
+def test_gemm_fused_split_k(rng, dtype, path, m, out_dtype):
     """Short matrices with long rows run split over k (parts summed in order by splitk_sum): the
     split is checked to happen; fp32 and f16 output."""
+    need_path(path)
     rows, cols = 200, 4096 + 64
     w, w_ref, x = setup(rng, dtype, rows, cols, m)
-    plan = mm._fused_plan(m, mm.smem_optin(cp.cuda.runtime.getDevice()))
-    splits = mm._fused_splits(-(-m // plan.bt) * -(-rows // mm.FUSED_ROWS), -(-w.kpad // 128), plan.per_sm,
-                              cp.cuda.runtime.getDevice())
+    dev = cp.cuda.runtime.getDevice()
+    plan = (mm._fused_plan(m, mm.smem_optin(dev)) if path == "mma" else mm._wgmma_plan_for(m, mm.smem_optin(dev)))
+    splits = mm._fused_splits(-(-m // plan.bt) * -(-rows // mm.FUSED_ROWS), -(-w.kpad // 128), plan.per_sm, dev)
     print(f"{dtype.name} {rows}x{cols} M={m}: {plan.kernel}, {splits} splits")
     assert splits > 1
     out = cp.full((m, rows), np.nan, dtype=out_dtype)
-    y = mm.matmul(cp.asarray(x), w, out=out, path="mma")
+    y = mm.matmul(cp.asarray(x), w, out=out, path=path)
     assert y is out
     check(y, x, w_ref, TOL_F16 + (2.0 ** -11 if out_dtype == np.float16 else 0.0))
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 300, 2048])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 100, 300, 2048])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
 def test_dispatch(rng, dtype, m):
     """The default choice per M, at a model-like row length (3584 = 14 super-blocks); at M = 1 a
-    Q4_K matrix of few rows takes mmv, one of many rows the GEMV."""
+    Q4_K matrix of few rows takes mmv, one of many rows the GEMV; on Hopper the fused GEMM's range
+    from WGMMA_MIN_M takes wgmma."""
+    hopper = mm.has_wgmma(cp.cuda.runtime.getDevice())
     for rows in (520, mm.MMV_M1_MAX_ROWS + 16):
         w, w_ref, x = setup(rng, dtype, rows, 3584, m)
-        path = mm._default_path(m, dtype, rows)
+        path = mm._default_path(m, dtype, rows, hopper)
         if m == 1:
             assert path == ("mmv" if dtype == GGMLType.Q4_K and rows <= mm.MMV_M1_MAX_ROWS else "gemv")
+        if m == 100:
+            assert path == ("wgmma" if hopper else "mma")
         check(run(x, w, None), x, w_ref, TOL_FP32 if path == "gemv" else TOL_F16)
 
 
@@ -297,10 +310,11 @@ def test_cublas_path_runs_on_the_current_stream(rng):
     check(y, x, w_ref, TOL_F16)
 
 
-@pytest.mark.parametrize("path", ["gemv", "mma", "cublas"])
+@pytest.mark.parametrize("path", ["gemv", "mma", "wgmma", "cublas"])
 def test_matmul_f16_in_and_out(rng, path):
     """f16 x (glu_matmul's output) and f16 y (the LM head's logits): values as the fp32 product of
     the f16-rounded x, plus the f16 rounding of the output, on both paths; x with a padded tail."""
+    need_path(path)
     dtype = GGMLType.Q6_K
     w, w_ref, x = setup(rng, dtype, 300, cols_for(dtype, True), 8 if path == "gemv" else 77)
     x16 = x.astype(np.float16)
@@ -317,7 +331,8 @@ def act_ref(g: np.ndarray, act: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("m,path", [(1, None), (8, None), (9, "mma"), (40, "mma"), (64, "mma"), (100, "mma"),
-                                    (300, "mma"), (9, "cublas"), (300, "cublas")])
+                                    (300, "mma"), (9, "wgmma"), (64, "wgmma"), (100, "wgmma"), (300, "wgmma"),
+                                    (9, "cublas"), (300, "cublas")])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
@@ -325,6 +340,7 @@ def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
     tokens of the k-quants); f16 from the fused gate/up launch (mma: 64 gate rows and their up rows
     a tile, 200 rows = a ragged last tile) or the cuBLAS path, built in row blocks (a scratch of 64
     rows per weight forces 4, the last one ragged; f16 products). Bound: check_glu."""
+    need_path(path)
     rows, cols = 200, cols_for(dtype, True)
     wg, g_ref, x = setup(rng, dtype, rows, cols, m)
     wu, u_ref, _ = setup(rng, dtype, rows, cols, m)
@@ -332,7 +348,7 @@ def test_glu_matmul(rng, dtype, act, m, path, monkeypatch):
     monkeypatch.setattr(mm, "SCRATCH_BYTES", 2 * 64 * wg.kpad * 2)
     y = mm.glu_matmul(cp.asarray(x), wg, wu, act, path=path)
     taken = path or mm._default_path(m, dtype)
-    assert y.shape == (m, rows) and y.dtype == (np.float16 if taken in ("mma", "cublas") else np.float32)
+    assert y.shape == (m, rows) and y.dtype == (np.float16 if taken in ("mma", "wgmma", "cublas") else np.float32)
     check_glu(y, x, g_ref, u_ref, act, taken != "gemv", y.dtype == np.float16)
 
 
@@ -388,12 +404,14 @@ def test_glu_gemv1(rng, dtype, act, rows, monkeypatch):
         assert mm.glu_matmul(xs, wg, wu, act) is out and calls
 
 
-@pytest.mark.parametrize("gate_type,path", [(GGMLType.F16, "cublas"), (GGMLType.F16, "mma"), (GGMLType.Q6_K, "mma")],
-                         ids=["F16-cublas", "F16-mma", "Q6_K-mma"])
+@pytest.mark.parametrize("gate_type,path", [(GGMLType.F16, "cublas"), (GGMLType.F16, "mma"), (GGMLType.Q6_K, "mma"),
+                                             (GGMLType.Q6_K, "wgmma")],
+                         ids=["F16-cublas", "F16-mma", "Q6_K-mma", "Q6_K-wgmma"])
 def test_glu_matmul_mixed_types(rng, gate_type, path):
     """Gate and up of different types: the cuBLAS path cannot share one scratch when their padded
     row lengths differ (F16: 32-value units, Q4_K: 256), the fused launch needs one type: two
     matmuls and a float32 glu."""
+    need_path(path)
     rows, cols, m = 96, cols_for(GGMLType.Q4_K, True), 17
     wg, g_ref, x = setup(rng, gate_type, rows, cols, m)
     wu, u_ref, _ = setup(rng, GGMLType.Q4_K, rows, cols, m)
@@ -468,7 +486,9 @@ def test_gemm_cublas_unaligned_x(rng):
     flat = rng.standard_normal(1 + 8 * 196).astype(np.float32)
     x = cp.asarray(flat)[1:].reshape(8, 196)
     assert x.data.ptr % 16 == 4 and x.flags.c_contiguous
-    for path in ("cublas", "mma"):
+    for path in ("cublas", "mma", "wgmma"):
+        if path == "wgmma" and not mm.has_wgmma(cp.cuda.runtime.getDevice()):
+            continue
         out = cp.full((8, 40), np.nan, dtype=cp.float32)
         check(mm.matmul(x, w, out=out, path=path), flat[1:].reshape(8, 196), w_ref, TOL_F16)
 
@@ -510,7 +530,7 @@ def test_bad_inputs(rng):
 def test_real_tensors(rng, model):
     """Every 2-D weight type of the two real models, on the model's own bytes (up to 1024 rows of its
     first tensor of that type): GEMV at M = 1 and 8, mmv at M = 2 and 8 (Q4_K, Q6_K), the cuBLAS
-    path at M = 17, the fused GEMM at M = 17 and 130, and row gather."""
+    path at M = 17, the fused GEMMs at M = 17 and 130 (mma; wgmma on Hopper), and row gather."""
     import realmodels
     from q4k_engine.loader import open_model
 
@@ -526,8 +546,10 @@ def test_real_tensors(rng, model):
         w_ref = dequantize_ref(raw, t.dtype, (rows, t.cols)).astype(np.float64)
         print(f"{model} {t.name} {t.dtype.name} {rows}x{t.cols}")
         mmv = ((2, "mmv", TOL_F16), (8, "mmv", TOL_F16)) if t.dtype in mm.MMV_TYPES else ()
+        wgmma = (((17, "wgmma", TOL_F16), (130, "wgmma", TOL_F16))
+                 if mm.has_wgmma(cp.cuda.runtime.getDevice()) else ())
         for m, path, tol in ((1, "gemv", TOL_FP32), (8, "gemv", TOL_FP32), *mmv, (17, "cublas", TOL_F16),
-                             (17, "mma", TOL_F16), (130, "mma", TOL_F16)):
+                             (17, "mma", TOL_F16), (130, "mma", TOL_F16), *wgmma):
             x = rng.standard_normal((m, t.cols)).astype(np.float32)
             check(run(x, w, path), x, w_ref, tol)
         ids = rng.integers(0, rows, 9).astype(np.int32)
