@@ -894,9 +894,9 @@ GEMM_FUSED(16, 2) GEMM_FUSED(32, 2) GEMM_FUSED(64, 2) GEMM_FUSED(128, 1)
 //   the epilogue;
 // - warpgroups 2 and 3 dequantize W's tiles: thread p takes two 32-value units, tile rows p / 4 and
 //   p / 4 + 64, unit p % 4 (their loads issued two tiles ahead).
-// The dequantize is a chain of dependent instructions per thread. One set of 8 warps doing all of
-// it, the copies and the multiply was latency-bound at ~3.5x the multiply's time (bench/RESULTS.md);
-// here the tensor cores are fed by warps that wait on nothing else.
+// Measured on an H200 (bench/RESULTS.md, eleventh session): this split gained ~4% over one set of 8
+// warps doing everything; either way the kernel keeps the tensor cores ~30% busy at large M (about
+// 3.5x a k tile's wgmma time a k tile), with no unit of the SM near its limit: not yet explained.
 // Rings: WG_WS stages of the W tile, WG_XS of the x tile. FULL(s): the dequantizing warps have stored
 // W stage s (fenced for the async proxy); the multiplying warps wait on it, which also makes their
 // own x copies visible to each other. EMPTY(s): both multiplying warpgroups have finished the wgmma
@@ -904,8 +904,9 @@ GEMM_FUSED(16, 2) GEMM_FUSED(32, 2) GEMM_FUSED(64, 2) GEMM_FUSED(128, 1)
 // every multiplying warp has waited for that tile's wgmma.
 // Shared-memory tiles are wgmma's K-major layout with the 128-byte swizzle (swz_off): a tile is two
 // halves of 64 values of k, a row of a half is 128 bytes, and its eight 16-byte groups are permuted
-// by XOR with the row's index mod 8. So the 8 rows a wgmma reads at one k group, and the 8 rows a
-// quarter-warp's 16-byte stores write, fall in distinct banks.
+// by XOR with the row's index mod 8, so that the 8 rows a wgmma reads at one k group fall in distinct
+// banks. (The dequantize's 16-byte stores, 2 rows x 4 units a quarter-warp, still take about twice
+// the ideal wavefronts.)
 #define WG_WS 3               // W stages
 #define WG_XS 4               // x stages
 #define WG_THREADS 512        // 2 multiplying + 2 dequantizing warpgroups

@@ -212,6 +212,22 @@ def test_probe_names_why_no_device_is_usable(monkeypatch, count, reason):
     assert not p.usable and p.reason.startswith(reason)
 
 
+def fake_device(monkeypatch, mm, device: int, smem: int) -> None:
+    """kernels.matmul sees one GPU, `device`, with `smem` bytes of opt-in shared memory per block."""
+
+    class FakeRuntime:
+        @staticmethod
+        def getDevice():
+            return device
+
+    class FakeCupy:
+        class cuda:
+            runtime = FakeRuntime
+
+    monkeypatch.setattr(mm, "_cupy", lambda: FakeCupy)
+    monkeypatch.setattr(mm, "smem_optin", lambda d: smem)
+
+
 def test_wgmma_plan_and_dispatch(monkeypatch):
     """Hopper's wgmma GEMM: 64-token tiles up to 64 tokens, 128 above, 512 threads, shared memory
     (3 W stages + 4 x stages) within the H200's 227 KiB; the default takes it only on Hopper and only
@@ -231,17 +247,7 @@ def test_wgmma_plan_and_dispatch(monkeypatch):
         assert on_hopper == ("wgmma" if mm.WGMMA_MIN_M <= m <= mm.FUSED_MAX_M else elsewhere), m
         assert elsewhere != "wgmma"
 
-    class FakeRuntime:
-        @staticmethod
-        def getDevice():
-            return 3
-
-    class FakeCupy:
-        class cuda:
-            runtime = FakeRuntime
-
-    monkeypatch.setattr(mm, "_cupy", lambda: FakeCupy)
-    monkeypatch.setattr(mm, "smem_optin", lambda device: 227 << 10)
+    fake_device(monkeypatch, mm, 3, 227 << 10)
     monkeypatch.setattr(mm, "has_wgmma", lambda device: False)
     assert mm._wgmma_plan(100, forced=False) is None
     with pytest.raises(UnsupportedError, match=r"GPU 3: path 'wgmma' needs a Hopper GPU \(sm_90\)"):
@@ -261,17 +267,7 @@ def test_fused_gemm_tile_fits_the_device_shared_memory(monkeypatch):
     assert plan.smem <= 101376 and plan.kernel == "gemm_bt32" and plan.glu_kernel == "gate_up_bt32"
     assert mm._fused_plan(100, 64 << 10) is None
 
-    class FakeRuntime:
-        @staticmethod
-        def getDevice():
-            return 7
-
-    class FakeCupy:
-        class cuda:
-            runtime = FakeRuntime
-
-    monkeypatch.setattr(mm, "_cupy", lambda: FakeCupy)
-    monkeypatch.setattr(mm, "smem_optin", lambda device: 64 << 10)
+    fake_device(monkeypatch, mm, 7, 64 << 10)
     mm._no_fused_tile.cache_clear()
     with pytest.warns(FallbackWarning, match=r"GPU 7: 65536 bytes of shared memory per block hold no tile of the "
                                              r"fused quantized GEMM: matmuls of more than 8 tokens run as dequantize"):
