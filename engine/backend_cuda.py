@@ -551,6 +551,11 @@ class CudaBackend:
         replaces the current one)."""
         self._batch_dev = inputs.device_batch
 
+    def batch_buffers(self, batch: Batch) -> Any:
+        """The device copies of `batch` that a forward's kernels read (uploaded if `batch` is not the
+        current one): a captured forward holds them for as long as its graph lives."""
+        return self._device_batch(batch, None)
+
     def capture(self, fn: Callable[[], None]) -> CapturedGraph:
         """Record fn() into a CUDA graph without running it. fn must have run once eagerly (kernels
         compiled, handles created) and may read and write only device buffers that outlive the

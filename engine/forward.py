@@ -195,3 +195,74 @@ def forward(cfg: ModelConfig, w: Weights, be: Backend, ids: np.ndarray, batch: B
     if last_only:
         x = x[be.asarray(last_rows(batch))]
     return be.lm_head(x, w.output, dtype) if head else x
+
+
+# Forwards of at most GRAPH_MAX_TOKENS tokens replay from CUDA graphs where the backend can capture
+# one: there an eager forward's time is the host's (the 7B at 1x128 on an H200: 12.4 of its 13.1 ms
+# spent enqueueing launches, bench/RESULTS.md eleventh session), a replay's is the GPU's. Above it
+# the GPU's work hides the host's, and a graph's private pool of intermediates would grow with the
+# shape. GRAPH_KEEP shapes are kept (least recently used dropped), each with its pool.
+GRAPH_MAX_TOKENS = 512
+GRAPH_KEEP = 4
+
+
+@dataclass
+class _Captured:
+    batch: Batch
+    ids: Array  # the graph's input: packed ids, a fixed device buffer
+    out: list[Array]  # what the captured forward returned: the graph's output, rewritten by every replay
+    graph: Any
+    device_batch: Any  # the batch's device copies the graph's kernels read (kept alive with it)
+
+
+class ForwardGraphs:
+    """The layers' forward (forward(..., head=False): final normed hidden states [N, hidden]) of
+    recurring batch shapes (the lengths of the packed sequences), captured as a CUDA graph after the
+    shape's first eager run and replayed on new ids. Backends without `capture` (NumPy) run every
+    forward eagerly, as do shapes above `max_tokens`.
+
+    A replay's output is one buffer per shape, rewritten by the next replay of that shape: the caller
+    reads it before asking for the same shape again. A capture that fails is said once per shape
+    (FallbackWarning) and that shape stays eager.
+    """
+
+    def __init__(self, cfg: ModelConfig, w: Weights, be: Backend, max_tokens: int = GRAPH_MAX_TOKENS,
+                 keep: int = GRAPH_KEEP):
+        self.cfg, self.w, self.be = cfg, w, be
+        self.max_tokens, self.keep = max_tokens, keep
+        self.enabled = callable(getattr(be, "capture", None)) and keep > 0
+        self._graphs: dict[tuple[int, ...], _Captured] = {}  # insertion order = least recently used first
+        self._refused: set[tuple[int, ...]] = set()
+
+    def hidden(self, ids: np.ndarray, lengths: Any) -> Array:
+        """Hidden states [N, hidden] of packed ids (int32 [N], on the host) of sequences of `lengths`."""
+        import warnings
+
+        from .errors import DeviceError, FallbackWarning
+
+        key = tuple(int(n) for n in lengths)
+        ids = np.asarray(ids, np.int32)
+        if not self.enabled or sum(key) > self.max_tokens or key in self._refused:
+            return forward(self.cfg, self.w, self.be, ids, Batch.from_lengths(np.array(key, np.int64)), head=False)
+        g = self._graphs.pop(key, None)
+        if g is not None:
+            self._graphs[key] = g  # now the most recently used
+            g.ids[...] = self.be.asarray(ids)  # a copy into the graph's input, queued before the replay
+            g.graph.launch()
+            return g.out[-1]
+        batch = Batch.from_lengths(np.array(key, np.int64))
+        dev_ids = self.be.asarray(ids)
+        out = forward(self.cfg, self.w, self.be, dev_ids, batch, head=False)  # compiles, uploads the batch
+        holder: list[Array] = []
+        try:
+            graph = self.be.capture(lambda: holder.append(forward(self.cfg, self.w, self.be, dev_ids, batch,
+                                                                  head=False)))
+        except DeviceError as e:
+            self._refused.add(key)
+            warnings.warn(f"a forward of {len(key)} sequence(s), {sum(key)} tokens, runs eagerly (not from a CUDA "
+                          f"graph): {e}", FallbackWarning, stacklevel=3)
+            return out
+        self._graphs[key] = _Captured(batch, dev_ids, holder, graph, self.be.batch_buffers(batch))
+        while len(self._graphs) > self.keep:
+            self._graphs.pop(next(iter(self._graphs)))
+        return out

@@ -42,7 +42,7 @@ from . import fp8, gpu
 from .backend import Backend, Batch
 from .backend_cpu import NumpyBackend
 from .errors import DeviceError, FallbackWarning, FormatError, InputError, UnsupportedError
-from .forward import forward, upload
+from .forward import GRAPH_KEEP, ForwardGraphs, last_rows, upload
 from .generate import Generation, generate as greedy_generate
 from .loader import open_model
 from .synthetic import resolve_model
@@ -199,7 +199,8 @@ class TeacherModel:
     """A frozen teacher: one model file, one backend, weights uploaded once in their stored dtype."""
 
     def __init__(self, model: ModelFile, backend: Backend, *, output: str = "numpy", dtype: str = "float32",
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, chunk_tokens: int | None = None):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, chunk_tokens: int | None = None,
+                 graphs: bool = True):
         self.model = model
         self.config = model.config
         self.backend = backend
@@ -215,6 +216,8 @@ class TeacherModel:
         backend.check_model(model)  # before any upload: one clear error, nothing half-loaded
         self.weights = upload(model, backend)
         backend.release_cached()  # the upload's staging (a Q6_K matrix is repacked on the device)
+        # Forwards of recurring shapes up to GRAPH_MAX_TOKENS tokens replay from CUDA graphs (forward.py)
+        self._graphs = ForwardGraphs(self.config, self.weights, backend, keep=GRAPH_KEEP if graphs else 0)
 
     def __repr__(self) -> str:
         c = self.config
@@ -424,8 +427,9 @@ class TeacherModel:
             lens = np.array([len(seqs[i]) for i in g], np.int64)
             be.release_cached()  # the last head's chunks: this forward's activations are smaller blocks
             with np.errstate(over="ignore", invalid="ignore"):  # no NumPy warnings: NaN/Inf are refused in one line
-                hidden = forward(self.config, w, be, np.concatenate([seqs[i] for i in g]), Batch.from_lengths(lens),
-                                 last_only=last_only, head=False)
+                hidden = self._graphs.hidden(np.concatenate([seqs[i] for i in g]), lens)
+                if last_only:
+                    hidden = hidden[be.asarray(last_rows(Batch.from_lengths(lens)))]
             be.release_cached()  # the layers' activations: the head's chunk is a larger block
             # packed row range [cu[j], cu[j + 1]) of each sequence of the group, and its first position
             cu = np.arange(len(g) + 1) if last_only else np.concatenate([[0], np.cumsum(lens)])
@@ -542,7 +546,7 @@ class TeacherModel:
 
 def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype: str = "float32",
          max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, chunk_tokens: int | None = None,
-         verify: bool = False, precision: str = "fp16") -> TeacherModel:
+         verify: bool = False, precision: str = "fp16", graphs: bool = True) -> TeacherModel:
     """Open a .gguf/.apr file (or "demo", the synthetic demo model) as a teacher on `device`.
 
     device: "cpu" (NumPy reference), "cuda" (CuPy; DeviceError without CuPy and a GPU), or "auto"
@@ -558,10 +562,13 @@ def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype
     products and the LM head keep the fp16 kernels. Needs compute capability 8.9 or later
     (UnsupportedError otherwise, before anything loads); the CPU backend emulates it. Its drift
     from fp16 is measured in bench/RESULTS.md: check it against your distillation's tolerance.
+    graphs: on the GPU, forwards of at most forward.GRAPH_MAX_TOKENS tokens whose sequence lengths
+    recur replay from CUDA graphs (the shape's first forward runs eagerly and is captured); False
+    runs every forward eagerly.
     """
     fp8.check_precision(precision)
     model = open_model(resolve_model(path))
     if verify:
         verify_model(model).raise_if_failed()
     return TeacherModel(model, make_backend(device, precision), output=output, dtype=dtype, max_batch_tokens=max_batch_tokens,
-                        chunk_tokens=chunk_tokens)
+                        chunk_tokens=chunk_tokens, graphs=graphs)
