@@ -936,11 +936,9 @@ struct UnitSlots {
 // wgmma's shared-memory matrix descriptor for a K-major operand with the 128-byte swizzle: start
 // address, stride byte offset 1024 (8-row groups), leading byte offset unused (1), layout 1 (128B
 // swizzle); address fields in 16-byte units. A k16 step inside a 64-value half starts 32 bytes
-// further: the swizzle applies to the address, as the stores did.
-__device__ __forceinline__ unsigned long long wg_desc(u32 addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
-           (1ull << 62);
-}
+// further: the swizzle applies to the address, as the stores did. wg_desc_lo: the low word (address,
+// leading byte offset); WG_DESC_HI (below): the high word (stride byte offset, layout).
+__device__ __forceinline__ u32 wg_desc_lo(u32 addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -963,25 +961,35 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
                  "+f"(d[i + 6]), "+f"(d[i + 7])
 // d += A (64 x 16, descriptor a) . B (BT x 16, descriptor b)^T; D fragment as mma.sync's m16n8 C:
 // warp w of the warpgroup, lane (g, t): d[4 j + v] is row 16 w + g + 8 (v >> 1), column 8 j + 2 t + (v & 1).
-__device__ __forceinline__ void wgmma_bt(float (&d)[64], unsigned long long a, unsigned long long b) {
+// The descriptors' high words are the same for every operand (WG_DESC_HI: stride byte offset, layout);
+// their low words (address, leading byte offset) are the 32-bit a and b, so that a k step adds one
+// 32-bit constant to each.
+#define WG_DESC_HI ((1024u >> 4) | (1u << 30))
+__device__ __forceinline__ void wgmma_bt(float (&d)[64], u32 a, u32 b) {
     asm volatile(
+        "{\n.reg .b64 da, db;\n"
+        "mov.b64 da, {%64, %66};\n"
+        "mov.b64 db, {%65, %66};\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, 1, 1, 1, 0, 0;\n"
+        "da, db, 1, 1, 1, 0, 0;\n}\n"
         : WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24), WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
-        : "l"(a), "l"(b));
+        : "r"(a), "r"(b), "r"(WG_DESC_HI));
 }
-__device__ __forceinline__ void wgmma_bt(float (&d)[32], unsigned long long a, unsigned long long b) {
+__device__ __forceinline__ void wgmma_bt(float (&d)[32], u32 a, u32 b) {
     asm volatile(
+        "{\n.reg .b64 da, db;\n"
+        "mov.b64 da, {%32, %34};\n"
+        "mov.b64 db, {%33, %34};\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, 1, 1, 1, 0, 0;\n"
+        "da, db, 1, 1, 1, 0, 0;\n}\n"
         : WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
-        : "l"(a), "l"(b));
+        : "r"(a), "r"(b), "r"(WG_DESC_HI));
 }
 #undef WG_F8
 
@@ -1068,9 +1076,9 @@ __device__ __forceinline__ void wg_body(const WDesc& wa, const WDesc& wb, const 
     float acc[BT / 2];
 #pragma unroll
     for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
-    // Descriptors of stage 0 (this warpgroup's 64 rows of W; all of x); a stage, a half and a k16
-    // step inside a half add to their address field (16-byte units).
-    const unsigned long long dW = wg_desc(smem_u32(sW) + wgp * 64 * 128), dX = wg_desc(smem_u32(sX));
+    // Descriptors (low words) of stage 0 (this warpgroup's 64 rows of W; all of x); a stage, a half
+    // and a k16 step inside a half add to their address field (16-byte units).
+    const u32 dW = wg_desc_lo(smem_u32(sW) + wgp * 64 * 128), dX = wg_desc_lo(smem_u32(sX));
     if (n > 0) load_x(kt0, 0);
     if (n > 1) load_x(kt0 + 1, 1);
     else cp_async_commit();
@@ -1078,15 +1086,17 @@ __device__ __forceinline__ void wg_body(const WDesc& wa, const WDesc& wb, const 
         cp_async_wait<1>();   // this thread's copies of x tile i have landed
         fence_proxy_async();  // ... visible to wgmma
         bar_sync(WG_FULL(i % WG_WS), WG_THREADS);  // W tile i stored; every multiplying warp is past tile i - 1
-        if (i + 2 < n) load_x(kt0 + i + 2, (i + 2) % WG_XS);  // tile i - 2's stage: its wgmma waited for
-        else cp_async_commit();                                // (an empty group keeps the count uniform)
-        const unsigned long long da = dW + (i % WG_WS) * (S::WTILE * 2 / 16), dx = dX + (i % WG_XS) * (S::XTILE * 2 / 16);
+        // The tile's wgmma first, queued behind tile i - 1's while it runs: what a warp issues between
+        // the barrier and its wgmma leaves the tensor cores idle once tile i - 1's is done.
+        const u32 da = dW + (i % WG_WS) * (S::WTILE * 2 / 16), dx = dX + (i % WG_XS) * (S::XTILE * 2 / 16);
         wg_fence();
         wg_hold(acc);
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ks++)  // half ks / 4 of the tile, 32 bytes a k16 step inside it
             wgmma_bt(acc, da + ((ks >> 2) * BO * 128 + (ks & 3) * 32) / 16, dx + ((ks >> 2) * BT * 128 + (ks & 3) * 32) / 16);
         wg_commit();
+        if (i + 2 < n) load_x(kt0 + i + 2, (i + 2) % WG_XS);  // tile i - 2's stage: its wgmma waited for
+        else cp_async_commit();                                // (an empty group keeps the count uniform)
         wg_wait<1>();  // tile i - 1's multiply is done: its W stage can be refilled
         wg_hold(acc);
         if (i >= 1 && i - 1 + WG_WS < n) bar_arrive(WG_EMPTY((i - 1) % WG_WS), WG_THREADS);
