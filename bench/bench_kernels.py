@@ -176,7 +176,7 @@ def bench_gemm(dtypes, shapes, ms) -> list[dict]:
             t_dense = time_ms(lambda: cp.matmul(x16, dense.T))
             res = {"shape": f"{out_f}x{in_f}", "M": m, "dense_TFLOPs": flop / t_dense / 1e9, "dense_us": t_dense * 1e3}
             for dt, w in weights.items():
-                for path in ("mma", "cublas", None):
+                for path in (*fused_paths(), "cublas", None):
                     t = time_ms(lambda: matmul(x, w, out=y, path=path))
                     label = path or "auto"
                     res[f"{dt.name}_{label}_frac"] = t_dense / t
@@ -184,6 +184,15 @@ def bench_gemm(dtypes, shapes, ms) -> list[dict]:
                     res[f"{dt.name}_{label}_us"] = t * 1e3
             rows_out.append(res)
     return rows_out
+
+
+def fused_paths() -> tuple[str, ...]:
+    """The fused GEMMs this GPU runs: mma everywhere, and wgmma on Hopper (sm_90)."""
+    import cupy as cp
+
+    from q4k_engine.kernels.matmul import has_wgmma
+
+    return ("mma", "wgmma") if has_wgmma(cp.cuda.runtime.getDevice()) else ("mma",)
 
 
 def bench_glu(dtypes, shapes, ms) -> list[dict]:
@@ -206,7 +215,7 @@ def bench_glu(dtypes, shapes, ms) -> list[dict]:
             t_dense = time_ms(lambda: (cp.matmul(x16, dense.T), cp.matmul(x16, dense.T)))
             res = {"shape": f"2x{out_f}x{in_f}", "M": m, "dense_TFLOPs": flop / t_dense / 1e9, "dense_us": t_dense * 1e3}
             for dt, (wg, wu) in pairs.items():
-                for path in ("mma", "cublas"):
+                for path in (*fused_paths(), "cublas"):
                     t = time_ms(lambda: glu_matmul(x, wg, wu, "silu", path=path))
                     res[f"{dt.name}_{path}_frac"] = t_dense / t
                     res[f"{dt.name}_{path}_us"] = t * 1e3
@@ -299,14 +308,16 @@ def main() -> None:
         emit("Dequantize to f16 (bytes = quant read + f16 written; frac of copy bandwidth)",
              fmt_table(deq, ["type", "shape", "us", "TB_s", "frac"]))
     if "gemm" in parts:
+        fused = fused_paths()
         gemm = bench_gemm(types, shapes, GEMM_M)
-        cols = ["shape", "M", "dense_TFLOPs", "dense_us", "Q4_K_mma_us", "Q4_K_cublas_us"]
-        cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas", "auto")]
-        emit("GEMM (frac = dense fp16 cuBLAS time / kernel time; mma = the fused GEMM, cublas = dequantize + "
-             "cuBLAS, auto = the default dispatch; us = plain calls from Python)", fmt_table(gemm, cols))
+        cols = ["shape", "M", "dense_TFLOPs", "dense_us", *(f"Q4_K_{p}_us" for p in fused), "Q4_K_cublas_us"]
+        cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in (*fused, "cublas", "auto")]
+        emit("GEMM (frac = dense fp16 cuBLAS time / kernel time; mma = the fused GEMM, wgmma = its Hopper kernel, "
+             "cublas = dequantize + cuBLAS, auto = the default dispatch; us = plain calls from Python)",
+             fmt_table(gemm, cols))
         glu = bench_glu(types, shapes, GEMM_M)
-        cols = ["shape", "M", "dense_TFLOPs", "dense_us", "Q4_K_mma_us", "Q4_K_cublas_us"]
-        cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in ("mma", "cublas")]
+        cols = ["shape", "M", "dense_TFLOPs", "dense_us", *(f"Q4_K_{p}_us" for p in fused), "Q4_K_cublas_us"]
+        cols += [f"{t}_{p}_frac" for t in ("Q4_K", "Q6_K") for p in (*fused, "cublas")]
         emit("Gated MLP gate/up (glu_matmul; frac = two dense fp16 cuBLAS GEMMs' time / ours)", fmt_table(glu, cols))
     if "gemv" in parts:
         gemv = [r for dt in types for r in bench_gemv(dt, bw, l2, shapes)]
