@@ -576,12 +576,11 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 }
 
 // 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (rows past M, k past kpad).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(src_bytes));
-}
 __device__ __forceinline__ void cp_async16_s(u32 dst, const void* src, int src_bytes) {  // dst: a shared address
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    cp_async16_s(smem_u32(dst), src, src_bytes);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -602,6 +601,9 @@ __device__ __forceinline__ auto dec_finish(T& d, int) -> decltype(d.finish(), vo
 }
 template <class T>
 __device__ __forceinline__ void dec_finish(T&, long) {}
+
+// First k tile of split z of KT tiles over gridDim.z splits (split-K).
+__device__ __forceinline__ int split_begin(int KT, u32 z) { return (int)((i64)z * KT / gridDim.z); }
 
 template <int BT> struct GemmShape {
     static constexpr int WO = BT == 128 ? 2 : BT == 16 ? 8 : 4;  // warps along W's rows
@@ -679,6 +681,18 @@ struct WUnits {
     i64 row[2];
     WDesc w[2];
     int j;
+
+    // Thread p of the tile's 256 decoding threads: tile rows p / 4 and p / 4 + 64 (GLU: gate row
+    // o0 + p / 4 and the same row of up), unit p % 4.
+    template <bool GLU>
+    __device__ __forceinline__ void init(const WDesc& wa, const WDesc& wb, int o0, int p, int out) {
+        const int r0 = p >> 2;
+        j = p & 3;
+        w[0] = wa;
+        w[1] = GLU ? wb : wa;
+        row[0] = min(o0 + r0, out - 1);
+        row[1] = GLU ? row[0] : min(o0 + r0 + 64, out - 1);
+    }
 
     __device__ __forceinline__ void fetch(int set, int kt) {
         const int u = kt * (BK / 32) + j;
@@ -775,19 +789,11 @@ __device__ __forceinline__ void gemm_body(const WDesc& wa, const WDesc& wb, cons
     const int t0 = blockIdx.x * BT, o0 = blockIdx.y * (GLU ? BO / 2 : BO);
     const int wo = (warp % S::WO) * (16 * S::MI), wt = (warp / S::WO) * (8 * S::NJ);
     const int kpad = wa.nb * D::QK, KT = (kpad + BK - 1) / BK;
-    const int kt0 = (int)((i64)blockIdx.z * KT / gridDim.z), kt1 = (int)((i64)(blockIdx.z + 1) * KT / gridDim.z);
+    const int kt0 = split_begin(KT, blockIdx.z), kt1 = split_begin(KT, blockIdx.z + 1);
 
     WUnits wu;
     const int r0 = tid >> 2;
-    wu.j = tid & 3;
-    wu.w[0] = wa;
-    wu.w[1] = GLU ? wb : wa;
-    if (GLU) {
-        wu.row[0] = wu.row[1] = min(o0 + r0, out - 1);
-    } else {
-        wu.row[0] = min(o0 + r0, out - 1);
-        wu.row[1] = min(o0 + r0 + 64, out - 1);
-    }
+    wu.init<GLU>(wa, wb, o0, tid, out);
     // The runs of this thread's units in a tile row: the same in every k tile.
     const int ka = D::kpos(wu.j, 0), kb = D::kpos(wu.j, 1);
     auto load_x = [&](int kt, __half* dst) {
@@ -999,15 +1005,7 @@ __device__ __forceinline__ void wg_dequant(const WDesc& wa, const WDesc& wb, int
                                            int n) {
     WUnits wu;
     const int p = threadIdx.x - 256, r0 = p >> 2;
-    wu.j = p & 3;
-    wu.w[0] = wa;
-    wu.w[1] = GLU ? wb : wa;
-    if (GLU) {  // tile rows [0, 64) gate rows o0 + r, [64, 128) the same rows of up
-        wu.row[0] = wu.row[1] = min(o0 + r0, out - 1);
-    } else {
-        wu.row[0] = min(o0 + r0, out - 1);
-        wu.row[1] = min(o0 + r0 + 64, out - 1);
-    }
+    wu.init<GLU>(wa, wb, o0, p, out);
     // The units' places in every tile: four units always cover one aligned 128-value slice of a row.
     const int ka = D::kpos(wu.j, 0) / 8, kb = D::kpos(wu.j, 1) / 8;
     UnitSlots us[2];
@@ -1048,7 +1046,7 @@ __device__ __forceinline__ void wg_body(const WDesc& wa, const WDesc& wb, const 
     const int tid = threadIdx.x, warp = tid >> 5, wgp = tid >> 7;
     const int t0 = blockIdx.x * BT, o0 = blockIdx.y * (GLU ? BO / 2 : BO);
     const int kpad = wa.nb * D::QK, KT = (kpad + BK - 1) / BK;
-    const int kt0 = (int)((i64)blockIdx.z * KT / gridDim.z), kt1 = (int)((i64)(blockIdx.z + 1) * KT / gridDim.z);
+    const int kt0 = split_begin(KT, blockIdx.z), kt1 = split_begin(KT, blockIdx.z + 1);
     const int n = kt1 - kt0;
     if (wgp >= 2) {
         wg_dequant<GLU>(wa, wb, out, sW, o0, kt0, n);

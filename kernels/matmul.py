@@ -40,7 +40,7 @@ from q4k_engine.dtypes import TYPE_INFO, SUPPORTED, GGMLType, row_bytes
 from q4k_engine.errors import FallbackWarning, InputError, UnsupportedError
 from q4k_engine.tensors import QTensor
 
-from .build import _cupy, launch, module, sm_count as _sm_count
+from .build import _arch, _cupy, launch, module, sm_count as _sm_count
 
 # The GEMV is the default up to GEMV_MAX_M tokens (Q4_K/Q6_K: mmv from MMV_MIN_M on), the fused
 # GEMM's 16-token tile above: on the 7B's matrices (H200, bench/RESULTS.md "decode's M") the GEMV,
@@ -366,11 +366,10 @@ def _wgmma_smem(bt: int) -> int:
     return (3 * FUSED_ROWS + 4 * bt) * 128 * 2  # WgShape<BT>::SMEM
 
 
-@functools.lru_cache(maxsize=None)
 def has_wgmma(device: int) -> bool:
-    """Whether the device runs the wgmma kernels: Hopper (sm_90), for which kernels/build.py compiles
-    the sm_90a target. Other GPUs (A100, Blackwell, GB10) take the mma.sync kernels."""
-    return _cupy().cuda.Device(device).compute_capability == "90"
+    """Whether the device runs the wgmma kernels: kernels/build.py compiles for sm_90a there (Hopper).
+    Other GPUs (A100, Blackwell, GB10) take the mma.sync kernels."""
+    return _arch(device) == "sm_90a"
 
 
 @functools.lru_cache(maxsize=1024)
