@@ -201,9 +201,12 @@ def forward(cfg: ModelConfig, w: Weights, be: Backend, ids: np.ndarray, batch: B
 # one: there an eager forward's time is the host's (the 7B at 1x128 on an H200: 12.4 of its 13.1 ms
 # spent enqueueing launches, bench/RESULTS.md eleventh session), a replay's is the GPU's. Above it
 # the GPU's work hides the host's, and a graph's private pool of intermediates would grow with the
-# shape. GRAPH_KEEP shapes are kept (least recently used dropped), each with its pool.
+# shape. A shape is captured the second time it is seen (a workload whose shapes never recur pays no
+# capture); GRAPH_KEEP shapes are kept (least recently used dropped), each with its pool, and the
+# last GRAPH_SEEN shapes seen once are remembered.
 GRAPH_MAX_TOKENS = 512
 GRAPH_KEEP = 4
+GRAPH_SEEN = 64
 
 
 @dataclass
@@ -217,9 +220,10 @@ class _Captured:
 
 class ForwardGraphs:
     """The layers' forward (forward(..., head=False): final normed hidden states [N, hidden]) of
-    recurring batch shapes (the lengths of the packed sequences), captured as a CUDA graph after the
-    shape's first eager run and replayed on new ids. Backends without `capture` (NumPy) run every
-    forward eagerly, as do shapes above `max_tokens`.
+    recurring batch shapes (the lengths of the packed sequences), captured as a CUDA graph the second
+    time a shape is seen (the first ran eagerly: kernels compiled, handles and plans made) and
+    replayed on new ids from then on. Backends without `capture` (NumPy) run every forward eagerly,
+    as do shapes above `max_tokens`.
 
     A replay's output is one buffer per shape, rewritten by the next replay of that shape: the caller
     reads it before asking for the same shape again. A capture that fails is said once per shape
@@ -232,6 +236,7 @@ class ForwardGraphs:
         self.max_tokens, self.keep = max_tokens, keep
         self.enabled = callable(getattr(be, "capture", None)) and keep > 0
         self._graphs: dict[tuple[int, ...], _Captured] = {}  # insertion order = least recently used first
+        self._seen: dict[tuple[int, ...], None] = {}  # shapes run once, oldest first
         self._refused: set[tuple[int, ...]] = set()
 
     def hidden(self, ids: np.ndarray, lengths: Any) -> Array:
@@ -242,27 +247,33 @@ class ForwardGraphs:
 
         key = tuple(int(n) for n in lengths)
         ids = np.asarray(ids, np.int32)
-        if not self.enabled or sum(key) > self.max_tokens or key in self._refused:
-            return forward(self.cfg, self.w, self.be, ids, Batch.from_lengths(np.array(key, np.int64)), head=False)
-        g = self._graphs.pop(key, None)
-        if g is not None:
-            self._graphs[key] = g  # now the most recently used
-            g.ids[...] = self.be.asarray(ids)  # a copy into the graph's input, queued before the replay
-            g.graph.launch()
-            return g.out[-1]
         batch = Batch.from_lengths(np.array(key, np.int64))
-        dev_ids = self.be.asarray(ids)
-        out = forward(self.cfg, self.w, self.be, dev_ids, batch, head=False)  # compiles, uploads the batch
-        holder: list[Array] = []
-        try:
-            graph = self.be.capture(lambda: holder.append(forward(self.cfg, self.w, self.be, dev_ids, batch,
-                                                                  head=False)))
-        except DeviceError as e:
-            self._refused.add(key)
-            warnings.warn(f"a forward of {len(key)} sequence(s), {sum(key)} tokens, runs eagerly (not from a CUDA "
-                          f"graph): {e}", FallbackWarning, stacklevel=3)
-            return out
-        self._graphs[key] = _Captured(batch, dev_ids, holder, graph, self.be.batch_buffers(batch))
-        while len(self._graphs) > self.keep:
-            self._graphs.pop(next(iter(self._graphs)))
-        return out
+        if not self.enabled or sum(key) > self.max_tokens or key in self._refused:
+            return forward(self.cfg, self.w, self.be, ids, batch, head=False)
+        g = self._graphs.pop(key, None)
+        if g is None and key not in self._seen:  # a first sighting: eager, remembered
+            self._seen[key] = None
+            while len(self._seen) > GRAPH_SEEN:
+                self._seen.pop(next(iter(self._seen)))
+            return forward(self.cfg, self.w, self.be, ids, batch, head=False)
+        if g is None:  # the second: captured (not run), then replayed below like every later call
+            self._seen.pop(key)
+            dev_ids = self.be.asarray(ids)
+            held = self.be.batch_buffers(batch)  # uploaded now: the captured forward finds them current
+            holder: list[Array] = []
+            try:
+                graph = self.be.capture(lambda: holder.append(forward(self.cfg, self.w, self.be, dev_ids, batch,
+                                                                      head=False)))
+            except DeviceError as e:
+                self._refused.add(key)
+                warnings.warn(f"a forward of {len(key)} sequence(s), {sum(key)} tokens, runs eagerly (not from a "
+                              f"CUDA graph): {e}", FallbackWarning, stacklevel=3)
+                return forward(self.cfg, self.w, self.be, ids, batch, head=False)
+            g = _Captured(batch, dev_ids, holder, graph, held)
+            while len(self._graphs) >= self.keep:
+                self._graphs.pop(next(iter(self._graphs)))
+        else:
+            g.ids[...] = self.be.asarray(ids)  # a copy into the graph's input, queued before the replay
+        self._graphs[key] = g  # now the most recently used
+        g.graph.launch()
+        return g.out[-1]

@@ -1,13 +1,18 @@
-"""The FP8 mode's GEMM: float8 e4m3 operands, fp32 sums and output, through cuBLASLt.
+"""cuBLAS and cuBLASLt through their C APIs (ctypes): the products a CUDA graph may capture.
 
-CuPy binds cuBLAS but not cuBLASLt, which alone multiplies FP8 (compute capability 8.9 and later),
-so this calls the library's C API through ctypes: the cuBLASLt that the process's cuBLAS already
-loaded (by soname), else the one cuda-pathfinder finds in the environment's NVIDIA wheels. Enum
-values and the heuristic result's layout are those of cublasLt.h (CUDA 12 and 13 alike).
+- `gemm_f16`: the cuBLAS path's f16 product (kernels/matmul.py, M > FUSED_MAX_M), cublasGemmEx on a
+  handle of our own with a workspace of our own. CuPy binds GemmEx but refuses any cuBLAS call while
+  a stream is captured (NotImplementedError), so a prefill forward through it could not replay from
+  a CUDA graph (engine/forward.py ForwardGraphs); with the workspace set, cuBLAS allocates nothing
+  inside a capture either.
+- `gemm_e4m3`: the FP8 mode's product. CuPy binds cuBLAS but not cuBLASLt, which alone multiplies
+  FP8 (compute capability 8.9 and later). Column-major D[n, m] = W8[n, k]^T-view . X8[k, m], i.e.
+  row-major y[m, n] = x8 . W8^T, the "TN" layout FP8 requires (both operands K-major); unit
+  scales, the caller applies the row scales (kernels/ops.cu fp8_rescale, glu_pair_fp8).
 
-One product: column-major D[n, m] = W8[n, k]^T-view . X8[k, m], i.e. row-major y[m, n] = x8 . W8^T,
-the "TN" layout FP8 requires (both operands K-major); unit scales, the caller applies the row
-scales (kernels/ops.cu fp8_rescale, glu_pair_fp8).
+The libraries are the ones the process's CuPy already loaded (by soname), else those cuda-pathfinder
+finds in the environment's NVIDIA wheels. Enum values and the heuristic result's layout are those of
+cublas_api.h / cublasLt.h (CUDA 12 and 13 alike).
 """
 from __future__ import annotations
 
@@ -20,11 +25,15 @@ from q4k_engine.errors import DeviceError
 from .build import _cupy
 
 _COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F
-_R_32F, _R_8F_E4M3 = 0, 28  # cudaDataType
+_R_32F, _R_16F, _R_8F_E4M3 = 0, 2, 28  # cudaDataType
+_GEMM_DEFAULT_TENSOR_OP = 99  # cublasGemmAlgo_t
 _DESC_TRANSA, _DESC_TRANSB = 3, 4  # cublasLtMatmulDescAttributes_t
 _OP_N, _OP_T = 0, 1
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-WORKSPACE_BYTES = 32 << 20  # what cuBLASLt may use beside a product (Hopper's FP8 kernels ask for up to 32 MiB)
+# What cuBLAS and cuBLASLt may use beside a product (Hopper's FP8 kernels ask for up to 32 MiB, and
+# NVIDIA advises 32 MiB for cuBLAS on Hopper): one buffer a device, for both libraries' products,
+# which run in stream order.
+WORKSPACE_BYTES = 32 << 20
 _MAX_PLANS = 512  # products' shapes kept (a prefill's token counts vary); past it, all are freed
 
 
@@ -50,25 +59,27 @@ def gemm_library() -> None:
     _lib()
 
 
-@functools.lru_cache(maxsize=None)
-def _lib():
+def _load(stem: str, why: str) -> ctypes.CDLL:
+    """lib<stem> (cublas, cublasLt): the copy CuPy's cuBLAS loaded into the process, else the wheel's."""
     errors = []
     _cupy().cuda.device.get_cublas_handle()  # loads cuBLAS, and with it its cuBLASLt, into the process
-
-    for name in ("libcublasLt.so.13", "libcublasLt.so.12"):
+    for name in (f"lib{stem}.so.13", f"lib{stem}.so.12"):
         try:
-            lib = ctypes.CDLL(name)
-            break
+            return ctypes.CDLL(name)
         except OSError as e:
             errors.append(str(e))
-    else:
-        try:
-            from cuda.pathfinder import load_nvidia_dynamic_lib
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
 
-            lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublasLt").abs_path)
-        except Exception as e:  # not installed, or no library where it looked
-            raise DeviceError(f"precision fp8 needs cuBLASLt, which could not be loaded "
-                              f"({'; '.join(errors)}; cuda-pathfinder: {e})") from None
+        return ctypes.CDLL(load_nvidia_dynamic_lib(stem).abs_path)
+    except Exception as e:  # not installed, or no library where it looked
+        raise DeviceError(f"{why} needs {stem}, which could not be loaded "
+                          f"({'; '.join(errors)}; cuda-pathfinder: {e})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    lib = _load("cublasLt", "precision fp8")
     vp, u64, i64 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
     sig = {
         "cublasLtCreate": [vp],
@@ -90,20 +101,68 @@ def _lib():
     return lib
 
 
+@functools.lru_cache(maxsize=None)
+def _blas():
+    lib = _load("cublas", "the cuBLAS path's f16 product")
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    sig = {
+        "cublasCreate_v2": [vp],
+        "cublasSetStream_v2": [vp, vp],
+        "cublasSetWorkspace_v2": [vp, vp, ctypes.c_size_t],
+        "cublasGemmEx": [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i],
+    }
+    for name, args in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    lib.cublasGetStatusString.argtypes, lib.cublasGetStatusString.restype = [ctypes.c_int], ctypes.c_char_p
+    return lib
+
+
 def _check(status: int, what: str) -> None:
     if status != 0:
         raise DeviceError(f"cuBLASLt {what}: {_lib().cublasLtGetStatusString(status).decode()} ({status})")
 
 
+def _check_blas(status: int, what: str) -> None:
+    if status != 0:
+        raise DeviceError(f"cuBLAS {what}: {_blas().cublasGetStatusString(status).decode()} ({status})")
+
+
 class _Device:
-    """A device's cuBLASLt handle, workspace and the plans of the shapes multiplied so far."""
+    """A device's workspace, its cuBLAS and cuBLASLt handles (each made at its first product) and the
+    FP8 plans of the shapes multiplied so far."""
 
     def __init__(self):
-        handle = ctypes.c_void_p()
-        _check(_lib().cublasLtCreate(ctypes.byref(handle)), "create")
-        self.handle = handle
         self.workspace = _cupy().empty(WORKSPACE_BYTES, dtype=_cupy().uint8)
+        self._lt: ctypes.c_void_p | None = None
+        self._blas: ctypes.c_void_p | None = None
+        self.blas_stream: int | None = None  # the stream the cuBLAS handle was last set to
         self.plans: dict[tuple[int, int, int, int], tuple] = {}
+
+    @property
+    def handle(self) -> ctypes.c_void_p:
+        """The cuBLASLt handle."""
+        if self._lt is None:
+            h = ctypes.c_void_p()
+            _check(_lib().cublasLtCreate(ctypes.byref(h)), "create")
+            self._lt = h
+        return self._lt
+
+    def blas_on(self, stream: int) -> ctypes.c_void_p:
+        """The cuBLAS handle (host pointer mode, its default) set to `stream` and to this device's
+        workspace: cublasSetStream puts a handle back on cuBLAS's own workspace, which cuBLAS would
+        allocate inside a capture."""
+        lib = _blas()
+        if self._blas is None:
+            h = ctypes.c_void_p()
+            _check_blas(lib.cublasCreate_v2(ctypes.byref(h)), "create")
+            self._blas = h
+        if self.blas_stream != stream:
+            _check_blas(lib.cublasSetStream_v2(self._blas, stream), "set stream")
+            _check_blas(lib.cublasSetWorkspace_v2(self._blas, self.workspace.data.ptr, WORKSPACE_BYTES),
+                        "set workspace")
+            self.blas_stream = stream
+        return self._blas
 
     def plan(self, n: int, m: int, k: int, ldd: int) -> tuple:
         key = (n, m, k, ldd)
@@ -184,3 +243,17 @@ def gemm_e4m3(w8, n: int, x8, m: int, k: int, d_ptr: int, ldd: int) -> None:
                                  ctypes.byref(beta), d_ptr, d, d_ptr, d, ctypes.byref(heur.algo),
                                  dev.workspace.data.ptr, WORKSPACE_BYTES, cp.cuda.get_current_stream().ptr),
            f"FP8 matmul {n}x{m}x{k}")
+
+
+_ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+
+def gemm_f16(w16_ptr: int, n: int, x16_ptr: int, m: int, k: int, c_ptr: int, c_f16: bool, ldc: int) -> None:
+    """Column-major y^T[n, m] = W16[n, k] . x16^T[k, m]: f16 operands at device addresses w16_ptr
+    (row stride k) and x16_ptr (row stride k), fp32 sums, written as f16 (c_f16) or fp32 at c_ptr with
+    leading dimension ldc, i.e. row-major y[m, ldc]; on the current stream (capturable)."""
+    dev = _device()
+    handle = dev.blas_on(_cupy().cuda.get_current_stream().ptr)
+    _check_blas(_blas().cublasGemmEx(handle, _OP_T, _OP_N, n, m, k, ctypes.byref(_ONE), w16_ptr, _R_16F, k,
+                                     x16_ptr, _R_16F, k, ctypes.byref(_ZERO), c_ptr, _R_16F if c_f16 else _R_32F,
+                                     ldc, _COMPUTE_32F, _GEMM_DEFAULT_TENSOR_OP), f"f16 GemmEx {n}x{m}x{k}")

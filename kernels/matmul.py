@@ -28,7 +28,6 @@ loads overlap the kernel before them, which they wait for before reading x.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, replace
@@ -65,10 +64,6 @@ SCRATCH_BYTES = 64 << 20
 _UNIT = 32
 # The dequantize kernels index their 8-value pieces (or 32-value units) with 32-bit integers.
 _MAX_PIECES = 1 << 30
-# GemmEx's alpha and beta (host pointer mode), made once: numpy's .ctypes costs microseconds per call.
-_ALPHA_BETA = np.array([1.0, 0.0], dtype=np.float32)
-_ALPHA_PTR = _ALPHA_BETA.ctypes.data
-_BETA_PTR = _ALPHA_PTR + 4
 
 
 def padded_cols(dtype: GGMLType, cols: int) -> int:
@@ -494,33 +489,13 @@ def _chunk_rows(w: GpuWeight, scratch_bytes: int, m: int = 0, out_bytes: int = 0
     return min(cap, -(-w.rows // (chunks * 64)) * 64)
 
 
-@contextlib.contextmanager
-def _cublas_host_scalars():
-    """The cuBLAS handle on the current stream (CuPy's handle keeps whichever stream its last user
-    set), with alpha/beta read from host memory (pointer mode restored afterwards)."""
-    from cupy.cuda import cublas
-
-    cp = _cupy()
-    handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
-        yield handle
-    finally:
-        cublas.setPointerMode(handle, mode)
-
-
-def _gemm_block(handle, w16, n: int, x16, m: int, kpad: int, c_ptr: int, c_dtype, ldc: int) -> None:
+def _gemm_block(w16, n: int, x16, m: int, kpad: int, c_ptr: int, c_dtype, ldc: int) -> None:
     """Column-major y^T[n, M] = W16[n, kpad] . x16^T[kpad, M] with f16 operands and fp32 sums,
-    written as c_dtype (float32 or float16) at c_ptr with leading dimension ldc: y[M, ldc] row-major."""
-    from cupy.cuda import cublas, runtime
+    written as c_dtype (float32 or float16) at c_ptr with leading dimension ldc: y[M, ldc] row-major.
+    cuBLAS GemmEx through kernels/cublaslt.py, which a CUDA graph can capture (CuPy's binding cannot)."""
+    from . import cublaslt
 
-    ctype = runtime.CUDA_R_16F if np.dtype(c_dtype) == np.float16 else runtime.CUDA_R_32F
-    cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, kpad,
-                  _ALPHA_PTR, w16.data.ptr, runtime.CUDA_R_16F, kpad,
-                  x16.data.ptr, runtime.CUDA_R_16F, kpad,
-                  _BETA_PTR, c_ptr, ctype, ldc, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP)
+    cublaslt.gemm_f16(w16.data.ptr, n, x16.data.ptr, m, kpad, c_ptr, np.dtype(c_dtype) == np.float16, ldc)
 
 
 def _x16_ready(x, w: GpuWeight):
@@ -552,11 +527,10 @@ def _gemm_cublas(x, w: GpuWeight, y) -> None:
     convert = x16 is None
     if convert:
         x16 = cp.empty((m, kpad), dtype=cp.float16)
-    with _cublas_host_scalars() as handle:
-        for r0 in range(0, w.rows, chunk):
-            n = min(chunk, w.rows - r0)
-            _prep_f16(w, r0, n, scratch, x if convert and r0 == 0 else None, x16)
-            _gemm_block(handle, scratch, n, x16, m, kpad, y.data.ptr + y.itemsize * r0, y.dtype, y.shape[1])
+    for r0 in range(0, w.rows, chunk):
+        n = min(chunk, w.rows - r0)
+        _prep_f16(w, r0, n, scratch, x if convert and r0 == 0 else None, x16)
+        _gemm_block(scratch, n, x16, m, kpad, y.data.ptr + y.itemsize * r0, y.dtype, y.shape[1])
 
 
 def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
@@ -576,13 +550,12 @@ def _glu_cublas(x, wg: GpuWeight, wu: GpuWeight, act: str):
     prod = cp.empty(m * 2 * chunk, dtype=cp.float16)
     out = cp.empty((m, wg.rows), dtype=cp.float16)
     x16 = cp.empty((m, kpad), dtype=cp.float16)
-    with _cublas_host_scalars() as handle:
-        for r0 in range(0, wg.rows, chunk):
-            n = min(chunk, wg.rows - r0)
-            _prep_f16(wg, r0, n, scratch, x if r0 == 0 else None, x16)
-            _prep_f16(wu, r0, n, scratch[n:])
-            _gemm_block(handle, scratch, 2 * n, x16, m, kpad, prod.data.ptr, np.float16, 2 * n)
-            ops.glu_pair_f16(prod[: m * 2 * n].reshape(m, 2 * n), act, out, r0)
+    for r0 in range(0, wg.rows, chunk):
+        n = min(chunk, wg.rows - r0)
+        _prep_f16(wg, r0, n, scratch, x if r0 == 0 else None, x16)
+        _prep_f16(wu, r0, n, scratch[n:])
+        _gemm_block(scratch, 2 * n, x16, m, kpad, prod.data.ptr, np.float16, 2 * n)
+        ops.glu_pair_f16(prod[: m * 2 * n].reshape(m, 2 * n), act, out, r0)
     return out
 
 

@@ -53,16 +53,36 @@ def eager(cfg, w, be, ids, lengths):
 
 
 def test_a_recurring_shape_replays_its_graph_on_new_ids(rng, model):
+    """First sighting eager, the second captured and replayed, later ones replayed."""
     be = CapturingCpu()
     cfg, w = model.config, upload(model, be)
     graphs = ForwardGraphs(cfg, w, be, max_tokens=64, keep=2)
     lengths = [5, 11]
-    for call in range(3):
+    for call in range(4):
         ids = rng.integers(0, cfg.vocab_size, sum(lengths)).astype(np.int32)
         got = np.array(graphs.hidden(ids, lengths))  # a copy: the next replay rewrites the buffer
         np.testing.assert_array_equal(got, eager(cfg, w, be, ids, lengths))
-        assert len(be.captured) == 1 and be.captured[0].launches == call
+        assert len(be.captured) == min(call, 1)
+        assert call == 0 or be.captured[0].launches == call
     assert len(be.kept) == 1 and list(np.diff(be.kept[0].cu_seqlens)) == lengths
+
+
+def test_shapes_that_do_not_recur_are_not_captured(rng, model, monkeypatch):
+    """A workload of ever-new shapes pays no capture; the shapes seen once are a bounded memory."""
+    import q4k_engine.forward as fw
+
+    monkeypatch.setattr(fw, "GRAPH_SEEN", 3)
+    be = CapturingCpu()
+    cfg, w = model.config, upload(model, be)
+    graphs = ForwardGraphs(cfg, w, be, max_tokens=64)
+    ids = rng.integers(0, cfg.vocab_size, 16).astype(np.int32)
+    for n in range(1, 9):
+        np.testing.assert_array_equal(graphs.hidden(ids[:n], [n]), eager(cfg, w, be, ids[:n], [n]))
+    assert not be.captured and list(graphs._seen) == [(6,), (7,), (8,)]
+    graphs.hidden(ids[:1], [1])  # forgotten: a first sighting again
+    assert not be.captured
+    graphs.hidden(ids[:1], [1])
+    assert len(be.captured) == 1
 
 
 def test_shapes_above_the_limit_and_refused_captures_run_eagerly(rng, model):
@@ -76,10 +96,14 @@ def test_shapes_above_the_limit_and_refused_captures_run_eagerly(rng, model):
     assert not be.captured
     failing = CapturingCpu(fail=True)
     graphs = ForwardGraphs(cfg, upload(model, failing), failing)
-    with pytest.warns(FallbackWarning, match=r"1 sequence\(s\), 9 tokens, runs eagerly .* a test's refusal"):
-        graphs.hidden(ids[:9], [9])
     import warnings
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no capture tried at a first sighting
+        graphs.hidden(ids[:9], [9])
+    with pytest.warns(FallbackWarning, match=r"1 sequence\(s\), 9 tokens, runs eagerly .* a test's refusal"):
+        got = graphs.hidden(ids[:9], [9])
+    np.testing.assert_array_equal(got, eager(cfg, graphs.w, failing, ids[:9], [9]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per shape
         np.testing.assert_array_equal(graphs.hidden(ids[:9], [9]), eager(cfg, graphs.w, failing, ids[:9], [9]))
@@ -93,9 +117,10 @@ def test_least_recently_used_shapes_are_dropped(rng, model):
     cfg, w = model.config, upload(model, be)
     graphs = ForwardGraphs(cfg, w, be, max_tokens=64, keep=2)
     ids = rng.integers(0, cfg.vocab_size, 12).astype(np.int32)
-    for lengths in ([4], [5], [4], [6], [5]):
+    for lengths in ([4], [4], [5], [5], [4], [6], [6], [5], [5]):
         graphs.hidden(ids[:sum(lengths)], lengths)
-    # [4] captured, [5] captured, [4] replayed (now newest), [6] captured and [5] dropped, [5] again
+    # [4] captured at its second sighting, [5] too, [4] replayed (now newest), [6] captured and [5]
+    # dropped; [5] is then new again: seen once, captured at the next, [4] dropped
     assert [tuple(np.diff(b.cu_seqlens)) for b in be.kept] == [(4,), (5,), (6,), (5,)]
     assert list(graphs._graphs) == [(6,), (5,)]
 

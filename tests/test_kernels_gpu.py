@@ -296,18 +296,39 @@ def test_gemm_cublas_chunks(rng, dtype, rows, m, monkeypatch):
 
 
 def test_cublas_path_runs_on_the_current_stream(rng):
-    """CuPy's cuBLAS handle keeps the stream its last user set: the path must put it on the caller's."""
-    from cupy.cuda import cublas
+    """The cuBLAS handle keeps the stream its last user set: the path must put it on the caller's."""
+    from q4k_engine.kernels import cublaslt
 
     w, w_ref, x = setup(rng, GGMLType.Q4_K, 300, 512, 40)
-    handle = cp.cuda.device.get_cublas_handle()
+    mm.matmul(cp.asarray(x), w, path="cublas")  # the handle on the default stream
     stream = cp.cuda.Stream(non_blocking=True)
-    cublas.setStream(handle, 0)
     with stream:
         y = mm.matmul(cp.asarray(x), w, path="cublas")
-        assert cublas.getStream(handle) == stream.ptr
+        assert cublaslt._device().blas_stream == stream.ptr
     stream.synchronize()
     check(y, x, w_ref, TOL_F16)
+
+
+def test_cublas_path_replays_from_a_cuda_graph(rng, monkeypatch):
+    """The cuBLAS path (dequantize into a scratch, GemmEx, the GLU epilogue) captured in a CUDA graph
+    and replayed on new x gives the eager product bit for bit: CuPy's own cuBLAS binding refuses
+    capture, kernels/cublaslt.py's GemmEx does not. Scratch cut so that W takes 3 chunks."""
+    w, _, x = setup(rng, GGMLType.Q4_K, 300, 512, 140)
+    wu, _, _ = setup(rng, GGMLType.Q4_K, 300, 512, 1)
+    monkeypatch.setattr(mm, "SCRATCH_BYTES", 512 * 2 * 128)
+    xd = cp.asarray(x)
+    mm.matmul(xd, w, path="cublas"), mm.glu_matmul(xd, w, wu, "silu", path="cublas")  # eager first
+    pool, stream, out = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True), []
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        stream.begin_capture()
+        out += [mm.matmul(xd, w, path="cublas"), mm.glu_matmul(xd, w, wu, "silu", path="cublas")]
+        graph = stream.end_capture()
+    for _ in range(2):
+        xd[...] = cp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+        graph.launch()
+        ref = [mm.matmul(xd, w, path="cublas"), mm.glu_matmul(xd, w, wu, "silu", path="cublas")]
+        for got, want in zip(out, ref):
+            cp.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("path", ["gemv", "mma", "wgmma", "cublas"])
