@@ -563,8 +563,8 @@ def load(path: str | Path, device: str = "auto", *, output: str = "numpy", dtype
     (UnsupportedError otherwise, before anything loads); the CPU backend emulates it. Its drift
     from fp16 is measured in bench/RESULTS.md: check it against your distillation's tolerance.
     graphs: on the GPU, forwards of at most forward.GRAPH_MAX_TOKENS tokens whose sequence lengths
-    recur replay from CUDA graphs (the shape's first forward runs eagerly and is captured); False
-    runs every forward eagerly.
+    recur replay from CUDA graphs (a shape's first forward runs eagerly, the second is captured);
+    False runs every forward eagerly.
     """
     fp8.check_precision(precision)
     model = open_model(resolve_model(path))
