@@ -717,9 +717,12 @@ struct WUnits {
 };
 
 // The fused GEMMs' output: D fragment v of (mi, nj) is W row wo + 16 mi + g + 8 (v >> 1), token
-// wt + 8 nj + 2 tq + (v & 1) of the tile. GLU: tile rows [0, 64) are gate rows, whose warps hand
-// their sums to the up warps through shared memory (over the pipeline's buffers: every warp is
-// done with them); f16 act(gate) * up. Else y (fp32 or f16) or, split over k, ws[z].
+// wt + 8 nj + 2 tq + (v & 1) of the tile. GLU: tile rows [0, 64) are gate rows, [64, 128) the same
+// rows of up; the warps of gate row r and up row r + 64 hold the same tokens in the same lanes. Each
+// hands the other the sums of half its n8 tiles through shared memory (over the pipeline's buffers:
+// every warp is done with them) and finishes the other half, f16 act(gate) * up: gate warps the
+// tiles nj < NJ / 2, up warps the rest, so that all the warps that hold sums share the epilogue.
+// Else y (fp32 or f16) or, split over k, ws[z].
 // Barrier among the 256 threads that hold the sums (threads 0..255; named barrier 7, so that the
 // wgmma kernels' other warps need not take part).
 __device__ __forceinline__ void sums_sync() { asm volatile("bar.sync 7, 256;\n" ::: "memory"); }
@@ -732,32 +735,35 @@ __device__ __forceinline__ void gemm_epilogue(const float (&acc)[MI][NJ][4], voi
     const int g = lane >> 2, tq = lane & 3;
     if (GLU) {
         constexpr int LG = BT + 4;
-        float* sG = (float*)smem_raw;  // gate sums [64][LG], over stage 0 once every warp is done
+        float* sS = (float*)smem_raw;  // sums [128][LG], rows of the tile
+        const bool gate = wo < 64;     // warp-uniform
         sums_sync();
-        if (wo < 64) {
 #pragma unroll
-            for (int mi = 0; mi < MI; mi++)
+        for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                for (int nj = 0; nj < NJ; nj++)
+            for (int nj = 0; nj < NJ; nj++)
+                if ((nj < NJ / 2) != gate) {
 #pragma unroll
                     for (int v = 0; v < 4; v++)
-                        sG[(wo + 16 * mi + g + 8 * (v >> 1)) * LG + wt + 8 * nj + 2 * tq + (v & 1)] = acc[mi][nj][v];
-        }
+                        sS[(wo + 16 * mi + g + 8 * (v >> 1)) * LG + wt + 8 * nj + 2 * tq + (v & 1)] = acc[mi][nj][v];
+                }
         sums_sync();
-        if (wo >= 64) {
-            __half* yh = (__half*)y;
+        __half* yh = (__half*)y;
 #pragma unroll
-            for (int mi = 0; mi < MI; mi++)
+        for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                for (int nj = 0; nj < NJ; nj++)
+            for (int nj = 0; nj < NJ; nj++)
+                if ((nj < NJ / 2) == gate) {
 #pragma unroll
                     for (int v = 0; v < 4; v++) {
-                        const int r = wo - 64 + 16 * mi + g + 8 * (v >> 1), tt = wt + 8 * nj + 2 * tq + (v & 1);
-                        const int o = o0 + r, t = t0 + tt;
-                        if (o < out && t < M)
-                            yh[(i64)t * ldy + o] = __float2half_rn(glu_act(sG[r * LG + tt], act) * acc[mi][nj][v]);
+                        const int r = wo + 16 * mi + g + 8 * (v >> 1), tt = wt + 8 * nj + 2 * tq + (v & 1);
+                        const int rg = gate ? r : r - 64;  // the pair's gate row
+                        const float other = sS[(gate ? r + 64 : rg) * LG + tt];
+                        const float gs = gate ? acc[mi][nj][v] : other, us = gate ? other : acc[mi][nj][v];
+                        const int o = o0 + rg, t = t0 + tt;
+                        if (o < out && t < M) yh[(i64)t * ldy + o] = __float2half_rn(glu_act(gs, act) * us);
                     }
-        }
+                }
         return;
     }
     float* part = gridDim.z > 1 ? ws + (i64)blockIdx.z * M * out : nullptr;
