@@ -551,8 +551,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // Split-K (S = gridDim.z > 1): block z takes k tiles [z KT / S, (z+1) KT / S) and writes fp32 sums
 // to ws[z] ([M, out]); splitk_sum adds the S parts in order (deterministic) into y.
 // GLU (gate_up_bt<BT>): tile rows [0, 64) are gate rows o0 + r, rows [64, 128) the same rows of up;
-// the gate warps hand their sums to the up warps through shared memory, which write
-// f16 act(gate) * up: the two [M, rows] products never exist.
+// the gate and up warps swap half their sums through shared memory and each writes f16
+// act(gate) * up for its half of the tokens (gemm_epilogue): the two [M, rows] products never exist.
 #define BO 128
 #define BK 128
 #define LDS (BK + 8)  // f16 per smem row; the 16-byte pad makes ldmatrix rows hit distinct banks
