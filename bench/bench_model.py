@@ -324,6 +324,7 @@ def bench_model(path: str | None) -> None:
             tps = sum(lengths) / wall_ms(lambda: be.lm_head(graphs.hidden(gids, lengths), w.output, np.float16)) * 1e3
             key = len(lengths), lengths[0]
             replayed[key] = max(replayed.get(key, 0.0), tps)
+    graph_pools = graphs.pool_bytes()
     del graphs
 
     del w, be
@@ -385,7 +386,7 @@ def bench_model(path: str | None) -> None:
                       f"{h if h else float('nan'):9.0f} {ours[key] / h if h else float('nan'):6.2f}")
     report.append("the same, replayed from CUDA graphs (forward.ForwardGraphs; tokens/s, ms, / eager, / HF bf16): " + "; ".join(
         f"{k[0]}x{k[1]} {v:.0f}, {k[0] * k[1] / v * 1e3:.2f} ms, {v / ours[k]:.2f}x, {v / hf[k] if hf.get(k) else float('nan'):.2f}"
-        for k, v in replayed.items()))
+        for k, v in replayed.items()) + f"; the graphs' private pools hold {graph_pools / 1e6:.0f} MB")
     report.append("decode: bench/bench_decode.py (CUDA graphs, against the bandwidth floor of the same run)")
     print("\n".join(report))
 

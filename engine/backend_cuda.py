@@ -307,6 +307,11 @@ class CapturedGraph:
     def launch(self) -> None:
         self.graph.launch()  # on the current stream, after whatever was queued there
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the graph's pool holds (its intermediates)."""
+        return int(self.pool.total_bytes())
+
 
 class CudaBackend:
     """Backend on one CUDA device (CuPy)."""

@@ -239,6 +239,10 @@ class ForwardGraphs:
         self._seen: dict[tuple[int, ...], None] = {}  # shapes run once, oldest first
         self._refused: set[tuple[int, ...]] = set()
 
+    def pool_bytes(self) -> int:
+        """Device bytes the kept graphs' private pools hold."""
+        return sum(g.graph.nbytes for g in self._graphs.values())
+
     def hidden(self, ids: np.ndarray, lengths: Any) -> Array:
         """Hidden states [N, hidden] of packed ids (int32 [N], on the host) of sequences of `lengths`."""
         import warnings

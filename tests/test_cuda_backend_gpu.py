@@ -271,3 +271,4 @@ def test_forward_graph_replays_the_eager_forward(backend, synthetic_model, rng, 
             ref = backend.to_numpy(forward(cfg, w, backend, ids, Batch.from_lengths(lengths), head=False))
             np.testing.assert_array_equal(got, ref, err_msg=f"call {call}")
     assert list(graphs._graphs) == [tuple(lengths)]
+    assert graphs.pool_bytes() > 0  # the captured forward's intermediates live in the graph's own pool

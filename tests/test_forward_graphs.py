@@ -17,7 +17,7 @@ class Replay:
     """A captured function run again at each launch (a CUDA graph re-runs its kernels instead)."""
 
     def __init__(self, fn):
-        self.fn, self.launches = fn, 0
+        self.fn, self.launches, self.nbytes = fn, 0, 1000
 
     def launch(self):
         self.launches += 1
@@ -123,6 +123,7 @@ def test_least_recently_used_shapes_are_dropped(rng, model):
     # dropped; [5] is then new again: seen once, captured at the next, [4] dropped
     assert [tuple(np.diff(b.cu_seqlens)) for b in be.kept] == [(4,), (5,), (6,), (5,)]
     assert list(graphs._graphs) == [(6,), (5,)]
+    assert graphs.pool_bytes() == 2000  # the kept graphs' pools only
 
 
 def test_teacher_outputs_are_the_same_with_graphs(model, tmp_path):
