@@ -18,7 +18,7 @@ KL(oracle || emulated) in nats and top-1 agreement: the issue's bounds are mean 
 top-1 >= 99%. Products and sums are float64 as in the oracle (the kernel's fp32 sums add ~1e-7
 relative, far below e4m3's 2^-4).
 
-    python bench/fp8_drift.py [--model PATH ...] [--tokens N]
+    python bench/fp8_drift.py [--model PATH ...] [--tokens N] [--by-product]
 
 Without --model: Gemma 3 270M Q4_K_M and SmolLM2-135M Q4_1, the test suite's real models
 (tests/realmodels.py finds or assembles them).
@@ -71,15 +71,23 @@ def scaled_e4m3_tiles(w: np.ndarray, tile: int) -> np.ndarray:
     return out
 
 
-def fp8_backend(act_block: int | None, weights: int | str | None, head_f16: bool):
+# The products of a layer by the names of their weights (q, k and v are one stacked product).
+PRODUCTS = {"q+k+v": ("attn_q.", "attn_k.", "attn_v."), "o": ("attn_output.",), "gate/up": ("ffn_gate.", "ffn_up."),
+            "down": ("ffn_down.",)}
+
+
+def fp8_backend(act_block: int | None, weights: int | str | None, head_f16: bool, only: str | None = None):
     """A NumpyBackend whose matmuls see the FP8 roundings (module docstring): activation scales per
     row (act_block None) or per act_block values of a row; weights exact (None), in e4m3 per 32
-    values of a row (32) or per 128 x 128 block ("128x128")."""
+    values of a row (32) or per 128 x 128 block ("128x128"). only: one of PRODUCTS, the layers'
+    other products (and the LM head) kept at the oracle's precision."""
     from q4k_engine.backend_cpu import TILE_VALUES, NumpyBackend
     from q4k_engine.quants import dequantize_rows
 
     class Fp8Emulation(NumpyBackend):
         def matmul(self, x, w):
+            if only is not None and not any(k in w.name for k in PRODUCTS[only]):
+                return NumpyBackend.matmul(self, x, w)
             xq = scaled_e4m3(x, act_block)
             if weights is None:  # the oracle's own matmul (float64 sums) of the rounded input
                 return NumpyBackend.matmul(self, xq, w)
@@ -95,14 +103,14 @@ def fp8_backend(act_block: int | None, weights: int | str | None, head_f16: bool
             return out
 
         def lm_head(self, x, w, dtype=np.float32):
-            if head_f16:
+            if head_f16 or only is not None:
                 return NumpyBackend.matmul(self, x, w).astype(dtype, copy=False)
             return self.matmul(x, w).astype(dtype, copy=False)
 
     return Fp8Emulation()
 
 
-def drift(path: Path, n_tokens: int) -> list[str]:
+def drift(path: Path, n_tokens: int, by_product: bool = False) -> list[str]:
     from q4k_engine.backend import Batch
     from q4k_engine.backend_cpu import NumpyBackend
     from q4k_engine.distill.stats import compare_logits
@@ -120,6 +128,14 @@ def drift(path: Path, n_tokens: int) -> list[str]:
     types = sorted({t.dtype.name for t in model.tensors.values() if len(t.shape) == 2})
     lines = [f"{path.name} ({cfg.arch}, matrices {', '.join(types)}), {len(ids)} tokens of text:", "",
              "| activation scale | weights | LM head | mean KL | top-1 |", "|---|---|---|---|---|"]
+    if by_product:  # the built mode's roundings (row scales, exact weights) on one kind of product at a time
+        lines[2:] = ["| products in FP8 (row scales, exact weights; the rest and the LM head as the oracle) | mean KL | top-1 |",
+                     "|---|---|---|"]
+        for only in PRODUCTS:
+            fb = fp8_backend(None, None, True, only)
+            r = compare_logits(base, forward(cfg, upload(model, fb), fb, ids, batch))
+            lines.append(f"| {only} | {r.kld.mean:.2e} | {r.same_top_p:.4f} |")
+        return lines
     for act_block, weights, head_f16 in VARIANTS:
         fb = fp8_backend(act_block, weights, head_f16)
         r = compare_logits(base, forward(cfg, upload(model, fb), fb, ids, batch))
@@ -140,6 +156,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", type=Path, help="GGUF or APR file (repeatable)")
     ap.add_argument("--tokens", type=int, default=256, help="at most this many tokens of the text")
+    ap.add_argument("--by-product", action="store_true",
+                    help="FP8 on one kind of product at a time (q+k+v, o, gate/up, down): which ones drift")
     args = ap.parse_args()
     paths = args.model
     if not paths:
@@ -148,7 +166,7 @@ def main() -> None:
 
         paths = [realmodels.gemma_path(), realmodels.smollm_path()]
     for p in paths:
-        print("\n".join(drift(p, args.tokens)) + "\n", flush=True)
+        print("\n".join(drift(p, args.tokens, args.by_product)) + "\n", flush=True)
 
 
 if __name__ == "__main__":

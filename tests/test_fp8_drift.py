@@ -58,3 +58,30 @@ def test_scaled_e4m3_tiles(rng):
             assert qb[i] == pytest.approx(b[i], rel=1e-6)
             big = np.abs(b) > np.abs(b).max() * 2.0 ** -6
             assert (np.abs(qb - b)[big] <= 2.0 ** -4 * np.abs(b)[big]).all()
+
+
+def test_drift_by_product_rounds_only_that_product(rng):
+    """--by-product: one kind of product at a time in FP8; the others and the LM head untouched."""
+    from q4k_engine.backend_cpu import NumpyBackend
+    from q4k_engine.forward import upload
+    from q4k_engine.synthetic import demo_model_path, synthetic_model
+
+    model = synthetic_model("qwen2", seed=1)
+    plain = NumpyBackend()
+    layer = upload(model, plain).layers[0]
+    products = {"q+k+v": layer.qkv[0], "o": layer.wo, "gate": layer.gate, "up": layer.up, "down": layer.down}
+    for only in fd.PRODUCTS:
+        fb = fd.fp8_backend(None, None, True, only)
+        for kind, t in products.items():
+            x = rng.standard_normal((3, t.cols)).astype(np.float32)
+            untouched = np.array_equal(fb.matmul(x, t), plain.matmul(x, t))
+            assert untouched != (kind in only.split("/") or kind == only), (only, t.name)
+        x = rng.standard_normal((2, model.config.hidden)).astype(np.float32)
+        w = upload(model, plain).output
+        assert np.array_equal(fb.lm_head(x, w), plain.lm_head(x, w))
+    lines = fd.drift(demo_model_path(), 12, by_product=True)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| products")]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == list(fd.PRODUCTS)
+    for row in rows:
+        kl, top1 = (float(v) for v in row.strip("| ").split(" | ")[1:3])
+        assert 0.0 < kl < 1.0 and 0.0 <= top1 <= 1.0, row
