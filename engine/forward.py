@@ -225,8 +225,9 @@ class ForwardGraphs:
     replayed on new ids from then on. Backends without `capture` (NumPy) run every forward eagerly,
     as do shapes above `max_tokens`.
 
-    A replay's output is one buffer per shape, rewritten by the next replay of that shape: the caller
-    reads it before asking for the same shape again. A capture that fails is said once per shape
+    A replay writes one buffer per shape; the caller gets a copy of it (a device copy of at most
+    max_tokens x hidden values), so that two callers of one shape (two chunk iterators of a teacher
+    consumed in turn) never see each other's replays. A capture that fails is said once per shape
     (FallbackWarning) and that shape stays eager.
     """
 
@@ -280,4 +281,4 @@ class ForwardGraphs:
             g.ids[...] = self.be.asarray(ids)  # a copy into the graph's input, queued before the replay
         self._graphs[key] = g  # now the most recently used
         g.graph.launch()
-        return g.out[-1]
+        return g.out[-1].copy()

@@ -252,9 +252,9 @@ def test_decode_with_cache_matches_full_forward(backend, synthetic_model, rng):
 
 @pytest.mark.parametrize("lengths", [[1], [3, 5], [37], [64, 64], [130], [200, 100, 6]])
 def test_forward_graph_replays_the_eager_forward(backend, synthetic_model, rng, lengths):
-    """ForwardGraphs on the CUDA backend: the shape's first call runs eagerly and captures; replays
-    on new ids give the eager forward's hidden states bit for bit (the same kernels on the same
-    data), at every path's token counts (GEMV, mmv, the fused GEMMs, cuBLAS)."""
+    """ForwardGraphs on the CUDA backend: the shape's first call runs eagerly, the second captures;
+    replays on new ids give the eager forward's hidden states bit for bit (the same kernels on the
+    same data), at every path's token counts (GEMV, mmv, the fused GEMMs, cuBLAS)."""
     import warnings
 
     from q4k_engine.forward import ForwardGraphs, forward, upload
@@ -265,10 +265,13 @@ def test_forward_graph_replays_the_eager_forward(backend, synthetic_model, rng, 
     batch = Batch.from_lengths(lengths)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a capture that fails warns: not here
-        for call in range(3):
+        kept = []
+        for call in range(4):
             ids = rng.integers(0, cfg.vocab_size, batch.n_tokens).astype(np.int32)
-            got = backend.to_numpy(graphs.hidden(ids, lengths))
-            ref = backend.to_numpy(forward(cfg, w, backend, ids, Batch.from_lengths(lengths), head=False))
-            np.testing.assert_array_equal(got, ref, err_msg=f"call {call}")
+            kept.append((graphs.hidden(ids, lengths), forward(cfg, w, backend, ids, Batch.from_lengths(lengths),
+                                                              head=False)))
+        # compared after every call: each result is the caller's own, not the buffer later replays rewrite
+        for call, (got, ref) in enumerate(kept):
+            np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(ref), err_msg=f"call {call}")
     assert list(graphs._graphs) == [tuple(lengths)]
     assert graphs.pool_bytes() > 0  # the captured forward's intermediates live in the graph's own pool
