@@ -124,7 +124,12 @@ def test_real_sigint_exits_130_and_leaves_nothing(tmp_path):
     """A real Ctrl-C (SIGINT to the process) in the middle of the forward, through click's own main."""
     out, ready = tmp_path / "out", tmp_path / "ready"
     out.mkdir()
+    # The script's first lines give it Python's Ctrl-C handler, as a program started from a terminal
+    # has: a pytest run started in the background of a non-interactive shell has SIGINT ignored, which
+    # the child inherits, and then Python installs none.
     script = f"""
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import time
 from pathlib import Path
 from q4k_engine.provider import TeacherModel
