@@ -216,6 +216,7 @@ class _Captured:
     out: list[Array]  # what the captured forward returned: the graph's output, rewritten by every replay
     graph: Any
     device_batch: Any  # the batch's device copies the graph's kernels read (kept alive with it)
+    last: Array  # the sequences' last rows in the output (last_only), on the device once
 
 
 class ForwardGraphs:
@@ -244,41 +245,54 @@ class ForwardGraphs:
         """Device bytes the kept graphs' private pools hold."""
         return sum(g.graph.nbytes for g in self._graphs.values())
 
-    def hidden(self, ids: np.ndarray, lengths: Any) -> Array:
-        """Hidden states [N, hidden] of packed ids (int32 [N], on the host) of sequences of `lengths`."""
-        import warnings
-
-        from .errors import DeviceError, FallbackWarning
-
+    def hidden(self, ids: np.ndarray, lengths: Any, last_only: bool = False) -> Array:
+        """Hidden states [N, hidden] of packed ids (int32 [N], on the host) of sequences of `lengths`;
+        last_only: [B, hidden], each sequence's last row (forward's last_only)."""
         key = tuple(int(n) for n in lengths)
         ids = np.asarray(ids, np.int32)
-        batch = Batch.from_lengths(np.array(key, np.int64))
         if not self.enabled or sum(key) > self.max_tokens or key in self._refused:
-            return forward(self.cfg, self.w, self.be, ids, batch, head=False)
+            return self._eager(ids, key, last_only)
         g = self._graphs.pop(key, None)
-        if g is None and key not in self._seen:  # a first sighting: eager, remembered
-            self._seen[key] = None
-            while len(self._seen) > GRAPH_SEEN:
-                self._seen.pop(next(iter(self._seen)))
-            return forward(self.cfg, self.w, self.be, ids, batch, head=False)
-        if g is None:  # the second: captured (not run), then replayed below like every later call
-            self._seen.pop(key)
-            dev_ids = self.be.asarray(ids)
-            held = self.be.batch_buffers(batch)  # uploaded now: the captured forward finds them current
-            holder: list[Array] = []
-            try:
-                graph = self.be.capture(lambda: holder.append(forward(self.cfg, self.w, self.be, dev_ids, batch,
-                                                                      head=False)))
-            except DeviceError as e:
-                self._refused.add(key)
-                warnings.warn(f"a forward of {len(key)} sequence(s), {sum(key)} tokens, runs eagerly (not from a "
-                              f"CUDA graph): {e}", FallbackWarning, stacklevel=3)
-                return forward(self.cfg, self.w, self.be, ids, batch, head=False)
-            g = _Captured(batch, dev_ids, holder, graph, held)
+        if g is None:
+            if key not in self._seen:  # a first sighting: eager, remembered
+                self._seen[key] = None
+                while len(self._seen) > GRAPH_SEEN:
+                    self._seen.pop(next(iter(self._seen)))
+                return self._eager(ids, key, last_only)
+            self._seen.pop(key)  # the second: captured (not run), then replayed like every later call
+            g = self._capture(ids, key)
+            if g is None:
+                return self._eager(ids, key, last_only)
             while len(self._graphs) >= self.keep:
                 self._graphs.pop(next(iter(self._graphs)))
         else:
             g.ids[...] = self.be.asarray(ids)  # a copy into the graph's input, queued before the replay
         self._graphs[key] = g  # now the most recently used
         g.graph.launch()
-        return g.out[-1].copy()
+        # The caller's own array, not the buffer later replays rewrite: the last rows gathered, or a copy.
+        return g.out[-1][g.last] if last_only else g.out[-1].copy()
+
+    def _eager(self, ids: np.ndarray, key: tuple[int, ...], last_only: bool) -> Array:
+        return forward(self.cfg, self.w, self.be, ids, Batch.from_lengths(np.array(key, np.int64)),
+                       last_only=last_only, head=False)
+
+    def _capture(self, ids: np.ndarray, key: tuple[int, ...]) -> _Captured | None:
+        """The forward of this shape captured on ids in a fixed device buffer; None (said once, the
+        shape stays eager) when the backend cannot capture it."""
+        import warnings
+
+        from .errors import DeviceError, FallbackWarning
+
+        batch = Batch.from_lengths(np.array(key, np.int64))
+        dev_ids = self.be.asarray(ids)
+        held = self.be.batch_buffers(batch)  # uploaded now: the captured forward finds them current
+        holder: list[Array] = []
+        try:
+            graph = self.be.capture(lambda: holder.append(forward(self.cfg, self.w, self.be, dev_ids, batch,
+                                                                  head=False)))
+        except DeviceError as e:
+            self._refused.add(key)
+            warnings.warn(f"a forward of {len(key)} sequence(s), {sum(key)} tokens, runs eagerly (not from a "
+                          f"CUDA graph): {e}", FallbackWarning, stacklevel=4)
+            return None
+        return _Captured(batch, dev_ids, holder, graph, held, self.be.asarray(last_rows(batch)))

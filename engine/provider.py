@@ -39,10 +39,10 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from . import fp8, gpu
-from .backend import Backend, Batch
+from .backend import Backend
 from .backend_cpu import NumpyBackend
 from .errors import DeviceError, FallbackWarning, FormatError, InputError, UnsupportedError
-from .forward import GRAPH_KEEP, ForwardGraphs, last_rows, upload
+from .forward import GRAPH_KEEP, ForwardGraphs, upload
 from .generate import Generation, generate as greedy_generate
 from .loader import open_model
 from .synthetic import resolve_model
@@ -427,9 +427,7 @@ class TeacherModel:
             lens = np.array([len(seqs[i]) for i in g], np.int64)
             be.release_cached()  # the last head's chunks: this forward's activations are smaller blocks
             with np.errstate(over="ignore", invalid="ignore"):  # no NumPy warnings: NaN/Inf are refused in one line
-                hidden = self._graphs.hidden(np.concatenate([seqs[i] for i in g]), lens)
-                if last_only:
-                    hidden = hidden[be.asarray(last_rows(Batch.from_lengths(lens)))]
+                hidden = self._graphs.hidden(np.concatenate([seqs[i] for i in g]), lens, last_only)
             be.release_cached()  # the layers' activations: the head's chunk is a larger block
             # packed row range [cu[j], cu[j + 1]) of each sequence of the group, and its first position
             cu = np.arange(len(g) + 1) if last_only else np.concatenate([[0], np.cumsum(lens)])

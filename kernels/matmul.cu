@@ -908,7 +908,10 @@ GEMM_FUSED(16, 2) GEMM_FUSED(32, 2) GEMM_FUSED(64, 2) GEMM_FUSED(128, 1)
 //   p / 4 + 64, unit p % 4 (their loads issued two tiles ahead).
 // Measured on an H200 (bench/RESULTS.md, eleventh session): this split gained ~4% over one set of 8
 // warps doing everything; either way the kernel keeps the tensor cores ~30% busy at large M (about
-// 3.5x a k tile's wgmma time a k tile), with no unit of the SM near its limit: not yet explained.
+// 3.5x a k tile's wgmma time a k tile), with no unit of the SM near its limit. Part of it was the
+// epilogue (a third of the warp samples at M = 2048, twelfth session: silu's division, and only the
+// up warps working), since shared by gate and up warps and using __fdividef (act.cuh); the rest is
+// not yet explained.
 // Rings: WG_WS stages of the W tile, WG_XS of the x tile. FULL(s): the dequantizing warps have stored
 // W stage s (fenced for the async proxy); the multiplying warps wait on it, which also makes their
 // own x copies visible to each other. EMPTY(s): both multiplying warpgroups have finished the wgmma

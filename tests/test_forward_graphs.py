@@ -74,6 +74,24 @@ def test_a_recurring_shape_replays_its_graph_on_new_ids(rng, model):
     assert len(be.kept) == 1 and list(np.diff(be.kept[0].cu_seqlens)) == lengths
 
 
+def test_last_rows_of_a_replay(rng, model):
+    """last_only: each sequence's last hidden row, from the replay as from the eager forward, each
+    call's rows its own."""
+    be = CapturingCpu()
+    cfg, w = model.config, upload(model, be)
+    graphs = ForwardGraphs(cfg, w, be, max_tokens=64)
+    lengths = [4, 9, 2]
+    kept = []
+    for _ in range(4):
+        ids = rng.integers(0, cfg.vocab_size, sum(lengths)).astype(np.int32)
+        want = forward(cfg, w, be, ids, Batch.from_lengths(np.array(lengths, np.int64)), last_only=True, head=False)
+        kept.append((graphs.hidden(ids, lengths, last_only=True), want))
+    assert len(be.captured) == 1 and be.captured[0].launches == 3
+    for got, want in kept:
+        assert got.shape == (3, cfg.hidden)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_shapes_that_do_not_recur_are_not_captured(rng, model, monkeypatch):
     """A workload of ever-new shapes pays no capture; the shapes seen once are a bounded memory."""
     import q4k_engine.forward as fw
