@@ -211,7 +211,6 @@ GRAPH_SEEN = 64
 
 @dataclass
 class _Captured:
-    batch: Batch
     ids: Array  # the graph's input: packed ids, a fixed device buffer
     out: list[Array]  # what the captured forward returned: the graph's output, rewritten by every replay
     graph: Any
@@ -295,4 +294,4 @@ class ForwardGraphs:
             warnings.warn(f"a forward of {len(key)} sequence(s), {sum(key)} tokens, runs eagerly (not from a "
                           f"CUDA graph): {e}", FallbackWarning, stacklevel=4)
             return None
-        return _Captured(batch, dev_ids, holder, graph, held, self.be.asarray(last_rows(batch)))
+        return _Captured(dev_ids, holder, graph, held, self.be.asarray(last_rows(batch)))
